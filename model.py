@@ -1,0 +1,579 @@
+"""
+MoEUT: Mixture-of-Experts Universal Transformers (Csordás, Irie, Schmidhuber, Potts, Manning,
+NeurIPS 2024, arXiv 2405.16039), plus a dense pre-LN GPT baseline of the same code.
+
+Read top to bottom, in the paper's order:
+  1. σ-MoE feedforward block (paper §2.1)      -> SigmaMoE
+  2. SwitchHead attention (paper §2.2) + RoPE  -> SwitchHead, rope(), attend()
+  3. entropy regulariser over experts (§2.1)   -> marginal_neg_entropy()
+  4. layer grouping, G layers repeated (§2.3)  -> MoEUT.forward
+  5. peri-layernorm (§2.4)                     -> MoEUTLayer.forward
+The numbered facts this file must satisfy are in ../shared/spec/moeut.md ("spec §N" below).
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cvmm import cvmm, cvmm_prepare
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = 'moeut'       # 'moeut' or 'dense' (the pre-LN GPT baseline)
+    vocab_size: int = 50304
+    block_size: int = 1024          # context length used for training and generation
+    d_model: int = 768
+    n_layers: int = 18              # total depth; MoEUT applies G distinct layers n_layers/G times
+    n_heads: int = 4
+    d_head: int = 96
+    # MoEUT
+    group_size: int = 2             # G, spec §1
+    att_n_experts: int = 10         # V/O experts per head (1 = dense V/O with a sigmoid output gate)
+    att_k: int = 2
+    ff_n_experts: int = 254
+    ff_k: int = 12
+    d_expert: int = 128
+    entropy_reg: float = 0.01       # γ, σ-MoE balancing (spec §6)
+    att_entropy_reg: float = 0.001  # δ, SwitchHead balancing
+    ff_expert_dropout: float = 0.0
+    att_expert_dropout: float = 0.0
+    # dense baseline
+    d_ff: int = 3072
+    # both
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"model config: {msg}")
+        if self.model_type not in ('moeut', 'dense'):
+            bad(f"model_type must be 'moeut' or 'dense', got {self.model_type!r}")
+        for k in ('vocab_size', 'block_size', 'd_model', 'n_layers', 'n_heads', 'd_head'):
+            if getattr(self, k) < 1:
+                bad(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.model_type == 'moeut':
+            if self.n_layers % self.group_size != 0:
+                bad(f"n_layers ({self.n_layers}) must be a multiple of group_size ({self.group_size})")
+            if not 1 <= self.ff_k <= self.ff_n_experts:
+                bad(f"ff_k ({self.ff_k}) must be in 1..ff_n_experts ({self.ff_n_experts})")
+            if self.att_n_experts > 1 and not 1 <= self.att_k <= self.att_n_experts:
+                bad(f"att_k ({self.att_k}) must be in 1..att_n_experts ({self.att_n_experts})")
+
+    @property
+    def n_rot(self) -> int:
+        # spec §5: half of each head, rounded DOWN to an even number (d_head 82 -> 41 -> 40)
+        n = self.d_head // 2
+        return n - n % 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'ModelConfig':
+        """Pick the model keys out of a larger config (e.g. train.py's globals)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class AttentionMask(NamedTuple):
+    """Public mask API (spec §4): boolean, True = masked OUT. src_length_mask [B, T_k] hides keys
+    (padding); position_mask [T_q, T_k] hides key positions per query. AttentionMask(None, None) means
+    no masking at all; passing mask=None to the model means causal."""
+    src_length_mask: Optional[torch.Tensor]
+    position_mask: Optional[torch.Tensor]
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. σ-MoE feedforward (paper §2.1, spec §3)
+#    s = sigmoid(LN_ff(x) W_S);  E(x) = topK(s);  y = Σ_{e∈E(x)} s_e · ReLU(x W1_e) W2_e
+# -------------------------------------------------------------------------------------------------
+
+class SigmaMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, h = cfg.ff_n_experts, cfg.d_model, cfg.d_expert
+        self.k, self.expert_dropout = cfg.ff_k, cfg.ff_expert_dropout
+        self.keys = nn.Parameter(torch.empty(E, d, h))        # W1
+        self.values = nn.Parameter(torch.empty(E, h, d))      # W2
+        self.expert_sel = nn.Parameter(torch.empty(E, d))     # W_S (F.linear layout)
+
+    def forward(self, x: torch.Tensor, router_in: torch.Tensor, routes: Optional[list] = None):
+        B, T, d = x.shape
+        # Router in fp32: under bf16 many sigmoid scores would tie and top-K would pick arbitrarily.
+        logits = F.linear(router_in.float(), self.expert_sel.float())     # [B, T, E]
+        if routes is not None:
+            routes.append(logits)
+        scores = torch.sigmoid(logits)
+        idx = _topk_indices(scores, self.k, self.expert_dropout if self.training else 0.0)
+        weights = scores.gather(-1, idx)              # raw sigmoid, no softmax, no renormalisation
+        sel = cvmm_prepare(idx, self.keys.shape[0])   # sorted once, used by both projections
+        h = F.relu(cvmm(x.reshape(B * T, d), sel, self.keys))               # [B*T*K, d_expert]
+        y = cvmm(h, sel, self.values, weights.reshape(B * T, self.k))       # [B*T, d]
+        return y.view(B, T, d)
+
+
+def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float) -> torch.Tensor:
+    """Top-k expert ids. Expert dropout (train only) hides random experts from the choice; the weights
+    are still read from the undropped scores."""
+    if expert_dropout > 0:
+        drop = torch.rand_like(scores) < expert_dropout
+        scores = scores.masked_fill(drop, float('-inf'))
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. SwitchHead attention (paper §2.2, spec §4) with half-RoPE (spec §5)
+# -------------------------------------------------------------------------------------------------
+
+def rope(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float) -> torch.Tensor:
+    """GPT-NeoX rotate-half RoPE on the first n_rot channels of x [B, H, T, d_head]. pos holds the
+    ABSOLUTE positions, [T] or [B, T] (spec §5: a cached decode step must rotate at past_len + i)."""
+    if n_rot == 0:
+        return x
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rot, 2, device=x.device).float() / n_rot))
+    ang = pos.float()[..., None] * inv_freq                    # [..., T, n_rot/2]
+    ang = torch.cat([ang, ang], dim=-1)
+    if ang.dim() == 3:                                          # per-sequence positions: [B, 1, T, n]
+        ang = ang.unsqueeze(1)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    xr, xp = x[..., :n_rot], x[..., n_rot:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    xr = xr * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([xr, xp], dim=-1)
+
+
+class AttnContext(NamedTuple):
+    """What every attention layer of one forward pass shares: absolute positions of the new tokens,
+    and the SDPA mask (True = attend, SDPA's convention) or is_causal for the plain causal case."""
+    pos: torch.Tensor
+    mask: Optional[torch.Tensor]
+    is_causal: bool
+
+
+def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: float):
+    """Rotate q, k at their absolute positions, extend the KV cache, run SDPA. q, k, v: [B, H, T, dh].
+    q and k arrive pre-scaled by d_head^-1/4 each (spec §4), so SDPA runs with scale=1."""
+    q, k = rope(q, ctx.pos, n_rot, base), rope(k, ctx.pos, n_rot, base)
+    if cache is not None:        # cached keys are stored already rotated
+        if 'k' in cache:
+            k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+        cache['k'], cache['v'] = k, v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                          scale=1.0)
+
+
+class SwitchHead(nn.Module):
+    """Dense Q, K; V and O are banks of E experts per head, top-k of them chosen per token and head by
+    sigmoid routers on LN_att(x). V experts read the RAW residual x (peri-LN, spec §2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, dh, d, E = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.att_n_experts
+        self.H, self.dh, self.E, self.top_k = H, dh, E, cfg.att_k
+        self.n_rot, self.base, self.expert_dropout = cfg.n_rot, cfg.rope_base, cfg.att_expert_dropout
+        self.q = nn.Linear(d, H * dh, bias=False)
+        self.k = nn.Linear(d, H * dh, bias=False)
+        if E > 1:
+            self.v = nn.Parameter(torch.empty(H * E, d, dh))      # head h's expert e is h*E + e
+            self.o = nn.Parameter(torch.empty(H * E, dh, d))
+            self.sel_v = nn.Parameter(torch.empty(H * E, d))
+            self.sel_o = nn.Parameter(torch.empty(H * E, d))
+        else:   # E == 1: dense V/O and a per-head sigmoid gate on each head's output
+            self.v = nn.Parameter(torch.empty(H * dh, d))
+            self.o = nn.Parameter(torch.empty(d, H * dh))
+            self.sel_o = nn.Parameter(torch.empty(H, d))
+
+    def route(self, a: torch.Tensor, w: torch.Tensor, routes: Optional[list]):
+        """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. Returns the sorted
+        routing with expert ids shifted into head h's bank (h*E + e), and the weights [B, T, H, k]."""
+        logits = F.linear(a.float(), w.float()).unflatten(-1, (self.H, self.E))     # [B, T, H, E]
+        if routes is not None:
+            routes.append(logits)
+        scores = torch.sigmoid(logits)
+        idx = _topk_indices(scores, self.top_k, self.expert_dropout if self.training else 0.0)
+        weights = scores.gather(-1, idx)
+        idx = idx + torch.arange(self.H, device=idx.device)[:, None] * self.E
+        return cvmm_prepare(idx, self.H * self.E), weights
+
+    def forward(self, a, x, ctx: AttnContext, cache=None, routes=None):
+        """a = LN_att(x) feeds Q, K and both routers; x (raw residual) feeds V."""
+        B, T, d = x.shape
+        H, dh = self.H, self.dh
+        scale = dh ** -0.25
+        q = (self.q(a) * scale).view(B, T, H, dh).transpose(1, 2)
+        k = (self.k(a) * scale).view(B, T, H, dh).transpose(1, 2)
+        if self.E > 1:
+            v_sel, v_w = self.route(a, self.sel_v, routes['v'] if routes else None)
+            o_sel, o_w = self.route(a, self.sel_o, routes['o'] if routes else None)
+            # V: slots [N, H, k] read token rows (fan H*k), contracted over each head's k picks
+            v = cvmm(x.reshape(B * T, d), v_sel, self.v, v_w.reshape(B * T * H, self.top_k))
+            v = v.view(B, T, H, dh).transpose(1, 2)
+        else:
+            v = F.linear(x, self.v).view(B, T, H, dh).transpose(1, 2)
+        att = attend(q, k, v, ctx, cache, self.n_rot, self.base)              # [B, H, T, dh]
+        att = att.transpose(1, 2)                                             # [B, T, H, dh]
+        if self.E > 1:
+            # O: slots [N, H, k] read (token, head) rows (fan k); ONE weighted sum over all H*k picks
+            y = cvmm(att.reshape(B * T * H, dh), o_sel, self.o, o_w.reshape(B * T, H * self.top_k))
+            return y.view(B, T, d)
+        gate = torch.sigmoid(F.linear(a, self.sel_o))                         # [B, T, H]
+        return F.linear((att * gate[..., None]).reshape(B, T, H * dh), self.o)
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Entropy regularisation (spec §6). For each shared layer, pool the router logits of all its
+#    applications (R repeats) over time: p_b = mean_{t,r} softmax(z_{b,t,r}); loss = -(1/B) Σ_b H(p_b).
+# -------------------------------------------------------------------------------------------------
+
+def marginal_neg_entropy(logits: list) -> torch.Tensor:
+    """logits: R tensors [B, T, ..., E] (one per application of the layer). Returns -mean H(p) where p
+    is the per-sequence (and per-head, for attention) marginal over experts, pooled over T*R rows."""
+    z = torch.cat(logits, dim=1).float()                                   # [B, T*R, ..., E]
+    log_p = torch.logsumexp(F.log_softmax(z, dim=-1), dim=1) - math.log(z.shape[1])   # [B, ..., E]
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return -entropy.mean()
+
+
+# -------------------------------------------------------------------------------------------------
+# 4-5. The layer with peri-LN (paper §2.4, spec §2) and the grouped stack (paper §2.3, spec §1)
+# -------------------------------------------------------------------------------------------------
+
+class MoEUTLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_att = nn.LayerNorm(cfg.d_model)
+        self.ln_ff = nn.LayerNorm(cfg.d_model)
+        self.attention = SwitchHead(cfg)
+        self.ffn = SigmaMoE(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, ctx: AttnContext, cache=None, routes=None):
+        # peri-LN: norms only in front of maps that feed a softmax/sigmoid; the residual, V, O and
+        # the experts see raw x, so signal magnitude can grow across the shared, repeated layers.
+        a = self.ln_att(x)
+        x = x + self.drop(self.attention(a, x, ctx, cache, routes))
+        x = x + self.drop(self.ffn(x, self.ln_ff(x), routes['ff'] if routes else None))
+        return x
+
+
+class MoEUT(nn.Module):
+    """The non-LM core: [B, T, d_model] -> [B, T, d_model] and the regulariser (spec §1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_repeats = cfg.n_layers // cfg.group_size
+        self.layers = nn.ModuleList([MoEUTLayer(cfg) for _ in range(cfg.group_size)])
+
+    def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
+        G = len(self.layers)
+        collect = self.training and (self.cfg.entropy_reg > 0 or self.cfg.att_entropy_reg > 0)
+        routes = [{'ff': [], 'v': [], 'o': []} if collect else None for _ in range(G)]
+        for r in range(self.n_repeats):                   # A B A B ...: layer li at depth r*G + li
+            for li, layer in enumerate(self.layers):
+                cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None
+                x = layer(x, ctx, cache, routes[li])
+        return x, self.reg_loss(routes, x)
+
+    def reg_loss(self, routes, x) -> torch.Tensor:
+        """γ Σ_layers L_mlp + δ Σ_layers (L_V + L_O); zero in eval mode (spec §6)."""
+        loss = x.new_zeros((), dtype=torch.float32)
+        for rt in routes:
+            if rt is None:
+                continue
+            if rt['ff']:
+                loss = loss + self.cfg.entropy_reg * marginal_neg_entropy(rt['ff'])
+            if rt['v']:
+                loss = loss + self.cfg.att_entropy_reg * (marginal_neg_entropy(rt['v']) +
+                                                          marginal_neg_entropy(rt['o']))
+        return loss
+
+
+# -------------------------------------------------------------------------------------------------
+# Dense pre-LN GPT baseline: same attention/RoPE code, ReLU MLP with biases.
+# -------------------------------------------------------------------------------------------------
+
+class DenseAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.H, self.dh, self.n_rot, self.base = H, dh, cfg.n_rot, cfg.rope_base
+        self.qkv = nn.Linear(d, 3 * H * dh, bias=False)
+        self.proj = nn.Linear(H * dh, d, bias=False)
+
+    def forward(self, a, ctx: AttnContext, cache=None):
+        B, T, _ = a.shape
+        q, k, v = self.qkv(a).view(B, T, 3, self.H, self.dh).permute(2, 0, 3, 1, 4)
+        scale = self.dh ** -0.25
+        y = attend(q * scale, k * scale, v, ctx, cache, self.n_rot, self.base)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.dh))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = DenseAttention(cfg)
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, ctx, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), ctx, cache))
+        return x + self.drop(self.fc_out(F.relu(self.fc(self.ln2(x)))))
+
+
+class Dense(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([DenseBlock(cfg) for _ in range(cfg.n_layers)])
+
+    def forward(self, x, ctx, kv_cache=None):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, kv_cache.setdefault(i, {}) if kv_cache is not None else None)
+        return x, x.new_zeros((), dtype=torch.float32)
+
+
+# -------------------------------------------------------------------------------------------------
+# The language model: embedding (no scaling, no positions) -> core -> LayerNorm -> lm_head (spec §1)
+# -------------------------------------------------------------------------------------------------
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]      # ce + reg_loss (what to backprop), None without targets
+    ce: Optional[torch.Tensor]
+    reg_loss: torch.Tensor
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.core = MoEUT(cfg) if cfg.model_type == 'moeut' else Dense(cfg)
+        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.reset_parameters()
+
+    # ---- initialisation (spec §7) ----
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.cfg
+        s = math.sqrt(2 / cfg.n_layers)        # total depth, not G
+        d, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+        nn.init.kaiming_normal_(self.embedding.weight, mode='fan_in', nonlinearity='linear')
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, SigmaMoE):
+                nn.init.normal_(m.expert_sel, 0, s / math.sqrt(d))
+                _renorm_rows(m.expert_sel)
+                nn.init.normal_(m.keys, 0, s / math.sqrt(d))
+                nn.init.normal_(m.values, 0, s / math.sqrt(m.keys.shape[0] * cfg.d_expert))
+            elif isinstance(m, SwitchHead):
+                for w in (m.q.weight, m.k.weight, m.v):
+                    nn.init.normal_(w, 0, s / math.sqrt(d))
+                nn.init.normal_(m.o, 0, s / math.sqrt(H * dh))
+                for w in ([m.sel_v] if m.E > 1 else []) + [m.sel_o]:
+                    nn.init.normal_(w, 0, s / math.sqrt(d))
+                    _renorm_rows(w)
+            elif isinstance(m, DenseBlock):
+                # the same fan-in scheme for the baseline, so the comparison is about architecture
+                for lin in (m.attn.qkv, m.fc):
+                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
+                for lin in (m.attn.proj, m.fc_out):
+                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
+                nn.init.zeros_(m.fc.bias)
+                nn.init.zeros_(m.fc_out.bias)
+
+    # ---- forward ----
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                mask: Optional[AttentionMask] = None, kv_cache: Optional[dict] = None) -> LMOutput:
+        """idx [B, T] token ids; targets [B, T] (ignore_index -1). kv_cache: a dict the caller keeps
+        ({} to start); it is extended in place, and new tokens are placed after what it holds."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [batch, time], got shape {tuple(idx.shape)}")
+        past = cache_length(kv_cache)
+        ctx = make_attn_context(idx.shape[1], past, mask, idx.device)
+        x, reg_loss = self.core(self.embedding(idx), ctx, kv_cache)
+        logits = self.lm_head(self.out_norm(x))
+        ce = loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = ce + reg_loss
+        return LMOutput(logits, loss, ce, reg_loss)
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token: Optional[int] = None, generator: Optional[torch.Generator] = None):
+        """Sample continuations of idx [B, T] with the KV cache. temperature 0 = greedy. A row that
+        emitted eos_token keeps emitting it; generation stops early when every row has."""
+        block = self.cfg.block_size
+        if idx.shape[1] > block:
+            raise ValueError(f"prompt of {idx.shape[1]} tokens is longer than block_size {block}")
+        cache: dict = {}
+        logits = self(idx, kv_cache=cache).logits[:, -1]
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
+                done |= nxt == eos_token
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if eos_token is not None and bool(done.all()):
+                break
+            if idx.shape[1] <= block:
+                logits = self(nxt[:, None], kv_cache=cache).logits[:, -1]
+            else:   # past the context: slide the window (re-encode the last block_size tokens)
+                cache = {}
+                logits = self(idx[:, -block:], kv_cache=cache).logits[:, -1]
+        return idx
+
+    # ---- loading the official implementation's weights ----
+    def load_official_state_dict(self, sd: dict):
+        """Weights saved by the official MoEUTLM (RobertCsordas/moeut) under its names."""
+        ren = {'transformer.': 'core.', '.ln1.': '.ln_att.', '.ln2.': '.ln_ff.'}
+        out = {}
+        for k, v in sd.items():
+            for a, b in ren.items():
+                k = k.replace(a, b)
+            out[k] = v
+        self.load_state_dict(out)
+
+
+@torch.no_grad()
+def _renorm_rows(w: torch.Tensor):
+    """Give every router row the same L2 norm while keeping the tensor's overall std (spec §7), so no
+    expert starts out favoured."""
+    std = w.std()
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(std / w.std())
+
+
+def cache_length(kv_cache: Optional[dict]) -> int:
+    if not kv_cache:
+        return 0
+    first = next(iter(kv_cache.values()))
+    return first['k'].shape[2] if 'k' in first else 0
+
+
+def make_attn_context(T: int, past: int, mask: Optional[AttentionMask], device) -> AttnContext:
+    """Positions of the new tokens, and the SDPA mask. mask=None: causal (the fast is_causal path when
+    there is no past; with a cache, new token i sees every past key and new keys <= i).
+    An AttentionMask (True = masked out) is inverted to SDPA's True = attend."""
+    pos = torch.arange(past, past + T, device=device)
+    Tk = past + T
+    if mask is None:
+        if past == 0:
+            return AttnContext(pos, None, T > 1)
+        if T == 1:
+            return AttnContext(pos, None, False)
+        allowed = torch.arange(Tk, device=device)[None, :] <= pos[:, None]      # [T, Tk]
+        return AttnContext(pos, allowed, False)
+    src, posm = mask
+    if src is None and posm is None:
+        return AttnContext(pos, None, False)
+    masked = torch.zeros(1, 1, T, Tk, dtype=torch.bool, device=device)
+    if posm is not None:
+        if posm.shape[-1] < Tk:    # a [T, T] mask for the new tokens: the cached past stays visible
+            posm = F.pad(posm, (Tk - posm.shape[-1], 0), value=False)
+        masked = masked | posm.to(torch.bool)
+    if src is not None:
+        masked = masked | src.to(torch.bool)[:, None, None, :]
+    return AttnContext(pos, ~masked, False)
+
+
+@torch.no_grad()
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], generator=None) -> torch.Tensor:
+    """One token per row from logits [B, V]: greedy at temperature 0, else temperature, then keep the
+    top_k most likely and/or the smallest set whose probability reaches top_p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p       # mass before this token already enough
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float('-inf'))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Parameter and FLOP accounting (what a user wants to see before launching a run)
+# -------------------------------------------------------------------------------------------------
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """total, non-embedding (total minus token embedding and lm_head), and active per token: the
+    non-embedding weights one token actually multiplies by in one pass over the distinct layers."""
+    model = LM(cfg) if False else None  # (counted analytically below; no need to allocate the model)
+    d, V, H, dh = cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.d_head
+    emb = V * d + V * d + V      # embedding + lm_head (with bias)
+    ln = 2 * d
+    if cfg.model_type == 'dense':
+        per = 4 * d * H * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * ln
+        layers, active_per = cfg.n_layers * per, per
+    else:
+        E, k = cfg.att_n_experts, cfg.att_k
+        att = 2 * d * H * dh
+        if E > 1:
+            att_total = att + 2 * H * E * d * dh + 2 * H * E * d
+            att_active = att + 2 * H * k * d * dh + 2 * H * E * d
+        else:
+            att_total = att_active = att + 2 * H * dh * d + H * d
+        ff_total = 2 * cfg.ff_n_experts * d * cfg.d_expert + cfg.ff_n_experts * d
+        ff_active = 2 * cfg.ff_k * d * cfg.d_expert + cfg.ff_n_experts * d
+        layers = cfg.group_size * (att_total + ff_total + 2 * ln)
+        active_per = att_active + ff_active + 2 * ln
+    del model
+    total = layers + emb + ln
+    return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * (
+        cfg.group_size if cfg.model_type == 'moeut' else cfg.n_layers)}
+
+
+def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
+    """Forward FLOPs (2 per multiply-add) per token at context T: every weight matmul a token runs
+    through all n_layers applications, attention scores and mixing (T keys, causal half-average
+    ignored: counted as T/2 would undercount small T), routers, and the LM head."""
+    T = T or cfg.block_size
+    d, H, dh, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size
+    att_scores = 2 * T * H * dh // 2        # QK^T and AV over on average T/2 visible keys
+    if cfg.model_type == 'dense':
+        per_layer = 4 * d * H * dh + 2 * d * cfg.d_ff + att_scores
+    else:
+        E, k = cfg.att_n_experts, cfg.att_k
+        vo = 2 * H * k * d * dh + 2 * H * E * d if E > 1 else 2 * H * dh * d + H * d
+        per_layer = (2 * d * H * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
+                     + cfg.ff_n_experts * d)
+    return 2 * (cfg.n_layers * per_layer + d * V)
+
+
+def describe(cfg: ModelConfig) -> str:
+    c = param_counts(cfg)
+    f = flops_per_token(cfg)
+    return (f"{cfg.model_type} d_model={cfg.d_model} n_layers={cfg.n_layers} vocab={cfg.vocab_size}: "
+            f"total {c['total'] / 1e6:.2f}M, non-embedding {c['non_embedding'] / 1e6:.2f}M, "
+            f"active per token {c['active_per_token'] / 1e6:.2f}M, "
+            f"forward {f / 1e6:.1f} MFLOP/token at T={cfg.block_size}")
+
+
+if __name__ == '__main__':
+    # python model.py config/moeut_126m.py --vocab_size=8000  -> parameter counts of that config
+    import sys
+    from configurator import configure
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    configure(settings, sys.argv[1:], ignore_unknown_file_keys=True)
+    try:
+        cfg = ModelConfig.from_dict(settings)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(describe(cfg))
