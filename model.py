@@ -46,6 +46,9 @@ class ModelConfig:
     # both
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # --- per-token dynamic depth: halting.py owns this block (spec/halting.md) ---
+    halting: str = 'none'           # 'none' | 'act' | 'mor'
+    # --- end of halting block ---
 
     def __post_init__(self):
         def bad(msg):
@@ -351,7 +354,13 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.core = MoEUT(cfg) if cfg.model_type == 'moeut' else Dense(cfg)
+        if cfg.model_type == 'dense':
+            self.core = Dense(cfg)
+        elif cfg.halting != 'none':
+            from halting import HaltingMoEUT      # same interface as MoEUT; see halting.py
+            self.core = HaltingMoEUT(cfg)
+        else:
+            self.core = MoEUT(cfg)
         self.out_norm = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.reset_parameters()
@@ -398,6 +407,8 @@ class LM(nn.Module):
         past = cache_length(kv_cache)
         ctx = make_attn_context(idx.shape[1], past, mask, idx.device)
         x, reg_loss = self.core(self.embedding(idx), ctx, kv_cache)
+        if kv_cache is not None:
+            kv_cache['n_past'] = past + idx.shape[1]
         logits = self.lm_head(self.out_norm(x))
         ce = loss = None
         if targets is not None:
@@ -455,10 +466,8 @@ def _renorm_rows(w: torch.Tensor):
 
 
 def cache_length(kv_cache: Optional[dict]) -> int:
-    if not kv_cache:
-        return 0
-    first = next(iter(kv_cache.values()))
-    return first['k'].shape[2] if 'k' in first else 0
+    """Tokens already in the cache. Stored explicitly: with halting, deeper layers' caches hold fewer."""
+    return kv_cache.get('n_past', 0) if kv_cache else 0
 
 
 def make_attn_context(T: int, past: int, mask: Optional[AttentionMask], device) -> AttnContext:
@@ -515,7 +524,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 def param_counts(cfg: ModelConfig) -> dict:
     """total, non-embedding (total minus token embedding and lm_head), and active per token: the
     non-embedding weights one token actually multiplies by in one pass over the distinct layers."""
-    model = LM(cfg) if False else None  # (counted analytically below; no need to allocate the model)
     d, V, H, dh = cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.d_head
     emb = V * d + V * d + V      # embedding + lm_head (with bias)
     ln = 2 * d
@@ -534,7 +542,6 @@ def param_counts(cfg: ModelConfig) -> dict:
         ff_active = 2 * cfg.ff_k * d * cfg.d_expert + cfg.ff_n_experts * d
         layers = cfg.group_size * (att_total + ff_total + 2 * ln)
         active_per = att_active + ff_active + 2 * ln
-    del model
     total = layers + emb + ln
     return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * (
         cfg.group_size if cfg.model_type == 'moeut' else cfg.n_layers)}
