@@ -47,7 +47,21 @@ class ModelConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     # --- per-token dynamic depth: halting.py owns this block (spec/halting.md) ---
-    halting: str = 'none'           # 'none' | 'act' | 'mor'
+    halting: str = 'none'           # 'none' | 'act' (Graves 2016) | 'mor' (Bae et al. 2025)
+    halt_kv: str = 'active-only'    # what deeper queries see of halted tokens: 'active-only' | 'last-kv'
+    halt_output: str = 'auto'       # final state: 'auto' (ACT Σp·state, MoR last) | 'last' | 'mean' | 'weighted'
+    n_prelude: int = 0              # unique layers before the looped group ("middle-cycle"), run by all tokens
+    n_coda: int = 0                 # unique layers after it; with halting, n_layers counts the looped part only
+    act_tau: float = 0.01           # ponder cost τ·mean(N + R)
+    act_eps: float = 0.01           # a token halts once its Σh reaches 1 - eps
+    act_bias_init: float = -3.0     # halting-unit bias; negative = early training runs deep
+    mor_routing: str = 'expert'     # 'expert' (top-k tokens continue before each step) | 'token' (depth at entry)
+    mor_capacity: tuple = ()        # expert-choice: fraction of T kept before step r; () = (R-r)/R
+    mor_gate: str = 'router'        # 'router': step update × alpha·router score; 'none': gate 1 = plain loop
+    mor_alpha: float = 1.0
+    mor_aux_coef: float = 0.001     # expert-choice BCE teaching scores to predict top-k selection
+    mor_balance_coef: float = 0.1   # token-choice balancing loss
+    mor_causal_eval: bool = True    # eval: expert-choice uses sigmoid > 0.5 (causal) instead of top-k
     # --- end of halting block ---
 
     def __post_init__(self):
@@ -157,6 +171,8 @@ class AttnContext(NamedTuple):
 def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: float):
     """Rotate q, k at their absolute positions, extend the KV cache, run SDPA. q, k, v: [B, H, T, dh].
     q and k arrive pre-scaled by d_head^-1/4 each (spec §4), so SDPA runs with scale=1."""
+    if hasattr(ctx, 'attend'):   # halting.py: its context attends over the gathered active tokens itself
+        return ctx.attend(q, k, v, cache, n_rot, base)
     q, k = rope(q, ctx.pos, n_rot, base), rope(k, ctx.pos, n_rot, base)
     if cache is not None:        # cached keys are stored already rotated
         if 'k' in cache:

