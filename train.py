@@ -45,6 +45,7 @@ dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepar
 batch_size = 16                 # micro-batch per rank
 block_size = 256
 gradient_accumulation_steps = 1  # global micro-batches per optimizer step
+overfit_batch = False           # debugging: train on the first batch forever (loss must go to ~0)
 # model (every ModelConfig field can be set here; vocab_size comes from the data's meta.json)
 model_type = 'moeut'
 d_model = 128
@@ -163,9 +164,9 @@ class Batches:
             self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g).numpy(), epoch
         return self._perm[i * self.global_batch:(i + 1) * self.global_batch]
 
-    def next_step(self):
-        """The micro-batches (x, y) of this rank for the next optimizer step."""
-        w = self._windows(self.pos).reshape(self.accum_local, self.world, self.micro)[:, self.rank]
+    def next_step(self, overfit=False):
+        """The micro-batches (x, y) of this rank for the next optimizer step (overfit: always the first)."""
+        w = self._windows(0 if overfit else self.pos).reshape(self.accum_local, self.world, self.micro)[:, self.rank]
         self.pos += 1
         return [read_windows(self.path, self.dtype, starts * self.block, self.block) for starts in w]
 
@@ -420,7 +421,7 @@ def train(cfg, run):
             dist.barrier()
 
     flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
-    t0, bad_steps, losses = time.time(), 0, []
+    t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
     last_log_t, last_log_it = t0, iter_num
     while True:
         if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']:
@@ -442,7 +443,9 @@ def train(cfg, run):
         lr = lr_at(iter_num, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr
-        micro = batches.next_step()
+        micro = batches.next_step(cfg['overfit_batch'])
+        if cfg['overfit_batch'] and iter_num == 0 and master:
+            show_example(micro[0], meta)
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
             if run['distributed']:    # all-reduce gradients only on the last micro-step
@@ -473,6 +476,8 @@ def train(cfg, run):
 
         if iter_num % cfg['log_interval'] == 0 and master:
             lv = torch.stack(losses).mean(0).tolist()
+            first_loss = lv[0] if first_loss is None else first_loss
+            last_loss = lv[0]
             losses.clear()
             dt = (time.time() - last_log_t) / max(1, iter_num - last_log_it)
             last_log_t, last_log_it = time.time(), iter_num
@@ -480,9 +485,11 @@ def train(cfg, run):
             eta = (cfg['max_iters'] - iter_num) * dt
             print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tps:,.0f} tok/s, {flops_step / dt / 1e12:.2f} TFLOP/s, ETA {eta / 60:.1f} min")
+            record = {'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
+                      'tokens_per_s': tps}
+            append_log(cfg['out_dir'], record)
             if wandb:
-                wandb.log({'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
-                           'tokens_per_s': tps})
+                wandb.log(record)
         elif iter_num % cfg['log_interval'] == 0:
             losses.clear()
 
@@ -500,6 +507,27 @@ def train(cfg, run):
         signal.signal(s, h)
     if wandb:
         wandb.finish()
+    if cfg['overfit_batch'] and master and first_loss is not None:
+        final = torch.stack(losses).mean(0)[0].item() if losses else last_loss
+        if final is not None and final > 0.1 * first_loss:
+            print(f"hint: the batch was not overfit (loss {first_loss:.3f} -> {final:.3f}). Try a higher "
+                  f"learning_rate or more max_iters, grad_clip=0, warmup_iters=0, entropy_reg=0")
+
+
+def show_example(xy, meta):
+    """Print the first input/target pair decoded, so an off-by-one in the data slicing is visible."""
+    import prepare
+    enc = prepare.get_tokenizer(meta['tokenizer'])
+    x, y = xy
+    print(f"input : {enc.decode(x[0, :64].tolist())!r}")
+    print(f"target: {enc.decode(y[0, :64].tolist())!r}")
+
+
+def append_log(out_dir, record):
+    """One JSON line per log interval in out_dir/log.jsonl (machine-readable loss curve)."""
+    import json
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
 
 
 if __name__ == '__main__':

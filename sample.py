@@ -1,0 +1,142 @@
+"""
+Sample from a trained model, or measure its perplexity on a text file.
+
+    python sample.py --out_dir=out/shakespeare --start="ROMEO:" --num_samples=2
+    python sample.py --start=FILE:prompt.txt --temperature=0          # greedy (deterministic)
+    python sample.py --eval_file=some.txt                               # loss, perplexity, bits/byte
+"""
+import math
+import os
+import sys
+
+import torch
+
+from configurator import configure, config_keys
+from model import LM, ModelConfig
+
+# ----------------------------------------------------------------------------------------------
+init_from = 'resume'          # 'resume' = latest checkpoint in out_dir, or a path to a .pt file
+out_dir = 'out/shakespeare'
+start = '\n'                  # prompt text, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8             # 0 = greedy
+top_k = 200                   # 0 = off
+top_p = 1.0                   # nucleus sampling; 1.0 = off
+seed = 1337
+device = 'auto'
+dtype = 'auto'                # 'auto': bfloat16 on cuda, float32 on cpu
+eval_file = ''                # if set: print tokens, mean loss, perplexity and bits per byte of this file
+# ----------------------------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def load_checkpoint(init_from, out_dir, device):
+    """Model (eval mode, on device) and the tokenizer name from a train.py checkpoint."""
+    if init_from == 'resume':
+        from train import latest_checkpoint
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            fail(f"no checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
+    else:
+        path = init_from
+        if not os.path.isfile(path):
+            fail(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    model = LM(ModelConfig(**ckpt['model_config']))
+    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt['meta']['tokenizer'], path
+
+
+def tokenizer(name):
+    import prepare
+    try:
+        return prepare.get_tokenizer(name)
+    except prepare.PrepareError as e:
+        fail(f"tokenizer of the checkpoint is not available offline: {e}")
+
+
+@torch.no_grad()
+def evaluate_file(model, enc, path, device, autocast):
+    """Mean next-token loss over the whole file with a sliding window: every token after the first is
+    predicted once, with up to block_size tokens of context (windows overlap by half a block, and
+    only the second half of each later window is scored)."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    ids = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
+    if ids.numel() < 2:
+        fail(f"{path} has fewer than 2 tokens")
+    block = model.cfg.block_size
+    stride = max(1, block // 2)
+    total, count, scored_to = 0.0, 0, 1            # tokens [1, scored_to) have been scored
+    begin = 0
+    while scored_to < ids.numel():
+        end = min(begin + block + 1, ids.numel())
+        x, y = ids[begin:end - 1][None].to(device), ids[begin + 1:end][None].to(device)
+        with autocast:
+            logits = model(x).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0], y[0], reduction='none')
+        first = scored_to - (begin + 1)             # index in y of the first not-yet-scored token
+        total += nll[first:].sum().item()
+        count += nll[first:].numel()
+        scored_to = end
+        begin += stride
+    loss = total / count
+    n_bytes = len(text.encode('utf-8'))
+    return {'tokens': ids.numel(), 'loss': loss, 'ppl': math.exp(loss),
+            'bits_per_byte': total / math.log(2) / n_bytes}
+
+
+def main():
+    cfg = {k: globals()[k] for k in config_keys(globals())}
+    configure(cfg)
+    dev = cfg['device']
+    if dev == 'auto':
+        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if dev.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
+    dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
+    autocast = torch.autocast(dev.split(':')[0], dtype=getattr(torch, dt)) if dt != 'float32' else \
+        torch.autocast(dev.split(':')[0], enabled=False)
+    model, tok_name, path = load_checkpoint(cfg['init_from'], cfg['out_dir'], dev)
+    enc = tokenizer(tok_name)
+    print(f"loaded {path} ({model.cfg.model_type}, tokenizer {tok_name})", file=sys.stderr)
+
+    if cfg['eval_file']:
+        if not os.path.isfile(cfg['eval_file']):
+            fail(f"eval_file not found: {cfg['eval_file']}")
+        r = evaluate_file(model, enc, cfg['eval_file'], dev, autocast)
+        print(f"{cfg['eval_file']}: {r['tokens']} tokens, loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}, "
+              f"{r['bits_per_byte']:.4f} bits/byte")
+        return
+
+    prompt = cfg['start']
+    if prompt.startswith('FILE:'):
+        p = prompt[5:]
+        if not os.path.isfile(p):
+            fail(f"prompt file not found: {p}")
+        with open(p, encoding='utf-8') as f:
+            prompt = f.read()
+    ids = enc.encode_ordinary(prompt) or [enc.eot_token]
+    if len(ids) > model.cfg.block_size:
+        fail(f"prompt is {len(ids)} tokens, longer than the model's context ({model.cfg.block_size})")
+    gen = torch.Generator(device=dev).manual_seed(cfg['seed'])
+    x = torch.tensor(ids, dtype=torch.long, device=dev)[None].repeat(cfg['num_samples'], 1)
+    with autocast:
+        out = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'],
+                             top_k=cfg['top_k'] or None, top_p=cfg['top_p'], eos_token=enc.eot_token,
+                             generator=gen)
+    for row in out.tolist():
+        new = row[len(ids):]
+        if enc.eot_token in new:
+            new = new[:new.index(enc.eot_token)]
+        print(prompt + enc.decode(new))
+        print('---------------')
+
+
+if __name__ == '__main__':
+    main()
