@@ -15,16 +15,39 @@ The four users in model.py, with N tokens, H heads, k picks per head, K picks pe
     O experts   x [N*H, d_head]   slots [N, H, k] fan k    w [N, H*k]      -> [N, d]
 
 The trick (why it is fast): sort the flattened expert ids once per routing (`cvmm_prepare`); rows of one
-expert are then contiguous in the sorted order, so a tiled GEMM walks experts in order and only a tile
-that straddles an expert boundary has extra work. The sort is shared by both projections that use the
-same routing (σ-MoE up and down).
+expert are then contiguous in the sorted order, so a tiled GEMM walks experts in order. The sort is
+shared by both projections that use the same routing (σ-MoE up and down).
 
-`cvmm` dispatches: CUDA tensors go to the Triton kernels when they exist, everything else to
-`cvmm_reference`, a plain-torch implementation that is both the CPU path and the test oracle.
+Dispatch (`cvmm`): CUDA tensors go to the Triton kernels below, CPU tensors to `cvmm_reference`, a
+plain-torch implementation that is both the CPU path and the test oracle. Override with the env var
+`CVMM_IMPL=triton|torch` (default `auto`), read at import into the module global `IMPL`, which tests may
+also set directly; `triton` on CPU needs `TRITON_INTERPRET=1` set before triton is imported.
+
+torch.compile: the Triton path is the custom op `nanomoeut::cvmm` (torch.library.custom_op with a fake
+and an autograd formula), so `torch.compile(fullgraph=True)` sees one opaque node per call. When
+compiling with the torch implementation (CPU) the same op is used, with the reference inside it (its
+`.tolist()` would otherwise break the graph) and a recompute-and-autograd backward.
+
+Determinism: every kernel is run-to-run bit-identical (no atomics; the weight gradient gives each
+(expert, tile) to one program that loops over that expert's rows). The slot contractions (over G slots
+in the forward, over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it
+with torch (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=atomic` instead adds into an fp32 buffer from
+the GEMM epilogue: less memory traffic, not deterministic; kept for benchmarking (bench.py --what=cvmm).
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path needs no triton
+    triton = None
+
+IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
+CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class CVMMSel(NamedTuple):
@@ -37,9 +60,20 @@ class CVMMSel(NamedTuple):
 
 def cvmm_prepare(expert_ids: torch.Tensor, n_experts: int) -> CVMMSel:
     """Sort the flattened expert ids (any shape, any integer dtype). The stable sort keeps entries of one
-    expert in slot order, which makes every gradient deterministic."""
+    expert in slot order, which makes every gradient deterministic.
+    Ids outside [0, n_experts) raise on CPU (the sorted ends give min and max for free); on CUDA and
+    under torch.compile they trigger torch._assert_async (a device-side assert, no host sync)."""
+    if expert_ids.is_floating_point() or expert_ids.is_complex():
+        raise TypeError(f"cvmm_prepare: expert ids must be integers, got {expert_ids.dtype}")
     flat = expert_ids.flatten()
     expert, slot = torch.sort(flat.int(), stable=True)
+    if flat.numel():
+        bad = (expert[0] < 0) | (expert[-1] >= n_experts)
+        if flat.is_cuda or torch.compiler.is_compiling():
+            torch._assert_async(~bad, f"cvmm_prepare: expert id out of range [0, {n_experts})")
+        elif bad:
+            raise ValueError(f"cvmm_prepare: expert ids must lie in [0, {n_experts}), got min "
+                             f"{expert[0].item()} max {expert[-1].item()}")
     # searchsorted (not bincount) so the shape is static for torch.compile
     bounds = torch.arange(n_experts + 1, device=flat.device, dtype=torch.int32)
     offsets = torch.searchsorted(expert, bounds).int()
@@ -84,8 +118,301 @@ def cvmm_reference(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
     return torch.bmm(sw.unsqueeze(1), out.view(-1, G, w.shape[2])).squeeze(1)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels (spec §9). Both walk the expert-sorted order given by sel.slot / sel.offsets.
+
+if triton is not None:
+    @triton.jit
+    def _cvmm_gemm_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr, x2_ptr, dots_ptr,
+                          E, K, N, S, A_DIV, OUT_DIV, X2_DIV,
+                          stride_a, stride_we, stride_wk, stride_wn, stride_out, stride_x2,
+                          HAS_SCALE: tl.constexpr, HAS_DOTS: tl.constexpr, ATOMIC: tl.constexpr,
+                          EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """out[slot_i] = scale[slot_i] * (A[slot_i // A_DIV] @ W[e_i])   for sorted entries i.
+
+        Forward (A = x, A_DIV = fan, W as is) and x gradient (A = grad, A_DIV = G or 1, W transposed by
+        strides). Tiles never straddle experts: expert e owns ceil(count_e / BM) row tiles, laid out
+        expert after expert, so each program does one plain GEMM tile with one weight matrix (the
+        official kernel loops over every expert inside a shared tile, which wastes work when experts
+        have few rows, e.g. at decode). The program finds its expert from a cumsum over the E+1
+        offsets; programs past the last tile return at once (the grid is an upper bound, so it needs
+        no host sync). Rows are gathered from A and scattered to out by slot, in fp32 accumulation.
+        HAS_DOTS (slot-weight gradient): dots[pid_n, slot_i] = <acc_i, X2[slot_i // X2_DIV]> over this
+        N tile, summed over tiles by the caller (deterministic, no atomics)."""
+        pid = tl.program_id(0)
+        n_tiles_n = tl.cdiv(N, BN)
+        pid_m = pid // n_tiles_n          # N fastest: the programs sharing an A tile run together (L2)
+        pid_n = pid % n_tiles_n
+        eids = tl.arange(0, BLOCK_E)
+        lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
+        hi = tl.load(off_ptr + eids + 1, mask=eids < E, other=0)
+        n_tiles = (hi - lo + BM - 1) // BM
+        cum = tl.cumsum(n_tiles, 0)                              # inclusive: tiles of experts <= e
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        if e >= E:
+            return
+        first_tile = tl.sum(tl.where(eids == e, cum - n_tiles, 0), 0)
+        end = tl.load(off_ptr + e + 1)
+        rows = tl.load(off_ptr + e) + (pid_m - first_tile) * BM + tl.arange(0, BM)
+        rmask = rows < end
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)   # masked rows read row 0
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        offs_k = tl.arange(0, BK)
+        a_ptrs = a_ptr + (slot // A_DIV)[:, None] * stride_a + offs_k[None, :]
+        w_ptrs = (w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
+                  + offs_n[None, :] * stride_wn)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                kmask = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_F32:  # bf16 under TRITON_INTERPRET (its bf16 tl.dot is broken)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BK
+            w_ptrs += BK * stride_wk
+        if HAS_DOTS:
+            x2 = tl.load(x2_ptr + (slot // X2_DIV)[:, None] * stride_x2 + offs_n[None, :],
+                         mask=nmask[None, :], other=0.0)
+            tl.store(dots_ptr + pid_n * S + slot, tl.sum(acc * x2.to(tl.float32), 1), mask=rmask)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        omask = rmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptr + (slot // OUT_DIV)[:, None] * stride_out + offs_n[None, :], acc,
+                          mask=omask, sem="relaxed")
+        else:
+            tl.store(out_ptr + slot[:, None] * stride_out + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
+                           K, N, X_DIV, G_DIV, stride_x, stride_g, stride_ge, stride_gk,
+                           HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                           BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        """gw[e] = sum over sorted rows i of expert e:  x[slot_i // X_DIV]^T (scale[slot_i] g[slot_i // G_DIV]).
+
+        One program per (expert, BK x BN tile of gw[e]) loops over that expert's contiguous rows
+        offsets[e]:offsets[e+1] in chunks of BR, accumulating in fp32 registers. Every output element
+        is written by exactly one program in a fixed summation order: deterministic, no atomics and no
+        zero-init (experts without rows get zeros). Grid: (tiles of gw[e], E), expert slowest so the
+        programs reading the same gathered rows run together."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        n_tiles_n = tl.cdiv(N, BN)
+        offs_k = (pid // n_tiles_n) * BK + tl.arange(0, BK)
+        offs_n = (pid % n_tiles_n) * BN + tl.arange(0, BN)
+        kmask = offs_k < K
+        nmask = offs_n < N
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        for r0 in range(start, end, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < end
+            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            xa = tl.load(x_ptr + (slot // X_DIV)[:, None] * stride_x + offs_k[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            g = tl.load(g_ptr + (slot // G_DIV)[:, None] * stride_g + offs_n[None, :],
+                        mask=rmask[:, None] & nmask[None, :], other=0.0)
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+                g = (g.to(tl.float32) * s[:, None]).to(g.dtype)
+            if DOT_F32:
+                xa = xa.to(tl.float32)
+                g = g.to(tl.float32)
+            acc = tl.dot(tl.trans(xa), g, acc, input_precision=PRECISION)
+        tl.store(gw_ptr + e.to(tl.int64) * stride_ge + offs_k[:, None] * stride_gk + offs_n[None, :],
+                 acc.to(gw_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _precision(dtype, dot_f32):
+    if dtype == torch.float32:
+        return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    return "ieee" if dot_f32 else "tf32"  # ignored for 16-bit operands
+
+
+def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1):
+    """Launch _cvmm_gemm_kernel; returns (out [S // group, N], dots [S] fp32 or None).
+    Tiles are picked by rule from static shapes (no autotune, so nothing re-runs for a new row count):
+    BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
+    BN shrinks when there would be too few programs to fill the GPU."""
+    S, E = slot.numel(), w.shape[0]
+    K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
+    swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
+    f32 = a.dtype == torch.float32
+    dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
+    BM = min(128, max(16, _np2(S // E)))
+    BK = min(32 if f32 else 64, max(16, _np2(K)))
+    BN = min(128, max(16, _np2(N)))
+    m_tiles = min(S, triton.cdiv(S, BM) + E)       # upper bound on the real number of tiles
+    while BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
+        BN //= 2
+    n_tiles = triton.cdiv(N, BN)
+    atomic = group > 1 and CONTRACT == "atomic"
+    if atomic:
+        out = torch.zeros(S // group, N, device=a.device, dtype=torch.float32)
+    else:
+        out = torch.empty(S, N, device=a.device, dtype=a.dtype)
+    dots = torch.empty(n_tiles, S, device=a.device, dtype=torch.float32) if x2 is not None else None
+    big = BM * BN >= 128 * 128
+    _cvmm_gemm_kernel[(m_tiles * n_tiles,)](
+        a, w, out, slot, offsets, scale if scale is not None else a, x2 if x2 is not None else a,
+        dots if dots is not None else out, E, K, N, S, a_div, group, x2_div,
+        a.stride(0), w.stride(0), swk, swn, out.stride(0), x2.stride(0) if x2 is not None else 0,
+        HAS_SCALE=scale is not None, HAS_DOTS=x2 is not None, ATOMIC=atomic, EVEN_K=K % BK == 0,
+        DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)),
+        BM=BM, BN=BN, BK=BK, num_warps=8 if big else 4, num_stages=3)
+    if atomic:
+        out = out.to(a.dtype)
+    elif group > 1:
+        out = out.view(S // group, group, N).sum(1)   # the deterministic slot contraction
+    return out, (dots.sum(0) if dots is not None else None)
+
+
+def _gradw(x, x_div, g, g_div, scale, slot, offsets, w):
+    E, K, N = w.shape
+    f32 = x.dtype == torch.float32
+    dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
+    BK, BN = min(128, max(16, _np2(K))), min(128, max(16, _np2(N)))
+    BR = 32 if f32 else 64
+    gw = torch.empty(E, K, N, device=x.device, dtype=w.dtype)
+    grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
+    _cvmm_gradw_kernel[grid](
+        x, g, gw, slot, offsets, scale if scale is not None else x, K, N, x_div, g_div,
+        x.stride(0), g.stride(0), gw.stride(0), gw.stride(1),
+        HAS_SCALE=scale is not None, DOT_F32=dot_f32, PRECISION=_precision(x.dtype, dot_f32),
+        BK=BK, BN=BN, BR=BR, num_warps=8 if BK * BN >= 128 * 128 else 4, num_stages=3)
+    return gw
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom ops. Inputs are already checked, cast and contiguous: x [R, D_in], slot [S], offsets [E+1],
+# w [E, D_in, D_out], sw [S/G, G] or None.
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and (IMPL == "triton" or (IMPL == "auto" and t.is_cuda))
+
+
+def _sel(slot, offsets):
+    return CVMMSel(torch.empty(0, dtype=torch.int32, device=slot.device), slot, offsets)
+
+
+@torch.library.custom_op("nanomoeut::cvmm", mutates_args=())
+def _cvmm_op(x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+             sw: Optional[torch.Tensor]) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        if not _use_triton(x):
+            return cvmm_reference(x, _sel(slot, offsets), w, sw)
+        fan = slot.numel() // x.shape[0]
+        return _gemm(x, fan, w, False, slot, offsets, sw, 1 if sw is None else sw.shape[1])[0]
+
+
+@_cvmm_op.register_fake
+def _(x, slot, offsets, w, sw):
+    return x.new_empty(slot.shape[0] // (1 if sw is None else sw.shape[1]), w.shape[2])
+
+
+def _torch_bwd(grad, x, slot, offsets, w, sw):
+    """Plain-torch gradients, the op's CPU path (used under torch.compile): the kernels' formulas with
+    one matmul per expert over its sorted rows. Returns (grad_x, grad_w, grad_sw or None)."""
+    S, slot = slot.numel(), slot.long()
+    fan, G = S // x.shape[0], (1 if sw is None else sw.shape[1])
+    src = slot // fan
+    counts = (offsets[1:] - offsets[:-1]).tolist()
+    xs = x.index_select(0, src)                               # [S, D_in], sorted
+    gu = grad.index_select(0, slot // G)                      # [S, D_out], sorted, not yet scaled
+    gxs = torch.cat([ge @ w[e].T for e, ge in enumerate(gu.split(counts))])   # d out_s / d (x W_e)
+    if sw is not None:
+        scale = sw.flatten()[slot].to(gu.dtype)[:, None]
+        gsw = torch.zeros_like(sw).view(-1).index_copy_(0, slot, (gxs * xs).sum(1).to(sw.dtype))
+        gu, gxs = gu * scale, gxs * scale
+    gx = torch.zeros_like(x).index_add_(0, src, gxs)
+    gw = torch.stack([xe.T @ ge for xe, ge in zip(xs.split(counts), gu.split(counts))])
+    return gx, gw, (gsw.view_as(sw) if sw is not None else None)
+
+
+@torch.library.custom_op("nanomoeut::cvmm_bwd", mutates_args=())
+def _cvmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor,
+                 w: torch.Tensor, sw: Optional[torch.Tensor], need_x: bool, need_w: bool,
+                 need_sw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_w, grad_sw); the ones not needed come back as empty tensors."""
+    with torch.autocast(x.device.type, enabled=False):
+        gx = gw = gsw = None
+        if not _use_triton(x):
+            gx, gw, gsw = _torch_bwd(grad, x, slot, offsets, w, sw)
+        else:
+            S = slot.numel()
+            fan, G = S // x.shape[0], (1 if sw is None else sw.shape[1])
+            if need_x or need_sw:   # grad_x[r] = sum over its fan slots of (sw * grad) @ W^T
+                gx, gsw = _gemm(grad, G, w, True, slot, offsets, sw, fan, x if need_sw else None, fan)
+            if need_w:
+                gw = _gradw(x, fan, grad, G, sw, slot, offsets, w)
+            if gsw is not None:
+                gsw = gsw.view_as(sw).to(sw.dtype)
+        e = x.new_empty(0)
+        return (gx if need_x else e, gw if need_w else e, gsw if need_sw else e)
+
+
+@_cvmm_bwd_op.register_fake
+def _(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if need_x else e, torch.empty_like(w) if need_w else e,
+            torch.empty_like(sw) if need_sw else e)
+
+
+def _setup_context(ctx, inputs, output):
+    x, slot, offsets, w, sw = inputs
+    ctx.save_for_backward(x, slot, offsets, w, sw)
+
+
+def _backward(ctx, grad):
+    x, slot, offsets, w, sw = ctx.saved_tensors
+    nx, _, _, nw, nsw = ctx.needs_input_grad
+    gx, gw, gsw = torch.ops.nanomoeut.cvmm_bwd(grad.contiguous(), x, slot, offsets, w, sw,
+                                               nx, nw, nsw and sw is not None)
+    return gx if nx else None, None, None, gw if nw else None, gsw if nsw and sw is not None else None
+
+
+_cvmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
          slot_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[s] = x[s // fan] @ w[expert of s], optionally contracted over groups of slots with
-    slot_weights; see the module docstring. Returns [S, D_out] or [S/G, D_out]."""
-    return cvmm_reference(x, sel, w, slot_weights)
+    slot_weights; see the module docstring. Returns [S, D_out] or [S/G, D_out].
+    Under autocast x and w run in the autocast dtype (fp32 accumulation always); slot_weights keep
+    their dtype (they scale the fp32 accumulator)."""
+    _check(x, sel, w, slot_weights)
+    ts = [x, w, sel.slot, sel.offsets] + ([slot_weights] if slot_weights is not None else [])
+    if any(t.device != x.device for t in ts):
+        raise ValueError(f"cvmm: all tensors must be on one device, got "
+                         f"{sorted({str(t.device) for t in ts})}")
+    if sel.slot.dtype != torch.int32 or sel.offsets.dtype != torch.int32:
+        raise TypeError("cvmm: sel must come from cvmm_prepare (int32 slot and offsets)")
+    if slot_weights is not None and not slot_weights.is_floating_point():
+        raise TypeError(f"cvmm: slot_weights must be floating point, got {slot_weights.dtype}")
+    if torch.is_autocast_enabled(x.device.type):   # the matmuls run in the autocast dtype
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dt), w.to(dt)
+    if x.dtype != w.dtype:
+        raise TypeError(f"cvmm: x and w must have one dtype, got {x.dtype} and {w.dtype}")
+    if not _use_triton(x) and not torch.compiler.is_compiling():
+        return cvmm_reference(x, sel, w, slot_weights)
+    if _use_triton(x) and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"cvmm: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
+    if slot_weights is not None:
+        slot_weights = slot_weights.reshape(-1, slot_weights.shape[-1]).contiguous()
+    return torch.ops.nanomoeut.cvmm(x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(),
+                                    sel.offsets.contiguous(), w.contiguous(), slot_weights)

@@ -117,8 +117,8 @@ class SigmaMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_in: torch.Tensor, routes: Optional[list] = None):
         B, T, d = x.shape
-        # Router in fp32: under bf16 many sigmoid scores would tie and top-K would pick arbitrarily.
-        logits = F.linear(router_in.float(), self.expert_sel.float())     # [B, T, E]
+        # The matmul runs in the autocast dtype; sigmoid, top-K and the regulariser in fp32.
+        logits = F.linear(router_in, self.expert_sel).float()             # [B, T, E]
         if routes is not None:
             routes.append(logits)
         scores = torch.sigmoid(logits)
@@ -206,7 +206,7 @@ class SwitchHead(nn.Module):
     def route(self, a: torch.Tensor, w: torch.Tensor, routes: Optional[list]):
         """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. Returns the sorted
         routing with expert ids shifted into head h's bank (h*E + e), and the weights [B, T, H, k]."""
-        logits = F.linear(a.float(), w.float()).unflatten(-1, (self.H, self.E))     # [B, T, H, E]
+        logits = F.linear(a, w).float().unflatten(-1, (self.H, self.E))             # [B, T, H, E]
         if routes is not None:
             routes.append(logits)
         scores = torch.sigmoid(logits)

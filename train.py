@@ -114,6 +114,9 @@ def setup_distributed(cfg):
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
     rank, world, local = 0, 1, 0
+    if dev.startswith('cuda'):     # TF32 for any fp32 matmuls left outside autocast (nanoGPT does the same)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if distributed:
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         local = int(os.environ.get('LOCAL_RANK', 0))
