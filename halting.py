@@ -1,0 +1,621 @@
+"""
+Per-token dynamic depth for MoEUT: each token decides how many passes through the G shared layers it
+takes, and a token that has stopped costs nothing (design: ../shared/spec/halting.md, "spec" below).
+
+    for r in range(R):                      # one step = one pass through the G shared layers
+        rows = Rows(run)                    #   which tokens run this step (a gather/scatter plan)
+        xa   = rows.gather(x)               #   gather: [1, N_active, d]
+        ya   = G layers(xa)                 #   step: σ-MoE, V/O experts and norms see only active rows
+        x    = rows.scatter(x, ya)          #   scatter: halted tokens keep their state
+        run  = decide(r, ya)                #   decide who runs step r+1
+
+Mechanisms (config `halting`):
+  'act'  Adaptive Computation Time (Graves 2016, arXiv 1603.08983), as in Universal Transformers:
+         after each step a halting unit h = sigmoid(w·LN(x) + b); a token halts once Σh ≥ 1 - eps and its
+         last step takes the remainder R = 1 - Σ_{n<N} h_n, so the step weights p sum to exactly 1.
+         Output Σ p_n·x_n; loss τ·mean(N + R) (gradient through R). Causal: decisions read one token.
+  'mor'  Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524).
+         expert-choice: before step r a router scores the tokens still alive; the top capacity_r·T per
+         sequence continue, their update scaled by alpha·sigmoid(score); a BCE aux loss teaches the score
+         to predict selection. Top-k over the sequence is NOT causal (a token's depth depends on later
+         tokens): in eval mode (mor_causal_eval) and for decoding, sigmoid(score) > 0.5 replaces top-k,
+         so report eval loss in that mode.
+         token-choice: a router picks each token's depth once at entry (softmax over R, argmax); the
+         update of its last step is scaled by alpha·p; a balancing loss spreads the depths. Causal.
+  Forced depths (`forced_depths(core, depths)`) override both: for tests and benchmarks.
+
+Compute: per-token maps (LayerNorms, σ-MoE, SwitchHead's V/O experts and routers) run on the flat
+active rows; only attention re-pads them per sequence ([B, T_active_max], valid slots first), which with
+no cache is plain causal attention on the compacted tokens. So work at step r ∝ active tokens, and
+the entropy regulariser (spec/moeut.md §6) pools only rows that ran.
+
+Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
+  'active-only' (default; MoR recursion-wise caching, Mixture-of-Depths): at step r, tokens attend only
+      to tokens that also run step r. The decode cache of step r holds exactly those tokens.
+  'last-kv': a halted token stays visible with the K/V it had at its last step; the (step, layer) caches
+      get its frozen K/V copied forward, so decoding still equals the full forward.
+Positions travel explicitly (slot ≠ position after compaction); masks are built from positions, never
+is_causal on queries ≠ keys; a query with no visible key attends to itself (no NaN), output discarded.
+
+Also: per-token running mean of step outputs as the final state (halt_output='mean'), and
+"middle-cycle" sharing: n_prelude / n_coda unique layers around the looped group (MoR §2.1).
+"""
+import math
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import AttnContext, ModelConfig, MoEUTLayer, marginal_neg_entropy, rope
+
+
+# -------------------------------------------------------------------------------------------------
+# The gather/scatter plan of one step
+# -------------------------------------------------------------------------------------------------
+
+class Rows:
+    """The tokens that run one step. run: [B, T] bool. Per-token maps see them as flat rows [1, N, ...]
+    (or, when every token runs, the untouched [B, T, ...] tensors: then the step is the plain MoEUT
+    step, bit for bit). Attention sees them re-padded per sequence: [B, Tm] slots, valid ones first.
+    per_row: [B, k] sorted token indices when every sequence runs exactly k tokens (MoR top-k): no
+    host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them)."""
+
+    def __init__(self, run: torch.Tensor, pos: torch.Tensor, per_row: Optional[torch.Tensor] = None):
+        B, T = run.shape
+        self.B, self.T, self.run, self.pos = B, T, run, pos          # pos: [B, T] absolute positions
+        if per_row is not None:
+            self.n, self.tm = per_row.numel(), per_row.shape[1]
+        else:
+            counts = run.sum(1)
+            self.n, self.tm = torch.stack([counts.sum(), counts.max()]).tolist()
+        self.all = self.n == B * T
+        if self.all or self.n == 0:
+            return
+        dev = run.device
+        if per_row is not None:
+            idx = (per_row + torch.arange(B, device=dev)[:, None] * T).flatten()
+        else:
+            idx = run.flatten().nonzero().squeeze(1)                  # sorted: sequence-major, then time
+        self.idx, self.b, self.t = idx, idx // T, idx % T
+        self.rope_pos = pos.flatten().index_select(0, idx)            # [N] positions of the active rows
+        if self.n == B * self.tm:                                     # same count in every sequence
+            self.pad_idx = None
+        else:
+            start = counts.cumsum(0) - counts
+            self.pad_idx = self.b * self.tm + torch.arange(self.n, device=dev) - start[self.b]
+        self.pos_pad = self._pad1(self.rope_pos, 0)                   # [B, Tm]
+        self.t_pad = self._pad1(self.t, 0)
+        self.valid_pad = self._pad1(torch.ones(self.n, dtype=torch.bool, device=dev), False)
+
+    # ---- per-token tensors: [B, T, ...] <-> rows [1, N, ...] (out-of-place: autograd needs the old x)
+    def gather(self, full):
+        return full if self.all else full.flatten(0, 1).index_select(0, self.idx).unsqueeze(0)
+
+    def scatter(self, full, rows):
+        """full with the active tokens' entries replaced by rows; the others are untouched."""
+        if self.all:
+            return rows.to(full.dtype)
+        return full.flatten(0, 1).index_copy(0, self.idx, rows[0].to(full.dtype)).view_as(full)
+
+    def add(self, full, rows):
+        if self.all:
+            return full + rows
+        return full.flatten(0, 1).index_add(0, self.idx, rows[0].to(full.dtype)).view_as(full)
+
+    def mean(self, rows):
+        return rows.mean()
+
+    def route_rows(self):
+        """(sequence id of each row or None = [B, T] layout, row weights or None): for the regulariser."""
+        return (None, None) if self.all else (self.b, None)
+
+    # ---- attention layout: rows [1, H, N, dh] <-> padded [B, H, Tm, dh]
+    def _pad1(self, v, fill):
+        if self.pad_idx is None:
+            return v.view(self.B, self.tm)
+        return v.new_full((self.B * self.tm,), fill).index_copy(0, self.pad_idx, v).view(self.B, self.tm)
+
+    def pad(self, t):
+        if self.all:
+            return t
+        H, dh = t.shape[1], t.shape[3]
+        flat = t[0].transpose(0, 1)                                   # [N, H, dh]
+        if self.pad_idx is not None:
+            flat = flat.new_zeros(self.B * self.tm, H, dh).index_copy(0, self.pad_idx, flat)
+        return flat.reshape(self.B, self.tm, H, dh).transpose(1, 2)
+
+    def unpad(self, t):
+        if self.all:
+            return t
+        flat = t.transpose(1, 2).reshape(self.B * self.tm, t.shape[1], t.shape[3])
+        if self.pad_idx is not None:
+            flat = flat.index_select(0, self.pad_idx)
+        return flat.transpose(0, 1).unsqueeze(0)
+
+    def write_kv(self, buf: dict, k, v):
+        """last-kv: put the active tokens' new K/V into the per-layer buffer of all T tokens."""
+        if self.all:
+            buf.update(k=k, v=v, pos=self.pos, valid=torch.ones_like(self.run))
+            return
+        if 'k' not in buf:
+            zeros = k.new_zeros(self.B, k.shape[1], self.T, k.shape[3])
+            buf.update(k=zeros, v=zeros, pos=self.pos, valid=torch.zeros_like(self.run))
+        for name, new in (('k', k), ('v', v)):
+            old = buf[name]
+            B, H, T, dh = old.shape
+            flat = old.transpose(1, 2).reshape(B * T, H, dh).index_copy(0, self.idx, new[0].transpose(0, 1))
+            buf[name] = flat.view(B, T, H, dh).transpose(1, 2)
+        buf['valid'] = buf['valid'] | self.run
+
+    def attention(self, ctx: AttnContext, kv: str, buf: dict):
+        return CompactAttention(self, ctx, kv, buf)
+
+
+def _cache_append(cache: dict, k, v, pos, valid):
+    """One (step, layer) cache: keys already rotated, with their positions and validity (slots of a
+    padded block, or tokens that never ran this layer, are invalid)."""
+    if 'k' in cache:
+        k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
+        pos, valid = torch.cat([cache['pos'], pos], 1), torch.cat([cache['valid'], valid], 1)
+    cache.update(k=k, v=v, pos=pos, valid=valid)
+    return k, v, pos, valid
+
+
+class CompactAttention:
+    """Stands in for AttnContext inside model.attend (which hands over to .attend): runs attention for
+    the active rows of one (step, layer). q, k, v arrive as rows [1, H, N, dh] (or [B, H, T, dh])."""
+
+    def __init__(self, rows: Rows, ctx: AttnContext, kv: str, buf: dict):
+        self.rows, self.ctx, self.kv, self.buf = rows, ctx, kv, buf
+        self.pos = ctx.pos
+
+    def attend(self, q, k, v, cache, n_rot, base):
+        rows, ctx = self.rows, self.ctx
+        pos = ctx.pos if rows.all else rows.rope_pos        # slot index != position: rotate explicitly
+        q, k = rope(q, pos, n_rot, base), rope(k, pos, n_rot, base)
+        q = rows.pad(q)
+        if self.kv == 'last-kv':     # keys: all tokens, halted ones with the K/V of their last step
+            rows.write_kv(self.buf, k, v)
+            k, v, kpos, kvalid = (self.buf[n] for n in ('k', 'v', 'pos', 'valid'))
+        elif rows.all:               # keys: only the tokens that run this step
+            kpos, kvalid = rows.pos, torch.ones_like(rows.run)
+        else:
+            k, v, kpos, kvalid = rows.pad(k), rows.pad(v), rows.pos_pad, rows.valid_pad
+        n_past = cache['k'].shape[2] if cache is not None and 'k' in cache else 0
+        if cache is not None:
+            k, v, kpos, kvalid = _cache_append(cache, k, v, kpos, kvalid)
+        causal_base = ctx.mask is None and (ctx.is_causal or rows.T == 1)
+        if n_past == 0 and rows.all:             # nobody halted yet: exactly model.attend
+            mask, is_causal = ctx.mask, ctx.is_causal
+        elif n_past == 0 and self.kv == 'active-only' and causal_base:
+            # compacted slots are in time order with the valid ones first: causal in slot order is
+            # causal in position, padded keys come after every valid query (and padded queries,
+            # discarded, see at least themselves). So flash attention still applies.
+            mask, is_causal = None, q.shape[2] > 1
+        else:
+            mask, is_causal = self._mask(kpos, kvalid, n_past), False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0)
+        return rows.unpad(out)
+
+    def _mask(self, kpos, kvalid, n_past):
+        """[B, 1, Tm, Tk] bool, True = attend, from positions (spec: is_causal is wrong once queries !=
+        keys). ctx.mask, if any, is indexed by (new-token index, absolute key position)."""
+        rows, ctx = self.rows, self.ctx
+        if rows.all:
+            qpos, qt, qvalid = rows.pos, torch.arange(rows.T, device=kpos.device).expand(rows.B, -1), None
+        else:
+            qpos, qt, qvalid = rows.pos_pad, rows.t_pad, rows.valid_pad
+        # index of each query's own key among the new keys: its token (last-kv) or its slot
+        own = qt if rows.all or self.kv == 'last-kv' else torch.arange(rows.tm, device=kpos.device)
+        if ctx.mask is None:
+            ok = (kpos[:, None, :] <= qpos[:, :, None]) if ctx.is_causal else \
+                torch.ones(qpos.shape + kpos.shape[-1:], dtype=torch.bool, device=kpos.device)
+        else:
+            m = ctx.mask.reshape(-1, *ctx.mask.shape[-2:]).expand(rows.B, -1, -1)     # [B, T, Tk]
+            b = torch.arange(rows.B, device=kpos.device)[:, None, None]
+            ok = m[b, qt[:, :, None], kpos.clamp(min=0)[:, None, :]]
+        ok = ok & kvalid[:, None, :]
+        if qvalid is not None:
+            ok = ok & qvalid[:, :, None]
+        # a query with nothing to see (a padded slot, or masked out entirely) gets its own key: no NaN
+        lonely = ~ok.any(-1, keepdim=True)
+        own_key = torch.arange(ok.shape[-1], device=ok.device) == (own + n_past)[..., None]
+        return (ok | (lonely & own_key))[:, None]
+
+
+# -------------------------------------------------------------------------------------------------
+# Entropy regulariser over the rows that actually ran (spec/moeut.md §6, pooled per sequence)
+# -------------------------------------------------------------------------------------------------
+
+class RouteLog:
+    """Router logits of every layer application, with the sequence id of each row."""
+
+    def __init__(self, B: int):
+        self.B, self.by_layer = B, {}
+
+    def add(self, key, routes: dict, rows: Optional[Rows]):
+        bidx, keep = (None, None) if rows is None else rows.route_rows()
+        d = self.by_layer.setdefault(key, {'ff': [], 'v': [], 'o': []})
+        for kind, zs in routes.items():
+            d[kind] += [(z, bidx, keep) for z in zs]
+
+    def loss(self, cfg: ModelConfig, x) -> torch.Tensor:
+        loss = x.new_zeros((), dtype=torch.float32)
+        for d in self.by_layer.values():          # same order and sums as MoEUT.reg_loss
+            if d['ff']:
+                loss = loss + cfg.entropy_reg * self.neg_entropy(d['ff'])
+            if d['v']:
+                loss = loss + cfg.att_entropy_reg * (self.neg_entropy(d['v']) + self.neg_entropy(d['o']))
+        return loss
+
+    def neg_entropy(self, entries) -> torch.Tensor:
+        if all(b is None and w is None for _, b, w in entries):    # nobody halted: the plain formula
+            return marginal_neg_entropy([z for z, _, _ in entries])
+        zs, bs, ws = [], [], []
+        for z, b, w in entries:
+            if b is None:
+                b = torch.arange(z.shape[0], device=z.device).repeat_interleave(z.shape[1])
+            zs.append(z.flatten(0, 1))
+            bs.append(b)
+            ws.append(torch.ones(b.shape, device=z.device) if w is None else w.float())
+        p = torch.softmax(torch.cat(zs).float(), dim=-1)                         # [M, ..., E]
+        b, w = torch.cat(bs), torch.cat(ws)
+        w = w.view(-1, *[1] * (p.dim() - 1))
+        p_sum = p.new_zeros(self.B, *p.shape[1:]).index_add(0, b, p * w)
+        count = w.new_zeros(self.B, *[1] * (p.dim() - 1)).index_add(0, b, w)
+        p = p_sum / count.clamp(min=1)                         # per-sequence marginal over experts
+        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+        return -entropy.mean()
+
+
+# -------------------------------------------------------------------------------------------------
+# The halting core: MoEUT's interface, the plain model's parameter names plus the halting unit/router
+# -------------------------------------------------------------------------------------------------
+
+class HaltingMoEUT(nn.Module):
+    rows_cls = Rows          # tests swap in a dense torch.where reference
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        def bad(msg):
+            raise ValueError(f"model config: {msg}")
+        checks = (('halting', ('act', 'mor')), ('halt_kv', ('active-only', 'last-kv')),
+                  ('halt_output', ('auto', 'last', 'mean', 'weighted')), ('mor_routing', ('expert', 'token')),
+                  ('mor_gate', ('router', 'none')))
+        for key, allowed in checks:
+            if getattr(cfg, key) not in allowed:
+                bad(f"{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+        if cfg.halt_output == 'weighted' and cfg.halting != 'act':
+            bad("halt_output='weighted' (Σ p·state) needs halting='act'")
+        if cfg.n_prelude < 0 or cfg.n_coda < 0:
+            bad("n_prelude and n_coda must be >= 0")
+        self.cfg, G = cfg, cfg.group_size
+        self.n_repeats = R = cfg.n_layers // G     # with halting, n_layers counts the looped part only
+        cap = tuple(cfg.mor_capacity) or tuple((R - r) / R for r in range(R))
+        if len(cap) != R or not all(0 < c <= 1 for c in cap):
+            bad(f"mor_capacity needs {R} fractions in (0, 1] (one per step), got {cfg.mor_capacity}")
+        self.capacity = cap
+        self.kv = cfg.halt_kv
+        self.output = cfg.halt_output if cfg.halt_output != 'auto' else \
+            ('weighted' if cfg.halting == 'act' else 'last')
+        self.layers = nn.ModuleList([MoEUTLayer(cfg) for _ in range(G)])      # = MoEUT's names
+        self.prelude = nn.ModuleList([MoEUTLayer(cfg) for _ in range(cfg.n_prelude)])
+        self.coda = nn.ModuleList([MoEUTLayer(cfg) for _ in range(cfg.n_coda)])
+        d = cfg.d_model
+        if cfg.halting == 'act':
+            # peri-LN: a norm in front of a map that feeds a sigmoid. Zero weight, negative bias: every
+            # token starts with the same small h, so early training runs deep (spec "ACT").
+            self.halt_norm = nn.LayerNorm(d)
+            self.halt = nn.Linear(d, 1)
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, cfg.act_bias_init)
+        else:
+            # MoR: one router column per step (expert-choice) or per depth (token-choice)
+            self.router_norm = nn.LayerNorm(d)
+            self.router = nn.Linear(d, R)
+            nn.init.zeros_(self.router.bias)
+        self.forced_depths: Optional[torch.Tensor] = None     # [B, T] ints in 0..R, see forced_depths()
+        self.stats: dict = {}
+        self.trace: dict = {}
+
+    def _route(self, h):
+        """MoR router logits: matmul in the autocast dtype, the rest in fp32 (as model.py's routers)."""
+        return self.router(self.router_norm(h)).float()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
+        B, T, _ = x.shape
+        cfg, G, R = self.cfg, len(self.layers), self.n_repeats
+        collect = self.training and (cfg.entropy_reg > 0 or cfg.att_entropy_reg > 0)
+        log = RouteLog(B) if collect else None
+        pos = ctx.pos.expand(B, T) if ctx.pos.dim() == 1 else ctx.pos
+        x = self._unique(self.prelude, 0, x, ctx, kv_cache, log)
+
+        s = self._start(x, pos, kv_cache)            # decides who runs step 0
+        out = torch.zeros_like(x) if s.output == 'weighted' else x      # 'weighted' Σp·x / 'mean'
+        bufs = [{} for _ in range(G)]                # last-kv: each token's K/V at its last step
+        steps = 0
+        for r in range(R):
+            rows = self.rows_cls(s.run, pos, s.per_row)
+            if rows.n == 0:
+                break                                # everyone has halted
+            steps += 1
+            xa = rows.gather(x)                      # gather: only the active tokens
+            ya = self._step(xa, rows, r, ctx, kv_cache, bufs, log)      # the G shared layers
+            gate = s.gate(r) if s.gate is not None else None
+            if gate is not None:                     # MoR: the step's update scaled by the router
+                ya = xa + rows.gather(gate)[..., None] * (ya - xa)
+            x = rows.scatter(x, ya)                  # scatter: halted tokens keep their state
+            s.depth = s.depth + s.run
+            self._decide(r, rows, ya, s)             # decide who runs step r+1 (ACT: this step's p)
+            if s.output == 'weighted':
+                out = rows.add(out, rows.gather(s.p)[..., None] * ya)
+            elif s.output == 'mean':                 # v <- v + (x - v)/n over the token's own steps
+                va = rows.gather(out)
+                out = rows.scatter(out, va + (ya - va) / rows.gather(s.depth).clamp(min=1)[..., None])
+        if s.output == 'last':
+            out = x
+        if self.kv == 'last-kv' and kv_cache is not None:
+            # decoding: deeper (step, layer) caches get the frozen K/V of tokens that stopped earlier
+            for r in range(steps, R):
+                for l, buf in enumerate(bufs):
+                    if buf:
+                        _cache_append(kv_cache.setdefault(self._key(r, l), {}),
+                                      buf['k'], buf['v'], buf['pos'], buf['valid'])
+        out = self._unique(self.coda, cfg.n_prelude + R * G, out, ctx, kv_cache, log)
+
+        loss = log.loss(cfg, out) if log is not None else out.new_zeros((), dtype=torch.float32)
+        if self.training and s.loss is not None:
+            loss = loss + s.loss()
+        self._record(s)
+        return out, loss
+
+    def _key(self, r, l):
+        """kv_cache key of loop layer l at step r: absolute depth, like MoEUT's r*G + l."""
+        return self.cfg.n_prelude + r * len(self.layers) + l
+
+    def _step(self, xa, rows, r, ctx, kv_cache, bufs, log):
+        """One step: the G shared layers (MoEUTLayer, unchanged) on the active rows."""
+        for l, layer in enumerate(self.layers):
+            cache = kv_cache.setdefault(self._key(r, l), {}) if kv_cache is not None else None
+            routes = {'ff': [], 'v': [], 'o': []} if log is not None else None
+            xa = layer(xa, rows.attention(ctx, self.kv, bufs[l]), cache, routes)
+            if log is not None:
+                log.add(('loop', l), routes, rows)
+        return xa
+
+    def _unique(self, layers, first, x, ctx, kv_cache, log):
+        """Prelude / coda layers: every token, plain MoEUT semantics and cache."""
+        for i, layer in enumerate(layers):
+            cache = kv_cache.setdefault(first + i, {}) if kv_cache is not None else None
+            routes = {'ff': [], 'v': [], 'o': []} if log is not None else None
+            x = layer(x, ctx, cache, routes)
+            if log is not None:
+                log.add(('unique', first + i), routes, None)
+        return x
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def _start(self, x, pos, kv_cache):
+        """Halting state at loop entry: depth so far, who runs step 0, per-mechanism bookkeeping."""
+        B, T, _ = x.shape
+        cfg, R = self.cfg, self.n_repeats
+        s = SimpleNamespace(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
+                            run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
+                            gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[])
+        if self.forced_depths is not None:
+            d = self.forced_depths.to(x.device)
+            if d.shape != (B, T) or bool(((d < 0) | (d > R)).any()):
+                raise ValueError(f"forced depths must be [B, T] = {(B, T)} ints in 0..{R}")
+            s.mode, s.target, s.run = 'forced', d, d > 0
+            if s.output == 'weighted':
+                s.output = 'last'
+        elif cfg.halting == 'act':
+            s.mode = 'act'
+            s.cum = x.new_zeros(B, T, dtype=torch.float32)      # Σh of the steps taken so far
+            s.rem = x.new_zeros(B, T, dtype=torch.float32)      # the remainder R (has gradient)
+            s.loss = lambda: cfg.act_tau * (s.depth + s.rem).mean()    # ponder cost τ·mean(N + R)
+        elif cfg.mor_routing == 'token':
+            s.mode = 'token'
+            p = torch.softmax(self._route(x), dim=-1)            # [B, T, R]: depth of each token, once
+            choice = p.argmax(-1)
+            s.target, s.run = choice + 1, torch.ones_like(s.run)
+            g = cfg.mor_alpha * p.gather(-1, choice[..., None])[..., 0]
+            if cfg.mor_gate == 'router':                         # scale the update of the last step
+                s.gate = lambda r: torch.where(s.target == r + 1, g, torch.ones_like(g))
+            if self.training:                  # balancing (Switch-style): R · Σ_i f_i · P_i
+                f = F.one_hot(choice, R).float().mean((0, 1))
+                bal = R * (f * p.mean((0, 1))).sum()
+                s.aux = bal.detach()
+                s.loss = lambda: cfg.mor_balance_coef * bal
+        else:
+            s.mode = 'expert'
+            s.topk = self.training or not cfg.mor_causal_eval
+            if s.topk and kv_cache is not None:
+                raise ValueError("MoR expert-choice top-k is not causal and cannot decode with a KV cache; "
+                                 "use eval mode with mor_causal_eval=True (sigmoid > 0.5 threshold)")
+            s.k, s.aux = T, x.new_zeros((), dtype=torch.float32)
+            s.loss = lambda: cfg.mor_aux_coef * s.aux
+            self._mor_expert(0, self.rows_cls(s.run, pos), x, s)       # router before step 0
+        return s
+
+    def _decide(self, r, rows, ya, s):
+        """After step r, from the new states of the rows that ran it: who runs step r+1."""
+        R = self.n_repeats
+        if s.mode in ('forced', 'token'):
+            s.run = s.target > r + 1
+        elif s.mode == 'act':
+            h = torch.sigmoid(self.halt(self.halt_norm(ya)).float())[..., 0]
+            h = rows.scatter(torch.zeros_like(s.cum), h)              # 0 for tokens that did not run
+            stop = s.run & ((s.cum + h >= 1 - self.cfg.act_eps) | (r == R - 1))
+            s.p = torch.where(stop, 1 - s.cum, torch.where(s.run, h, torch.zeros_like(h)))
+            s.rem = torch.where(stop, 1 - s.cum, s.rem)               # last step: the remainder
+            s.cum = s.cum + torch.where(s.run & ~stop, h, torch.zeros_like(h))
+            s.run = s.run & ~stop
+            s.p_trace.append(s.p.detach())
+        elif r + 1 < R:
+            self._mor_expert(r + 1, rows, ya, s)
+        else:
+            s.run = torch.zeros_like(s.run)
+
+    def _mor_expert(self, r, rows, ya, s):
+        """MoR expert-choice before step r: score the alive tokens (those that ran r-1); keep the top
+        capacity_r·T per sequence (training) or those with sigmoid(score) > 0.5 (causal mode)."""
+        logit = self._route(ya)[..., r]
+        score = rows.scatter(torch.full(s.run.shape, -math.inf, device=ya.device), logit)
+        T = s.run.shape[1]
+        if self.capacity[r] >= 1:
+            run, per_row = s.run, s.per_row
+        elif s.topk:
+            s.k = min(max(1, int(self.capacity[r] * T)), s.k)   # hierarchical: a subset of the alive
+            per_row = score.topk(s.k, dim=1).indices.sort(dim=1).values     # time order, for causality
+            run = torch.zeros_like(s.run).scatter(1, per_row, True)
+        else:
+            run, per_row = s.run & (torch.sigmoid(score) > 0.5), None
+        if self.training and s.topk:   # BCE: the score should predict selection (threshold at decode)
+            target = rows.gather(run.float())
+            s.aux = s.aux + rows.mean(F.binary_cross_entropy_with_logits(logit, target, reduction='none'))
+        s.run, s.per_row = run, per_row
+        if self.cfg.mor_gate == 'router':
+            g = self.cfg.mor_alpha * torch.sigmoid(score)
+            s.gate = lambda _r: g
+
+    def _record(self, s):
+        """Detached stats for logging (no .item(): no GPU sync) and per-token traces for sample.py."""
+        R = self.n_repeats
+        depth = s.depth.detach()
+        hist = torch.zeros(R + 1, device=depth.device).scatter_add_(
+            0, depth.flatten(), torch.ones(depth.numel(), device=depth.device)) / depth.numel()
+        mean = depth.float().mean()
+        self.stats = {'mean_depth': mean, 'skipped': 1 - mean / R, 'depth_hist': hist}
+        self.trace = {'depth': depth}
+        if s.mode == 'act':
+            self.stats['ponder'] = (s.depth + s.rem).mean().detach()
+            p = s.p_trace + [torch.zeros_like(depth, dtype=torch.float32)] * (R - len(s.p_trace))
+            self.trace['act_p'] = torch.stack(p, -1)
+        if getattr(s, 'aux', None) is not None:
+            self.stats['aux'] = s.aux.detach()
+
+
+# -------------------------------------------------------------------------------------------------
+# Forced depths, for tests and benchmarks
+# -------------------------------------------------------------------------------------------------
+
+@contextmanager
+def forced_depths(core: HaltingMoEUT, depths: torch.Tensor):
+    """with forced_depths(model.core, depths): model(idx) -- every token runs exactly depths[b, t]
+    steps (0..R), whatever the halting mechanism would decide; no halting losses."""
+    old, core.forced_depths = core.forced_depths, depths
+    try:
+        yield core
+    finally:
+        core.forced_depths = old
+
+
+def random_depths(B: int, T: int, R: int, skip: float, generator=None, device=None,
+                  spread: bool = True) -> torch.Tensor:
+    """Per-token depths in 1..R whose expected mean is R·(1 - skip), i.e. an expected fraction `skip` of
+    token-steps skipped. spread: the max-entropy law p(d) ∝ exp(λd) with that mean, so every step keeps
+    some tokens (realistic for halting); else each token gets floor or ceil of the mean, so whole steps
+    vanish (flatters the timing)."""
+    m = min(max(R * (1 - skip), 1.0), float(R))
+    if not spread or m in (1.0, float(R)):
+        lo = math.floor(m)
+        d = lo + (torch.rand(B, T, generator=generator) < (m - lo)).long()
+        return d.clamp(1, R).to(device)
+    levels = torch.arange(1, R + 1, dtype=torch.float64)
+    lo, hi = -50.0, 50.0
+    for _ in range(100):                               # bisection on λ: the mean grows with λ
+        lam = (lo + hi) / 2
+        p = torch.softmax(lam * levels, 0)
+        lo, hi = (lam, hi) if float((p * levels).sum()) < m else (lo, lam)
+    idx = torch.multinomial(p.float().expand(B * T, R), 1, replacement=True, generator=generator)
+    return (idx.view(B, T) + 1).to(device)
+
+
+# -------------------------------------------------------------------------------------------------
+# python halting.py --bench : step time and peak memory vs the fraction of token-steps skipped
+# -------------------------------------------------------------------------------------------------
+
+def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False):
+    """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
+    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast."""
+    import time
+    from model import LM
+    cuda = torch.cuda.is_available() and not smoke
+    dev = 'cuda' if cuda else 'cpu'
+    shape = dict(d_model=768, n_layers=18, group_size=2, n_heads=4, d_head=96, att_n_experts=10,
+                 att_k=2, ff_n_experts=254, ff_k=12, d_expert=128)
+    if smoke:     # tiny CPU check that the bench runs
+        shape = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
+                     att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
+        batches, seq, vocab, iters, warmup = (2,), 64, 97, 2, 1
+    # depths spread over 1..R (every step keeps some tokens), except 'tight' (floor/ceil of the mean)
+    runs = [('plain MoEUT', 'none', None), ('halting, skip 0%', 'act', 0.0), ('halting, skip 25%', 'act', 0.25),
+            ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
+            ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
+            ('MoR expert-choice, capacities (R-r)/R', 'mor', None)]
+    print(f"| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | peak GiB |\n|---|---|---|---|---|---|")
+    for B in batches:
+        base_ms = None
+        for name, halting, skip in runs:
+            torch.manual_seed(0)
+            cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none',
+                              halt_kv='last-kv' if 'last-kv' in name else 'active-only', **shape)
+            model = LM(cfg).to(dev)
+            idx = torch.randint(0, vocab, (B, seq), device=dev)
+            R = cfg.n_layers // cfg.group_size
+            depths = None if skip is None else \
+                random_depths(B, seq, R, skip, device=dev, spread='tight' not in name)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+            def one():
+                with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
+                    if depths is not None:
+                        with forced_depths(model.core, depths):
+                            loss = model(idx, idx).loss
+                    else:
+                        loss = model(idx, idx).loss
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            for _ in range(warmup):
+                one()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(iters):
+                    one()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / iters
+                peak = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    one()
+                ms, peak = (time.perf_counter() - t0) * 1000 / iters, float('nan')
+            skipped = float(model.core.stats['skipped']) if halting != 'none' else 0.0
+            base_ms = base_ms or ms
+            print(f"| {B}×{seq} | {name} | {skipped:.0%} | {ms:.1f} | {base_ms / ms:.2f}× | {peak:.2f} |")
+            del model
+
+
+if __name__ == '__main__':
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    ap.add_argument('--bench', action='store_true', help='time forced depths vs the plain loop')
+    ap.add_argument('--smoke', action='store_true', help='tiny shapes on CPU (checks the bench runs)')
+    ap.add_argument('--batch', default='8,32', help='comma-separated batch sizes')
+    ap.add_argument('--seq', type=int, default=1024)
+    ap.add_argument('--vocab', type=int, default=8000)
+    ap.add_argument('--iters', type=int, default=10)
+    args = ap.parse_args()
+    if not args.bench:
+        ap.print_help()
+    else:
+        bench(tuple(int(b) for b in args.batch.split(',')), args.seq, args.vocab, args.iters, smoke=args.smoke)

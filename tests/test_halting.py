@@ -1,0 +1,529 @@
+"""Per-token dynamic depth (halting.py): the nine tests of spec/halting.md "Tests that prove it", for
+ACT, MoR expert-choice (top-k and causal threshold mode), MoR token-choice and forced depths, under both
+attention semantics (active-only, last-kv). Tiny models on CPU."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from model import LM, AttentionMask, ModelConfig, MoEUTLayer, make_attn_context, rope  # noqa: E402
+from halting import HaltingMoEUT, forced_depths, random_depths  # noqa: E402
+
+BASE = dict(vocab_size=53, block_size=32, d_model=32, n_layers=8, group_size=2, n_heads=2, d_head=8,
+            att_n_experts=3, att_k=2, ff_n_experts=5, ff_k=2, d_expert=8)
+R = 4                     # n_layers / group_size
+KV = ('active-only', 'last-kv')
+# mechanisms whose decisions are causal (and so can decode with a cache); 'forced' = forced_depths
+MECHS = {
+    'act': dict(halting='act'),
+    'act_mean': dict(halting='act', halt_output='mean'),
+    'mor_token': dict(halting='mor', mor_routing='token'),
+    'mor_expert': dict(halting='mor', mor_capacity=(1.0, 0.7, 0.5, 0.3)),
+    'forced': dict(halting='act'),
+}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny matmuls: with a second busy process on a 2-core box, two OpenMP threads spin-wait and run
+    ~100x slower than one. Restored afterwards for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_lm(seed=0, **kw) -> LM:
+    torch.manual_seed(seed)
+    lm = LM(ModelConfig(**{**BASE, **kw}))
+    core = lm.core
+    with torch.no_grad():     # halting params that make depths differ from token to token
+        if hasattr(core, 'halt'):
+            core.halt.weight.normal_(0, 1.5)
+            core.halt.bias.fill_(-0.3)
+        if hasattr(core, 'router'):
+            core.router.weight.normal_(0, 1.0)
+            core.router.bias.normal_(0, 0.5)
+    return lm
+
+
+def depths_for(mech, B, T, seed=1):
+    if mech != 'forced':
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, R + 1, (B, T), generator=g)
+
+
+def run(model, depths, *args, **kw):
+    core = model.core if isinstance(model, LM) else model
+    if depths is None:
+        return model(*args, **kw)
+    with forced_depths(core, depths):
+        return model(*args, **kw)
+
+
+# -------------------------------------------------------------------------------------------------
+# The dense reference (test 3): every token runs every step through the layers, torch.where freezes
+# the ones that halted; attention of all T queries with masks of its own. Swapped in via rows_cls.
+# -------------------------------------------------------------------------------------------------
+
+class DenseRows:
+    def __init__(self, run, pos, per_row=None):
+        self.run, self.pos, self.n, self.all = run, pos, int(run.sum()), False
+
+    def _m(self, full):
+        return self.run.view(*self.run.shape, *[1] * (full.dim() - 2))
+
+    def gather(self, full):
+        return full
+
+    def scatter(self, full, rows):
+        return torch.where(self._m(full), rows.to(full.dtype), full)
+
+    def add(self, full, rows):
+        return torch.where(self._m(full), full + rows, full)
+
+    def mean(self, rows):
+        w = self.run.float()
+        return (rows * w).sum() / w.sum()
+
+    def route_rows(self):
+        return None, self.run.flatten()
+
+    def attention(self, ctx, kv, buf):
+        return DenseAttention(self, ctx, kv, buf)
+
+
+class DenseAttention:
+    def __init__(self, rows, ctx, kv, buf):
+        self.rows, self.ctx, self.kv, self.buf, self.pos = rows, ctx, kv, buf, ctx.pos
+
+    def attend(self, q, k, v, cache, n_rot, base):
+        assert cache is None
+        run, pos = self.rows.run, self.rows.pos
+        B, T = run.shape
+        q, k = rope(q, pos, n_rot, base), rope(k, pos, n_rot, base)
+        if self.kv == 'last-kv':          # frozen K/V: overwrite only where the token runs this step
+            m = run[:, None, :, None]
+            self.buf['k'] = k = torch.where(m, k, self.buf.get('k', torch.zeros_like(k)))
+            self.buf['v'] = v = torch.where(m, v, self.buf.get('v', torch.zeros_like(v)))
+            self.buf['seen'] = visible = self.buf.get('seen', torch.zeros_like(run)) | run
+        else:
+            visible = run
+        allowed = torch.ones(T, T, dtype=torch.bool).tril() & visible[:, None, :]
+        if self.ctx.mask is not None:
+            allowed = allowed & self.ctx.mask.reshape(-1, T, T)
+        lonely = ~allowed.any(-1, keepdim=True)
+        allowed = allowed | (lonely & torch.eye(T, dtype=torch.bool))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=1.0)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def close(a, b, atol=2e-5, rtol=1e-4):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. No halting (or forced depth R) equals the plain MoEUT loop with the same weights
+# -------------------------------------------------------------------------------------------------
+
+PLAIN_EQUIV = {
+    'forced_R': (dict(halting='act'), 'R'),
+    'act_never_halts': (dict(halting='act', act_bias_init=-30.0, halt_output='last'), None),
+    'mor_expert_gate1': (dict(halting='mor', mor_capacity=(1.0,) * R, mor_gate='none', mor_aux_coef=0.0), None),
+    'mor_token_forced_R': (dict(halting='mor', mor_routing='token'), 'R'),
+}
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('case', list(PLAIN_EQUIV))
+def test_1_full_depth_equals_plain_loop_exactly(case, kv):
+    kw, forced = PLAIN_EQUIV[case]
+    torch.manual_seed(0)
+    plain = LM(ModelConfig(**BASE))
+    halt = LM(ModelConfig(**BASE, **kw, halt_kv=kv))
+    missing, unexpected = halt.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(('core.halt', 'core.router')) for k in missing)
+    idx = torch.randint(0, BASE['vocab_size'], (3, 13))
+    depths = torch.full((3, 13), R) if forced else None
+    a = plain(idx, idx)
+    b = run(halt, depths, idx, idx)
+    a.loss.backward()
+    b.loss.backward()
+    assert float(halt.core.stats['mean_depth']) == R
+    assert torch.equal(a.logits, b.logits)                 # bit for bit
+    gp, gh = grads(plain), grads(halt)
+    if case == 'act_never_halts':     # ponder cost τ·mean(N+R): R = 1 - Σh carries a ~1e-13 gradient
+        close(b.reg_loss - a.reg_loss, halt.cfg.act_tau * halt.core.stats['ponder'])
+        for n, g in gp.items():
+            close(g, gh[n], atol=1e-7, rtol=1e-6)
+        return
+    assert torch.equal(a.reg_loss, b.reg_loss)            # the entropy regulariser too
+    for n, g in gp.items():
+        assert torch.equal(g, gh[n]), n
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Forced exit at k for every token equals a k-step model
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kv', KV)
+def test_2_forced_exit_at_k_equals_k_step_model(kv):
+    torch.manual_seed(0)
+    halt = LM(ModelConfig(**BASE, halting='act', halt_kv=kv))
+    idx = torch.randint(0, BASE['vocab_size'], (2, 11))
+    for k in range(1, R):
+        short = LM(ModelConfig(**{**BASE, 'n_layers': k * BASE['group_size']}))
+        short.load_state_dict(halt.state_dict(), strict=False)
+        a = short(idx, idx)
+        b = run(halt, torch.full((2, 11), k), idx, idx)
+        assert torch.equal(a.logits, b.logits), k
+        assert torch.equal(a.reg_loss, b.reg_loss), k
+        assert torch.equal(halt.core.stats['depth_hist'], F.one_hot(torch.tensor(k), R + 1).float())
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Random per-token depths: gather/scatter path == dense torch.where reference (outputs, losses,
+#    parameter and input gradients), for every mechanism and both KV semantics
+# -------------------------------------------------------------------------------------------------
+
+DENSE_CASES = {**MECHS,
+               'mor_expert_threshold': dict(halting='mor', mor_capacity=(1.0, 0.7, 0.5, 0.3)),
+               'middle_cycle': dict(halting='act', n_prelude=1, n_coda=1, halt_output='mean'),
+               'forced_padding_mask': dict(halting='act')}
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('case', list(DENSE_CASES))
+def test_3_compact_path_equals_dense_reference(case, kv):
+    lm = make_lm(**DENSE_CASES[case], halt_kv=kv)
+    core = lm.core
+    ref = copy.deepcopy(core)
+    ref.rows_cls = DenseRows
+    B, T, d = 3, 14, BASE['d_model']
+    train = case != 'mor_expert_threshold'      # threshold mode is the eval mode
+    depths = depths_for('forced' if case.startswith('forced') else case, B, T)
+    mask = None
+    if case == 'forced_padding_mask':           # left padding: row 1's first 3 keys hidden
+        src = torch.zeros(B, T, dtype=torch.bool)
+        src[1, :3] = True
+        mask = AttentionMask(src, torch.ones(T, T, dtype=torch.bool).triu(1))
+    ctx = make_attn_context(T, 0, mask, 'cpu')
+    torch.manual_seed(5)
+    x0, w = torch.randn(B, T, d), torch.randn(B, T, d)
+    outs = []
+    for m in (core, ref):
+        m.train(train)
+        x = x0.clone().requires_grad_()
+        out, loss = run(m, depths, x, ctx)
+        ((out * w).sum() + loss).backward()
+        outs.append((out, loss, x.grad, grads(m), m.trace['depth'], m.stats))
+    (o1, l1, gx1, g1, d1, s1), (o2, l2, gx2, g2, d2, s2) = outs
+    assert torch.equal(d1, d2)                                     # same decisions
+    assert 0 < float(s1['mean_depth']) < R or case == 'mor_expert_threshold'
+    close(o1, o2)
+    close(l1, l2)
+    close(gx1, gx2)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        close(g1[n], g2[n], atol=5e-5), n
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Causality: changing tokens after position t leaves logits <= t unchanged
+# -------------------------------------------------------------------------------------------------
+
+CAUSAL = {**MECHS, 'mor_expert_threshold': MECHS['mor_expert']}
+CAUSAL.pop('mor_expert')
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('mech', list(CAUSAL))
+def test_4_causal(mech, kv):
+    lm = make_lm(**CAUSAL[mech], halt_kv=kv)
+    B, T, t = 2, 12, 6
+    idx = torch.randint(0, BASE['vocab_size'], (B, T))
+    idx2 = idx.clone()
+    idx2[:, t + 1:] = torch.randint(0, BASE['vocab_size'], (B, T - t - 1))
+    depths = depths_for(mech, B, T)
+    depths2 = None if depths is None else torch.cat([depths[:, :t + 1], depths.flip(1)[:, t + 1:]], 1)
+    for train in ((False,) if mech == 'mor_expert_threshold' else (False, True)):
+        lm.train(train)
+        a = run(lm, depths, idx).logits
+        b = run(lm, depths2, idx2).logits
+        # equal up to float noise: a different active set changes N, hence the matmul blocking
+        close(a[:, :t + 1], b[:, :t + 1], atol=1e-5, rtol=0)
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_4_mor_topk_is_not_causal_and_refuses_a_cache():
+    """Top-k over the sequence is documented as non-causal: decoding with it is refused."""
+    lm = make_lm(**MECHS['mor_expert'])
+    idx = torch.randint(0, BASE['vocab_size'], (1, 5))
+    with pytest.raises(ValueError, match='not causal'):
+        lm(idx, kv_cache={})                     # train mode: top-k
+    lm.eval()
+    lm.core.cfg.mor_causal_eval = False
+    with pytest.raises(ValueError, match='not causal'):
+        lm(idx, kv_cache={})
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. Decode token by token with the (step, layer) cache == full forward; chunked prefill too
+# -------------------------------------------------------------------------------------------------
+
+DECODE = {**CAUSAL, 'middle_cycle': dict(halting='mor', mor_routing='token', n_prelude=1, n_coda=1)}
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('mech', list(DECODE))
+def test_5_decode_equals_full_forward(mech, kv):
+    lm = make_lm(**DECODE[mech], halt_kv=kv).eval()
+    B, T = 2, 12
+    idx = torch.randint(0, BASE['vocab_size'], (B, T))
+    depths = depths_for(mech, B, T)
+    full = run(lm, depths, idx).logits
+    full_depth = lm.core.trace['depth']
+    assert full_depth.unique().numel() > 1             # depths really differ between tokens
+    for chunks in ([1] * T, [5, 4, 3], [1, 7, 4]):
+        cache, outs, ds, t0 = {}, [], [], 0
+        for c in chunks:
+            dc = None if depths is None else depths[:, t0:t0 + c]
+            outs.append(run(lm, dc, idx[:, t0:t0 + c], kv_cache=cache).logits)
+            ds.append(lm.core.trace['depth'])
+            t0 += c
+        close(torch.cat(outs, 1), full, atol=1e-5)
+        assert torch.equal(torch.cat(ds, 1), full_depth), chunks
+        assert cache['n_past'] == T
+
+
+def test_5_generate_runs_with_halting():
+    lm = make_lm(**MECHS['act']).eval()
+    out = lm.generate(torch.zeros(2, 1, dtype=torch.long), 6, temperature=0)
+    assert out.shape == (2, 7)
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Compute accounting: rows processed at step r == active tokens; total == Σ depths
+# -------------------------------------------------------------------------------------------------
+
+def count_rows(core):
+    """Rows entering each shared layer call and each σ-MoE call, recorded by forward hooks."""
+    calls = {'layer': [], 'ffn': []}
+    hooks = []
+    for layer in core.layers:
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a: calls['layer'].append(a[0].shape[0] * a[0].shape[1])))
+        hooks.append(layer.ffn.register_forward_pre_hook(
+            lambda m, a: calls['ffn'].append(a[0].shape[0] * a[0].shape[1])))
+    return calls, hooks
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('mech', ['forced', 'act', 'mor_expert', 'mor_token'])
+def test_6_rows_processed_equal_active_tokens(mech, kv):
+    lm = make_lm(**MECHS[mech], halt_kv=kv)
+    core, G = lm.core, BASE['group_size']
+    B, T = 3, 16
+    idx = torch.randint(0, BASE['vocab_size'], (B, T))
+    depths = depths_for(mech, B, T)
+    calls, hooks = count_rows(core)
+    run(lm, depths, idx, idx).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert calls['layer'] == calls['ffn']
+    per_step = calls['layer'][::G]
+    assert calls['layer'] == [n for n in per_step for _ in range(G)]
+    if mech == 'forced':
+        expected = [int((depths > r).sum()) for r in range(R)]
+    elif mech == 'mor_expert':     # capacities (1, .7, .5, .3) of T=16 per sequence: 16, 11, 8, 4
+        expected = [B * max(1, int(c * T)) for c in MECHS['mor_expert']['mor_capacity']]
+    else:                          # active count from the hooks must match the model's own depths
+        d = core.trace['depth']
+        expected = [int((d > r).sum()) for r in range(R)]
+    expected = [n for n in expected if n > 0]
+    assert per_step == expected
+    assert sum(calls['layer']) == G * int(core.trace['depth'].sum())      # total = Σ depths
+    assert sum(per_step) < B * T * R                                     # something was skipped
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. ACT invariants
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kv', KV)
+def test_7_act_weights_sum_to_one_and_depth_in_range(kv):
+    lm = make_lm(halting='act', halt_kv=kv)
+    idx = torch.randint(0, BASE['vocab_size'], (3, 16))
+    lm(idx, idx)
+    p, depth = lm.core.trace['act_p'], lm.core.trace['depth']
+    close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-6, rtol=0)      # also for tokens stopped at R
+    assert (p >= 0).all()
+    assert ((depth >= 1) & (depth <= R)).all() and (depth == R).any() and (depth < R).any()
+    steps_with_weight = (p > 0).sum(-1)
+    assert torch.equal(steps_with_weight, depth)                        # no weight after halting
+    # the loop's last step takes the remainder even when Σh never reached 1 - eps
+    lm.core.halt.weight.data.zero_()
+    lm.core.halt.bias.data.fill_(-4.0)                                  # h = 0.018: never halts early
+    lm(idx, idx)
+    p = lm.core.trace['act_p']
+    assert (lm.core.trace['depth'] == R).all()
+    close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-6, rtol=0)
+
+
+def test_7_ponder_cost_trains_the_halting_unit():
+    lm = make_lm(halting='act', entropy_reg=0.0, att_entropy_reg=0.0, act_tau=0.1)
+    idx = torch.randint(0, BASE['vocab_size'], (2, 10))
+    out = lm(idx, idx)
+    ponder = out.reg_loss                      # = τ·mean(N + R) alone: regulariser is off
+    assert ponder.requires_grad
+    close(ponder, 0.1 * lm.core.stats['ponder'])
+    ponder.backward()
+    assert lm.core.halt.weight.grad.abs().sum() > 0 and lm.core.halt.bias.grad.abs() > 0
+    assert all(v.grad_fn is None and not v.requires_grad for v in lm.core.stats.values())
+
+
+@pytest.mark.slow
+def test_7_larger_tau_lowers_mean_depth():
+    """Toy task (predict the token two back): after the same training, a larger τ runs shallower."""
+    def train(tau):
+        torch.manual_seed(0)
+        lm = LM(ModelConfig(**BASE, halting='act', act_tau=tau, act_bias_init=-1.0))
+        opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(25):
+            idx = torch.randint(0, BASE['vocab_size'], (4, 16), generator=g)
+            tgt = torch.roll(idx, 2, 1)
+            tgt[:, :2] = -1
+            loss = lm(idx, tgt).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(lm.core.stats['mean_depth'])
+    low, high = train(0.0), train(0.2)
+    assert high < low - 0.5, (low, high)
+
+
+# -------------------------------------------------------------------------------------------------
+# 8. A sequence alone and inside a batch gives identical outputs
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('mech', list(MECHS))
+def test_8_no_cross_row_leakage(mech, kv):
+    lm = make_lm(**MECHS[mech], halt_kv=kv)
+    B, T = 3, 12
+    idx = torch.randint(0, BASE['vocab_size'], (B, T))
+    depths = depths_for(mech, B, T)
+    batch = run(lm, depths, idx, idx)
+    batch_depth = lm.core.trace['depth']
+    for b in range(B):
+        alone = run(lm, None if depths is None else depths[b:b + 1], idx[b:b + 1], idx[b:b + 1])
+        close(alone.logits[0], batch.logits[b], atol=1e-5)
+        assert torch.equal(lm.core.trace['depth'][0], batch_depth[b])
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. Edge cases: zero active tokens in a row, none at all, all active, T = 1: no NaN forward/backward
+# -------------------------------------------------------------------------------------------------
+
+def _edge_depths():
+    d = torch.randint(1, R + 1, (3, 9))
+    d[1] = 0                          # a row that never runs the loop
+    d[2, :4] = 0
+    d[0, :] = 1                       # a row whose tokens all stop after step 1 while others go on
+    return {'rows_idle': d, 'none_active': torch.zeros(3, 9, dtype=torch.long),
+            'all_active': torch.full((3, 9), R), 'T1': torch.tensor([[0], [2], [R]])}
+
+
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('case', list(_edge_depths()))
+def test_9_edge_cases_finite(case, kv):
+    d = _edge_depths()[case]
+    lm = make_lm(halting='act', halt_kv=kv, halt_output='mean', n_coda=1)
+    B, T = d.shape
+    idx = torch.randint(0, BASE['vocab_size'], (B, T))
+    out = run(lm, d, idx, idx)
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
+    assert torch.equal(lm.core.trace['depth'], d)
+    # decode the same depths token by token: also finite, also equal
+    lm.eval()
+    full = run(lm, d, idx).logits
+    cache = {}
+    steps = [run(lm, d[:, t:t + 1], idx[:, t:t + 1], kv_cache=cache).logits for t in range(T)]
+    close(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize('mech', ['act', 'mor_expert', 'mor_token'])
+def test_9_T1_and_zero_depth_tokens_keep_their_state(mech):
+    lm = make_lm(**MECHS[mech])
+    out = lm(torch.tensor([[3], [4]]), torch.tensor([[1], [2]]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    core = lm.core
+    x = torch.randn(2, 5, BASE['d_model'])
+    d = torch.tensor([[0, 0, 1, 2, 0], [0, 0, 0, 0, 0]])
+    with forced_depths(core, d):
+        y, _ = core(x, make_attn_context(5, 0, None, 'cpu'))
+    assert torch.equal(y[d == 0], x[d == 0])          # halted before step 0: untouched
+
+
+# -------------------------------------------------------------------------------------------------
+# Plumbing: config files, checkpoint compatibility, stats, config errors, the bench helpers
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['shakespeare_act', 'shakespeare_mor', 'moeut_126m_act', 'moeut_126m_mor'])
+def test_config_files_build_a_halting_model(name):
+    from dataclasses import fields
+    from configurator import apply_overrides
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    cwd = os.getcwd()
+    os.chdir(REPO)                    # config files read config/<base>.py relative to the repo, as in nanoGPT
+    try:
+        apply_overrides(settings, [f'config/{name}.py'], ignore_unknown_file_keys=True)
+    finally:
+        os.chdir(cwd)
+    cfg = ModelConfig.from_dict(settings)
+    assert cfg.halting in ('act', 'mor')
+    if name.startswith('shakespeare'):
+        lm = LM(cfg)
+        assert isinstance(lm.core, HaltingMoEUT)
+        idx = torch.randint(0, cfg.vocab_size, (2, 8))
+        assert torch.isfinite(lm(idx, idx).loss)
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ValueError, match='halt_kv'):
+        LM(ModelConfig(**BASE, halting='act', halt_kv='everything'))
+    with pytest.raises(ValueError, match='mor_capacity'):
+        LM(ModelConfig(**BASE, halting='mor', mor_capacity=(1.0, 0.5)))
+    with pytest.raises(ValueError, match='weighted'):
+        LM(ModelConfig(**BASE, halting='mor', halt_output='weighted'))
+
+
+@pytest.mark.parametrize('spread', [True, False])
+def test_random_depths_skip_fraction(spread):
+    g = torch.Generator().manual_seed(0)
+    for skip in (0.0, 0.25, 0.5, 0.75):
+        d = random_depths(16, 1024, 9, skip, generator=g, spread=spread)
+        assert d.min() >= 1 and d.max() <= 9
+        assert abs(1 - d.float().mean().item() / 9 - skip) < 0.01
+        if spread and 0 < skip:           # every step keeps some tokens
+            assert all((d > r).any() for r in range(9)) and (d == 1).any()
+
+
+def test_bench_smoke(capsys):
+    from halting import bench
+    bench(smoke=True)
+    out = capsys.readouterr().out
+    assert out.count('\n') == 2 + 8 and 'skip 50%' in out
