@@ -27,6 +27,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'                # 'auto': bfloat16 on cuda, float32 on cpu
 eval_file = ''                # if set: print tokens, mean loss, perplexity and bits per byte of this file
+show_depth = False            # halting models: mark each token with the number of steps it took
 # ----------------------------------------------------------------------------------------------
 
 
@@ -130,12 +131,44 @@ def main():
         out = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'],
                              top_k=cfg['top_k'] or None, top_p=cfg['top_p'], eos_token=enc.eot_token,
                              generator=gen)
+    if cfg['show_depth'] and not hasattr(model.core, 'trace'):
+        fail("show_depth needs a halting model (trained with halting='act' or 'mor')")
     for row in out.tolist():
         new = row[len(ids):]
         if enc.eot_token in new:
             new = new[:new.index(enc.eot_token)]
-        print(prompt + enc.decode(new))
+        if cfg['show_depth']:
+            print(depth_view(model, enc, ids + new, dev, autocast, sys.stdout.isatty()))
+        else:
+            print(prompt + enc.decode(new))
         print('---------------')
+
+
+# terminal colours for depths 1, 2, 3, ...: blue (shallow) -> red (deep)
+COLOURS = ['\033[34m', '\033[36m', '\033[32m', '\033[33m', '\033[35m', '\033[31m']
+
+
+@torch.no_grad()
+def depth_view(model, enc, tokens, device, autocast, colour):
+    """The text with every token marked by its depth (steps through the shared group), and a depth
+    histogram. Depths come from one full forward: cached decoding takes the same decisions (tested),
+    so they are the depths the tokens had while being generated."""
+    with autocast:
+        model(torch.tensor(tokens, device=device)[None])
+    depth = model.core.trace['depth'][0].tolist()
+    parts = []
+    for t, d in zip(tokens, depth):
+        piece = enc.decode([t])
+        if colour:
+            parts.append(f"{COLOURS[min(max(d - 1, 0), len(COLOURS) - 1)]}{piece}\033[0m")
+        else:
+            parts.append(f"{piece}[{d}]")
+    R = model.core.n_repeats
+    hist = [depth.count(d) for d in range(R + 1)]
+    legend = ' '.join(f"{COLOURS[min(d - 1, len(COLOURS) - 1)]}{d}\033[0m" for d in range(1, R + 1)) if colour else ''
+    summary = (f"\ndepth histogram (tokens with 0..{R} steps): {hist}, mean {sum(depth) / len(depth):.2f}"
+               + (f"   colours: {legend}" if colour else ''))
+    return ''.join(parts) + summary
 
 
 if __name__ == '__main__':

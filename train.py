@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -65,7 +65,10 @@ att_entropy_reg = 0.001
 ff_expert_dropout = 0.0
 att_expert_dropout = 0.0
 rope_base = 10000.0
-halting = 'none'
+halting = 'none'                # per-token dynamic depth: 'none' | 'act' | 'mor' (halting.py)
+# ...and every other ModelConfig field (halt_kv, act_tau, mor_*, n_prelude, ...) at its default
+globals().update({f.name: f.default for f in fields(ModelConfig)
+                  if f.name not in globals() and f.name != 'vocab_size'})
 # optimizer: AdamW (or Muon for hidden matrices), linear warmup then cosine decay to min_lr
 optimizer = 'adamw'             # 'adamw' | 'muon' (see make_optimizer)
 learning_rate = 2e-3
@@ -415,7 +418,7 @@ def set_rng_state(st):
 # ---- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, data_dir, cfg, run, autocast):
+def evaluate(model, data_dir, cfg, run, autocast, core=None):
     """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
     ranks and averaged with all_reduce, so eval costs 1/world per rank."""
     model.eval()
@@ -428,14 +431,21 @@ def evaluate(model, data_dir, cfg, run, autocast):
         n = min(cfg['eval_iters'] * cfg['batch_size'], n_win)
         starts = (np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size'])[run['rank']::run['world']]
         tot = torch.zeros(2, dtype=torch.float64, device=run['device'])
+        hist = 0
         for i in range(0, len(starts), cfg['batch_size']):
             x, y = read_windows(path, dtype, starts[i:i + cfg['batch_size']], cfg['block_size'])
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
             tot += torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
+            if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
+                hist = hist + core.stats['depth_hist'].double() * y.numel()   # halting: tokens per depth
         if run['distributed']:
             dist.all_reduce(tot)
+            if torch.is_tensor(hist):
+                dist.all_reduce(hist)
         out[split] = (tot[0] / tot[1]).item()
+        if torch.is_tensor(hist):
+            out[f'{split}_depth_hist'] = hist.long().tolist()
     model.train()
     return out
 
@@ -519,10 +529,15 @@ def train(cfg, run):
     last_log_t, last_log_it = t0, iter_num
     while True:
         if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']:
-            ev = evaluate(fwd, data_dir, cfg, run, autocast)
+            ev = evaluate(fwd, data_dir, cfg, run, autocast, model.core)
             if master:
                 print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, "
                       f"val ppl {math.exp(min(ev['val'], 30)):.2f}")
+                if 'val_depth_hist' in ev:
+                    h = ev['val_depth_hist']
+                    mean = sum(d * n for d, n in enumerate(h)) / max(1, sum(h))
+                    print(f"eval {iter_num}: val depth mean {mean:.2f}, tokens per depth 0..R {h}")
+                    append_log(cfg['out_dir'], {'iter': iter_num, 'val/depth_hist': h, 'val/mean_depth': mean})
                 if wandb:
                     wandb.log({'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
             if cfg['eval_only']:
@@ -551,7 +566,8 @@ def train(cfg, run):
             with autocast:
                 out = fwd(x, y)
             scaler.scale(out.loss / len(micro)).backward()
-            losses.append(torch.stack([out.loss.detach(), out.reg_loss.detach()]).float())
+            losses.append(torch.stack([out.loss.detach(), out.reg_loss.detach(),
+                                       *halting_stats(model.core)]).float())
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
         if torch.isfinite(norm):   # one small sync per step buys safety against a poisoned update
@@ -577,10 +593,13 @@ def train(cfg, run):
             last_log_t, last_log_it = time.time(), iter_num
             tps = tokens_per_step / dt
             eta = (cfg['max_iters'] - iter_num) * dt
-            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            depth = f", depth {lv[2]:.2f}, ACT N+R / MoR aux {lv[3]:.4f}" if len(lv) > 2 else ''
+            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}{depth}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tps:,.0f} tok/s, {flops_step / dt / 1e12:.2f} TFLOP/s, ETA {eta / 60:.1f} min")
             record = {'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
                       'tokens_per_s': tps}
+            if len(lv) > 2:
+                record.update({'train/mean_depth': lv[2], 'train/ponder_aux': lv[3]})
             append_log(cfg['out_dir'], record)
             if wandb:
                 wandb.log(record)
@@ -606,6 +625,16 @@ def train(cfg, run):
         if final is not None and final > 0.1 * first_loss:
             print(f"hint: the batch was not overfit (loss {first_loss:.3f} -> {final:.3f}). Try a higher "
                   f"learning_rate or more max_iters, grad_clip=0, warmup_iters=0, entropy_reg=0")
+
+
+def halting_stats(core):
+    """(mean depth, ponder or aux loss) of the last forward of a halting core; () for plain models.
+    Detached tensors, read only at log time: no GPU sync per step."""
+    st = getattr(core, 'stats', None)
+    if not st or 'mean_depth' not in st:
+        return ()
+    aux = st.get('ponder', st.get('aux'))
+    return st['mean_depth'].float(), (aux if aux is not None else st['mean_depth'] * 0).float()
 
 
 def show_example(xy, meta):

@@ -134,3 +134,27 @@ def test_errors_are_one_line(checkpoint, args, msg):
     r = run_sample(f'--out_dir={out_dir}', '--device=cpu', *args)
     assert r.returncode != 0
     assert msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_show_depth_marks_every_token_when_piped(tmp_path):
+    """A halting model: each token gets '[depth]' (plain brackets when not a terminal), and the
+    histogram counts every token; the depths equal those of the model's own full forward."""
+    import re
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=32, d_model=32, n_layers=3, group_size=1, n_heads=2, d_head=16,
+                      att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act', act_bias_init=0.0)
+    model = LM(cfg).eval()
+    torch.save({'model': model.state_dict(), 'model_config': asdict(cfg), 'meta': {'tokenizer': 'bytes'}},
+               tmp_path / 'ckpt_0000001.pt')
+    r = run_sample(f'--out_dir={tmp_path}', '--show_depth=True', '--num_samples=1', '--max_new_tokens=6',
+                   '--start=abc', '--temperature=0', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split('---------------')[0]
+    marks = [int(d) for d in re.findall(r'\[(\d)\]', text.split('depth histogram')[0])]
+    assert len(marks) >= 4 and all(1 <= d <= 3 for d in marks)
+    hist = eval(re.search(r'0\.\.3 steps\): (\[[\d, ]+\])', text).group(1))
+    assert sum(hist) == len(marks) and hist == [marks.count(d) for d in range(4)]
+    ids = list(b'abc')
+    with torch.no_grad():
+        model(torch.tensor(ids)[None])
+    assert marks[:3] == model.core.trace['depth'][0].tolist()
