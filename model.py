@@ -114,6 +114,8 @@ class SigmaMoE(nn.Module):
         self.keys = nn.Parameter(torch.empty(E, d, h))        # W1
         self.values = nn.Parameter(torch.empty(E, h, d))      # W2
         self.expert_sel = nn.Parameter(torch.empty(E, d))     # W_S (F.linear layout)
+        # routed slots per expert since the last routing_report(): free (the sort's offsets), no sync
+        self.register_buffer('usage', torch.zeros(E, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor, router_in: torch.Tensor, routes: Optional[list] = None):
         B, T, d = x.shape
@@ -125,6 +127,7 @@ class SigmaMoE(nn.Module):
         idx = _topk_indices(scores, self.k, self.expert_dropout if self.training else 0.0)
         weights = scores.gather(-1, idx)              # raw sigmoid, no softmax, no renormalisation
         sel = cvmm_prepare(idx, self.keys.shape[0])   # sorted once, used by both projections
+        self.usage += sel.offsets[1:] - sel.offsets[:-1]
         h = F.relu(cvmm(x.reshape(B * T, d), sel, self.keys))               # [B*T*K, d_expert]
         y = cvmm(h, sel, self.values, weights.reshape(B * T, self.k))       # [B*T, d]
         return y.view(B, T, d)
@@ -198,12 +201,14 @@ class SwitchHead(nn.Module):
             self.o = nn.Parameter(torch.empty(H * E, dh, d))
             self.sel_v = nn.Parameter(torch.empty(H * E, d))
             self.sel_o = nn.Parameter(torch.empty(H * E, d))
+            self.register_buffer('usage_v', torch.zeros(H * E, dtype=torch.long), persistent=False)
+            self.register_buffer('usage_o', torch.zeros(H * E, dtype=torch.long), persistent=False)
         else:   # E == 1: dense V/O and a per-head sigmoid gate on each head's output
             self.v = nn.Parameter(torch.empty(H * dh, d))
             self.o = nn.Parameter(torch.empty(d, H * dh))
             self.sel_o = nn.Parameter(torch.empty(H, d))
 
-    def route(self, a: torch.Tensor, w: torch.Tensor, routes: Optional[list]):
+    def route(self, a: torch.Tensor, w: torch.Tensor, routes: Optional[list], usage: torch.Tensor):
         """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. Returns the sorted
         routing with expert ids shifted into head h's bank (h*E + e), and the weights [B, T, H, k]."""
         logits = F.linear(a, w).float().unflatten(-1, (self.H, self.E))             # [B, T, H, E]
@@ -213,7 +218,9 @@ class SwitchHead(nn.Module):
         idx = _topk_indices(scores, self.top_k, self.expert_dropout if self.training else 0.0)
         weights = scores.gather(-1, idx)
         idx = idx + torch.arange(self.H, device=idx.device)[:, None] * self.E
-        return cvmm_prepare(idx, self.H * self.E), weights
+        sel = cvmm_prepare(idx, self.H * self.E)
+        usage += sel.offsets[1:] - sel.offsets[:-1]
+        return sel, weights
 
     def forward(self, a, x, ctx: AttnContext, cache=None, routes=None):
         """a = LN_att(x) feeds Q, K and both routers; x (raw residual) feeds V."""
@@ -223,8 +230,8 @@ class SwitchHead(nn.Module):
         q = (self.q(a) * scale).view(B, T, H, dh).transpose(1, 2)
         k = (self.k(a) * scale).view(B, T, H, dh).transpose(1, 2)
         if self.E > 1:
-            v_sel, v_w = self.route(a, self.sel_v, routes['v'] if routes else None)
-            o_sel, o_w = self.route(a, self.sel_o, routes['o'] if routes else None)
+            v_sel, v_w = self.route(a, self.sel_v, routes['v'] if routes else None, self.usage_v)
+            o_sel, o_w = self.route(a, self.sel_o, routes['o'] if routes else None, self.usage_o)
             # V: slots [N, H, k] read token rows (fan H*k), contracted over each head's k picks
             v = cvmm(x.reshape(B * T, d), v_sel, self.v, v_w.reshape(B * T * H, self.top_k))
             v = v.view(B, T, H, dh).transpose(1, 2)
@@ -531,6 +538,29 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
         logits = logits.masked_fill(drop, float('-inf'))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def routing_report(model: nn.Module) -> dict:
+    """What the routers did since the last call, per shared layer li: for the σ-MoE ('ff{li}') and the
+    SwitchHead V/O banks ('v{li}', 'o{li}'): the fraction of routed slots each expert got, how many got
+    none (dead), and the entropy of that usage over its maximum log(E) (1 = perfectly balanced).
+    Reads and resets the usage counters (one host sync: call it at log time, not every step)."""
+    report = {}
+    for li, layer in enumerate(getattr(model.core, 'layers', [])):
+        banks = {'ff': getattr(getattr(layer, 'ffn', None), 'usage', None),
+                 'v': getattr(getattr(layer, 'attention', None), 'usage_v', None),
+                 'o': getattr(getattr(layer, 'attention', None), 'usage_o', None)}
+        for kind, counts in banks.items():
+            if counts is None:
+                continue
+            c = counts.double().cpu()
+            frac = c / c.sum().clamp(min=1)
+            entropy = -(frac * frac.clamp(min=1e-30).log()).sum().item()
+            report[f'{kind}{li}'] = {'usage': frac, 'dead': int((c == 0).sum()),
+                                     'entropy_ratio': entropy / math.log(len(c)) if len(c) > 1 else 1.0}
+            counts.zero_()
+    return report
 
 
 # -------------------------------------------------------------------------------------------------

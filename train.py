@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, config_keys
-from model import LM, ModelConfig, describe, flops_per_token
+from model import LM, ModelConfig, describe, flops_per_token, routing_report
 
 # ----------------------------------------------------------------------------------------------
 # default config: a tiny MoEUT on Shakespeare that trains on a 2-core CPU in a few minutes
@@ -40,6 +40,7 @@ init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in ou
 wandb_log = False
 wandb_project = 'nanomoeut'
 wandb_run_name = 'run'
+diagnostics = True              # routing/grad/logit diagnostics at log time, PNG plots at eval (matplotlib)
 # data
 dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepare.py
 batch_size = 16                 # micro-batch per rank
@@ -234,7 +235,8 @@ def wrap_model(model, run, cfg):
     if cfg['parallelism'] == 'ddp':
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [torch.device(run['device']).index] if run['device_type'] == 'cuda' else None
-        return DDP(model, device_ids=ids)
+        # broadcast_buffers=False: the only buffers are per-rank routing counters (diagnostics)
+        return DDP(model, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = None
     if run['device_type'] == 'cuda' and run['dtype'] != 'float32':
@@ -526,6 +528,7 @@ def train(cfg, run):
 
     flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
+    last_routing = None
     last_log_t, last_log_it = t0, iter_num
     while True:
         if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']:
@@ -538,8 +541,11 @@ def train(cfg, run):
                     mean = sum(d * n for d, n in enumerate(h)) / max(1, sum(h))
                     print(f"eval {iter_num}: val depth mean {mean:.2f}, tokens per depth 0..R {h}")
                     append_log(cfg['out_dir'], {'iter': iter_num, 'val/depth_hist': h, 'val/mean_depth': mean})
+                append_log(cfg['out_dir'], {'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
                 if wandb:
                     wandb.log({'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
+            if master and cfg['diagnostics']:
+                write_plots(cfg['out_dir'], last_routing, ev.get('val_depth_hist'), wandb)
             if cfg['eval_only']:
                 break
             improved = ev['val'] < best_val
@@ -569,6 +575,9 @@ def train(cfg, run):
             losses.append(torch.stack([out.loss.detach(), out.reg_loss.detach(),
                                        *halting_stats(model.core)]).float())
         scaler.unscale_(optimizer)
+        log_now = (iter_num + 1) % cfg['log_interval'] == 0 and master and cfg['diagnostics']
+        if log_now:     # before clipping: what the loss asked for, per parameter group
+            diag = {**grad_norms(model), **logit_stats(out.logits)}
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
         if torch.isfinite(norm):   # one small sync per step buys safety against a poisoned update
             scaler.step(optimizer)
@@ -600,11 +609,19 @@ def train(cfg, run):
                       'tokens_per_s': tps}
             if len(lv) > 2:
                 record.update({'train/mean_depth': lv[2], 'train/ponder_aux': lv[3]})
+            if cfg['diagnostics']:
+                routing = routing_report(model)
+                record.update({k: round(v, 4) for k, v in diag.items()})
+                record.update(routing_summary(routing))
+                last_routing = routing
+                print('       ' + ', '.join(f"{k} {v:.3g}" for k, v in record.items()
+                                            if k.startswith(('grad/', 'logits/', 'dead/', 'balance/'))))
             append_log(cfg['out_dir'], record)
             if wandb:
                 wandb.log(record)
         elif iter_num % cfg['log_interval'] == 0:
             losses.clear()
+            routing_report(model)          # keep every rank's counters to one interval
 
         stopping = stop['signal'] is not None
         if run['distributed']:       # stop together: one rank's signal stops all
@@ -625,6 +642,98 @@ def train(cfg, run):
         if final is not None and final > 0.1 * first_loss:
             print(f"hint: the batch was not overfit (loss {first_loss:.3f} -> {final:.3f}). Try a higher "
                   f"learning_rate or more max_iters, grad_clip=0, warmup_iters=0, entropy_reg=0")
+
+
+# ---- diagnostics (cheap: computed only at log time) -------------------------------------------
+
+def grad_norms(model):
+    """L2 norm of the gradient of each parameter group (before clipping)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = ('embedding' if 'embedding' in name else 'lm_head' if 'lm_head' in name
+             else 'router' if name.endswith(('expert_sel', 'sel_v', 'sel_o')) else 'norm' if '.ln' in name or 'norm' in name
+             else 'ffn' if '.ffn.' in name or '.fc' in name else 'attention' if 'att' in name
+             else 'other')
+        groups[g] = groups.get(g, 0) + p.grad.detach().float().pow(2).sum()
+    return {f'grad/{k}': v.sqrt().item() for k, v in groups.items()}
+
+
+@torch.no_grad()
+def logit_stats(logits):
+    """Largest |logit| and the mean entropy (nats) of the predictive distribution: collapsing or
+    exploding logits show up here before the loss does."""
+    lp = torch.log_softmax(logits.float(), -1)
+    return {'logits/max_abs': logits.abs().max().item(), 'logits/entropy': -(lp.exp() * lp).sum(-1).mean().item()}
+
+
+def routing_summary(report):
+    """Scalars of routing_report: dead experts and usage balance (entropy / max) per bank."""
+    out = {}
+    for key, r in report.items():
+        out[f'dead/{key}'] = r['dead']
+        out[f'balance/{key}'] = round(r['entropy_ratio'], 4)
+    return out
+
+
+def write_plots(out_dir, routing, depth_hist, wandb=None):
+    """PNGs in out_dir: expert usage heatmap (bank x expert), loss curves, depth histogram.
+    matplotlib is optional: without it, nothing is drawn."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    import json
+    written = []
+    if routing:
+        keys = [k for k in routing if k.startswith('ff')] + [k for k in routing if not k.startswith('ff')]
+        width = max(len(routing[k]['usage']) for k in keys)
+        grid = np.full((len(keys), width), np.nan)
+        for i, k in enumerate(keys):
+            u = routing[k]['usage'].numpy()
+            grid[i, :len(u)] = u * len(u)           # 1 = its fair share
+        fig, ax = plt.subplots(figsize=(10, 0.4 * len(keys) + 1.5))
+        im = ax.imshow(grid, aspect='auto', cmap='viridis', interpolation='nearest')
+        ax.set_yticks(range(len(keys)), keys)
+        ax.set_xlabel('expert')
+        ax.set_title('routed slots / fair share, last log interval (0 = dead expert)')
+        fig.colorbar(im)
+        written.append(_save(fig, out_dir, 'expert_usage.png', plt))
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            recs = [json.loads(line) for line in f]
+        tr = [(r['iter'], r['train/loss']) for r in recs if 'train/loss' in r]
+        va = [(r['iter'], r['val/loss']) for r in recs if 'val/loss' in r]
+        if tr:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(*zip(*tr), label='train (ce + reg)')
+            if va:
+                ax.plot(*zip(*va), 'o-', label='val ce')
+            ax.set_xlabel('iter')
+            ax.set_ylabel('loss')
+            ax.legend()
+            written.append(_save(fig, out_dir, 'loss.png', plt))
+    if depth_hist:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(range(len(depth_hist)), depth_hist)
+        ax.set_xlabel('steps through the shared group')
+        ax.set_ylabel('val tokens')
+        written.append(_save(fig, out_dir, 'depth_hist.png', plt))
+    if wandb:
+        wandb.log({os.path.basename(w)[:-4]: wandb.Image(w) for w in written})
+
+
+def _save(fig, out_dir, name, plt):
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png', dpi=90)      # atomic, like every other file we write
+    os.replace(path + '.tmp.png', path)
+    plt.close(fig)
+    return path
 
 
 def halting_stats(core):
