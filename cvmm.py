@@ -23,16 +23,22 @@ plain-torch implementation that is both the CPU path and the test oracle. Overri
 `CVMM_IMPL=triton|torch` (default `auto`), read at import into the module global `IMPL`, which tests may
 also set directly; `triton` on CPU needs `TRITON_INTERPRET=1` set before triton is imported.
 
-torch.compile: the Triton path is the custom op `nanomoeut::cvmm` (torch.library.custom_op with a fake
-and an autograd formula), so `torch.compile(fullgraph=True)` sees one opaque node per call. When
-compiling with the torch implementation (CPU) the same op is used, with the reference inside it (its
-`.tolist()` would otherwise break the graph) and a recompute-and-autograd backward.
+torch.compile: both paths are the custom op `nanomoeut::cvmm` (torch.library.custom_op + register_fake
++ register_autograd; backward op `nanomoeut::cvmm_bwd`), so `torch.compile(fullgraph=True)` sees one
+opaque node per call. On CPU the op runs the reference (whose `.tolist()` would otherwise break the
+graph) and plain-torch gradients (`_torch_bwd`). Eager calls skip the op's Python dispatch: CPU goes
+straight to `cvmm_reference`, Triton through a torch.autograd.Function with the same forward/backward.
 
 Determinism: every kernel is run-to-run bit-identical (no atomics; the weight gradient gives each
 (expert, tile) to one program that loops over that expert's rows). The slot contractions (over G slots
 in the forward, over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it
 with torch (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=atomic` instead adds into an fp32 buffer from
-the GEMM epilogue: less memory traffic, not deterministic; kept for benchmarking (bench.py --what=cvmm).
+the GEMM epilogue: not deterministic, and measured ~2x slower on H100 (bench.py --what=cvmm).
+
+Tiles are picked by rule from static shapes (see `_gemm`, `_gradw`; measured with
+bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count.
+Bad expert ids: cvmm_prepare raises on CPU; on CUDA (and under compile) it uses torch._assert_async, and
+the kernels never read out of bounds either way (ids outside [0, E) fall outside every expert's range).
 """
 import os
 from typing import NamedTuple, Optional
@@ -195,9 +201,9 @@ if triton is not None:
     @triton.jit
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
                            K, N, X_DIV, G_DIV, stride_x, stride_g, stride_ge, stride_gk,
-                           HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                           BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-        """gw[e] = sum over sorted rows i of expert e:  x[slot_i // X_DIV]^T (scale[slot_i] g[slot_i // G_DIV]).
+                           HAS_SCALE: tl.constexpr, SCALE_X: tl.constexpr, DOT_F32: tl.constexpr,
+                           PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        """gw[e] = sum over sorted rows i of expert e:  x[slot_i // X_DIV]^T scale[slot_i] g[slot_i // G_DIV].
 
         One program per (expert, BK x BN tile of gw[e]) loops over that expert's contiguous rows
         offsets[e]:offsets[e+1] in chunks of BR, accumulating in fp32 registers. Every output element
@@ -222,9 +228,12 @@ if triton is not None:
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             g = tl.load(g_ptr + (slot // G_DIV)[:, None] * stride_g + offs_n[None, :],
                         mask=rmask[:, None] & nmask[None, :], other=0.0)
-            if HAS_SCALE:
+            if HAS_SCALE:  # the slot weight, on whichever operand is cheaper to touch
                 s = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
-                g = (g.to(tl.float32) * s[:, None]).to(g.dtype)
+                if SCALE_X:
+                    xa = (xa.to(tl.float32) * s[:, None]).to(xa.dtype)
+                else:
+                    g = (g.to(tl.float32) * s[:, None]).to(g.dtype)
             if DOT_F32:
                 xa = xa.to(tl.float32)
                 g = g.to(tl.float32)
@@ -243,7 +252,7 @@ def _precision(dtype, dot_f32):
     return "ieee" if dot_f32 else "tf32"  # ignored for 16-bit operands
 
 
-def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1):
+def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None):
     """Launch _cvmm_gemm_kernel; returns (out [S // group, N], dots [S] fp32 or None).
     Tiles are picked by rule from static shapes (no autotune, so nothing re-runs for a new row count):
     BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
@@ -256,8 +265,14 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BM = min(128, max(16, _np2(S // E)))
     BK = min(32 if f32 else 64, max(16, _np2(K)))
     BN = min(128, max(16, _np2(N)))
+    warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
+    if x2 is not None and BM == 128:   # the slot-weight dot epilogue: smaller tiles measured faster
+        BM, warps = 64, 4
+    if cfg:  # explicit tiles (bench.py --what=cvmm_tune)
+        BM, BN, BK, warps, stages = (cfg.get(k, v) for k, v in
+                                     dict(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages).items())
     m_tiles = min(S, triton.cdiv(S, BM) + E)       # upper bound on the real number of tiles
-    while BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
+    while not cfg and BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
         BN //= 2
     n_tiles = triton.cdiv(N, BN)
     atomic = group > 1 and CONTRACT == "atomic"
@@ -266,34 +281,40 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     else:
         out = torch.empty(S, N, device=a.device, dtype=a.dtype)
     dots = torch.empty(n_tiles, S, device=a.device, dtype=torch.float32) if x2 is not None else None
-    big = BM * BN >= 128 * 128
     _cvmm_gemm_kernel[(m_tiles * n_tiles,)](
         a, w, out, slot, offsets, scale if scale is not None else a, x2 if x2 is not None else a,
         dots if dots is not None else out, E, K, N, S, a_div, group, x2_div,
         a.stride(0), w.stride(0), swk, swn, out.stride(0), x2.stride(0) if x2 is not None else 0,
         HAS_SCALE=scale is not None, HAS_DOTS=x2 is not None, ATOMIC=atomic, EVEN_K=K % BK == 0,
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)),
-        BM=BM, BN=BN, BK=BK, num_warps=8 if big else 4, num_stages=3)
+        BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     if atomic:
         out = out.to(a.dtype)
-    elif group > 1:
-        out = out.view(S // group, group, N).sum(1)   # the deterministic slot contraction
+    elif group > 1:   # the deterministic slot contraction (a Triton sum kernel measured no faster)
+        out = out.view(S // group, group, N).sum(1)
     return out, (dots.sum(0) if dots is not None else None)
 
 
-def _gradw(x, x_div, g, g_div, scale, slot, offsets, w):
+def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None):
     E, K, N = w.shape
     f32 = x.dtype == torch.float32
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     BK, BN = min(128, max(16, _np2(K))), min(128, max(16, _np2(N)))
     BR = 32 if f32 else 64
+    scale_x = scale is not None and K < N   # scale the narrower operand (σ-MoE down: h, not grad_out)
+    if scale_x and not f32:
+        BN = min(256, max(16, _np2(N)))
+    warps, stages = (8 if BK * BN >= 128 * 128 else 4), 3
+    if cfg:
+        BK, BN, BR, warps, stages, scale_x = (cfg.get(k, v) for k, v in dict(
+            BK=BK, BN=BN, BR=BR, warps=warps, stages=stages, scale_x=scale_x).items())
     gw = torch.empty(E, K, N, device=x.device, dtype=w.dtype)
     grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
     _cvmm_gradw_kernel[grid](
         x, g, gw, slot, offsets, scale if scale is not None else x, K, N, x_div, g_div,
         x.stride(0), g.stride(0), gw.stride(0), gw.stride(1),
-        HAS_SCALE=scale is not None, DOT_F32=dot_f32, PRECISION=_precision(x.dtype, dot_f32),
-        BK=BK, BN=BN, BR=BR, num_warps=8 if BK * BN >= 128 * 128 else 4, num_stages=3)
+        HAS_SCALE=scale is not None, SCALE_X=scale_x, DOT_F32=dot_f32,
+        PRECISION=_precision(x.dtype, dot_f32), BK=BK, BN=BN, BR=BR, num_warps=warps, num_stages=stages)
     return gw
 
 
@@ -309,14 +330,18 @@ def _sel(slot, offsets):
     return CVMMSel(torch.empty(0, dtype=torch.int32, device=slot.device), slot, offsets)
 
 
-@torch.library.custom_op("nanomoeut::cvmm", mutates_args=())
-def _cvmm_op(x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
-             sw: Optional[torch.Tensor]) -> torch.Tensor:
+def _fwd_impl(x, slot, offsets, w, sw):
     with torch.autocast(x.device.type, enabled=False):
         if not _use_triton(x):
             return cvmm_reference(x, _sel(slot, offsets), w, sw)
         fan = slot.numel() // x.shape[0]
         return _gemm(x, fan, w, False, slot, offsets, sw, 1 if sw is None else sw.shape[1])[0]
+
+
+@torch.library.custom_op("nanomoeut::cvmm", mutates_args=())
+def _cvmm_op(x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+             sw: Optional[torch.Tensor]) -> torch.Tensor:
+    return _fwd_impl(x, slot, offsets, w, sw)
 
 
 @_cvmm_op.register_fake
@@ -343,10 +368,7 @@ def _torch_bwd(grad, x, slot, offsets, w, sw):
     return gx, gw, (gsw.view_as(sw) if sw is not None else None)
 
 
-@torch.library.custom_op("nanomoeut::cvmm_bwd", mutates_args=())
-def _cvmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor,
-                 w: torch.Tensor, sw: Optional[torch.Tensor], need_x: bool, need_w: bool,
-                 need_sw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
     """(grad_x, grad_w, grad_sw); the ones not needed come back as empty tensors."""
     with torch.autocast(x.device.type, enabled=False):
         gx = gw = gsw = None
@@ -365,6 +387,13 @@ def _cvmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offset
         return (gx if need_x else e, gw if need_w else e, gsw if need_sw else e)
 
 
+@torch.library.custom_op("nanomoeut::cvmm_bwd", mutates_args=())
+def _cvmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor,
+                 w: torch.Tensor, sw: Optional[torch.Tensor], need_x: bool, need_w: bool,
+                 need_sw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw)
+
+
 @_cvmm_bwd_op.register_fake
 def _(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
     e = x.new_empty(0)
@@ -377,15 +406,28 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, slot, offsets, w, sw)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, bwd=lambda *a: torch.ops.nanomoeut.cvmm_bwd(*a)):
     x, slot, offsets, w, sw = ctx.saved_tensors
     nx, _, _, nw, nsw = ctx.needs_input_grad
-    gx, gw, gsw = torch.ops.nanomoeut.cvmm_bwd(grad.contiguous(), x, slot, offsets, w, sw,
-                                               nx, nw, nsw and sw is not None)
-    return gx if nx else None, None, None, gw if nw else None, gsw if nsw and sw is not None else None
+    nsw = nsw and sw is not None
+    gx, gw, gsw = bwd(grad.contiguous(), x, slot, offsets, w, sw, nx, nw, nsw)
+    return gx if nx else None, None, None, gw if nw else None, gsw if nsw else None
 
 
 _cvmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CVMMFunction(torch.autograd.Function):
+    """The same forward/backward for eager mode: the custom op's Python dispatch costs tens of us per
+    call, which dominates at decode. torch.compile uses the custom op instead."""
+    @staticmethod
+    def forward(ctx, x, slot, offsets, w, sw):
+        _setup_context(ctx, (x, slot, offsets, w, sw), None)
+        return _fwd_impl(x, slot, offsets, w, sw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, _bwd_impl)
 
 
 def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
@@ -414,5 +456,10 @@ def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
         raise TypeError(f"cvmm: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
     if slot_weights is not None:
         slot_weights = slot_weights.reshape(-1, slot_weights.shape[-1]).contiguous()
-    return torch.ops.nanomoeut.cvmm(x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(),
-                                    sel.offsets.contiguous(), w.contiguous(), slot_weights)
+    args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
+            w.contiguous(), slot_weights)
+    if torch.compiler.is_compiling():
+        return torch.ops.nanomoeut.cvmm(*args)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args):
+        return _fwd_impl(*args)
+    return _CVMMFunction.apply(*args)

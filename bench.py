@@ -1,0 +1,399 @@
+"""
+Benchmarks (GPU). One function per section, picked with --what:
+    $ python bench.py --what=cvmm                  # CVMM kernels vs dense / reference / torch._grouped_mm
+    $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
+    $ python bench.py --what=profile               # top CUDA kernels of a MoEUT-126M training step
+    $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix
+    $ python bench.py --what=halting               # forced-depth halting step times
+Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
+read the globals below, which configurator.py lets you override from the command line.
+"""
+import time
+
+import torch
+
+what = "cvmm"           # which section to run
+dtype = "bfloat16"      # bfloat16 | float16 | float32
+tokens = 32768          # cvmm: tokens per batch (e.g. 32 x 1024)
+seed = 1337
+device = "cuda"        # "cpu" only to smoke-test this script (with TRITON_INTERPRET=1 CVMM_IMPL=triton)
+# train / profile / decode: models as config files, ':compile' = torch.compile; ratios vs the first
+train_models = "config/dense_126m.py:compile,config/moeut_126m.py,config/moeut_126m.py:compile"
+train_batch = 32
+train_block = 1024
+train_vocab = 50304     # gpt2's 50257 padded to a multiple of 64
+train_steps = 10
+decode_ctx = 1024       # decode: prompt length
+decode_new = 64         # decode: tokens generated
+
+from configurator import configure  # noqa: E402
+
+configure(globals())
+
+
+def timeit(fn, warmup=5, rep=20):
+    """Median milliseconds of fn() after warm-up, with CUDA events (triton's do_bench when present)."""
+    if device == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    try:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except ImportError:
+        pass
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def graphed(f):
+    """f captured in a CUDA graph (after a warm-up call on a side stream); returns graph.replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        f()
+    return graph.replay
+
+
+def table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    print()
+
+
+# ----------------------------------------------------------------------------------------------------
+def bench_cvmm():
+    """σ-MoE MLP projections (up -> relu -> down with sigmoid weights), MoEUT-126M and -244M shapes, with
+    random routing from a sigmoid router. Dense baseline of equal FLOPs: relu(X W1) W2 with
+    d_ff = K * d_expert (a dense MLP doing exactly the same multiply-adds)."""
+    import cvmm as C
+    dt = getattr(torch, dtype)
+    dev = device
+    torch.manual_seed(seed)
+    print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else dev}, torch {torch.__version__}, dtype {dtype}, "
+          f"{tokens} tokens\n")
+
+    def grouped_mm_mlp(x, sel, w1, w2, sw):
+        # torch._grouped_mm wants the rows of each expert contiguous: gather, two grouped GEMMs, then the
+        # same scatter + contraction as the reference
+        S, d = sel.slot.numel(), x.shape[1]
+        slot = sel.slot.long()
+        offs = sel.offsets[1:]
+        xs = x.index_select(0, slot // (S // x.shape[0]))
+        h = torch.relu(torch._grouped_mm(xs, w1, offs=offs))
+        y = torch._grouped_mm(h, w2, offs=offs)
+        y = y.new_empty(S, d).index_copy(0, slot, y)
+        return torch.bmm(sw.reshape(-1, 1, sw.shape[-1]).to(y.dtype), y.view(-1, sw.shape[-1], d)).squeeze(1)
+
+    def cvmm_mlp(fn):
+        return lambda x, sel, w1, w2, sw: fn(torch.relu(fn(x, sel, w1)), sel, w2, sw)
+
+    def with_contract(mode, f):
+        def g(*a):
+            old, C.CONTRACT = C.CONTRACT, mode
+            try:
+                return f(*a)
+            finally:
+                C.CONTRACT = old
+        return g
+
+    impls = {
+        "cvmm triton": cvmm_mlp(C.cvmm),
+        "cvmm triton, atomic contraction": with_contract("atomic", cvmm_mlp(C.cvmm)),
+        "torch reference": cvmm_mlp(C.cvmm_reference),
+        "torch._grouped_mm": grouped_mm_mlp,
+    }
+    for name, d, E, K in [("MoEUT-126M", 768, 254, 12), ("MoEUT-244M", 1024, 387, 16)]:
+        de = 128
+        S = tokens * K
+        flops = 2 * 2 * S * d * de                        # two projections, 2*S*D_in*D_out each
+        x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
+        router = torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5
+        w1 = (torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5).requires_grad_()
+        w2 = (torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5).requires_grad_()
+        with torch.no_grad():
+            sw, ids = torch.sigmoid(x @ router).float().topk(K, dim=-1)
+        sw.requires_grad_()
+        sel = C.cvmm_prepare(ids, E)
+        t_prep = timeit(lambda: C.cvmm_prepare(ids, E))
+        # the dense MLP doing the same FLOPs
+        xd = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
+        d1 = (torch.randn(d, K * de, device=dev, dtype=dt) / d ** 0.5).requires_grad_()
+        d2 = (torch.randn(K * de, d, device=dev, dtype=dt) / (K * de) ** 0.5).requires_grad_()
+        runs = {"dense MLP, equal FLOPs": (lambda: torch.relu(xd @ d1) @ d2, [xd, d1, d2])}
+        for iname, f in impls.items():
+            runs[iname] = (lambda f=f: f(x, sel, w1, w2, sw), [x, w1, w2, sw])
+        rows, dense = [], None
+        for iname, (f, params) in runs.items():
+            try:
+                with torch.no_grad():
+                    t_f = timeit(f)
+                go = torch.randn_like(f())
+
+                def fb(f=f, params=params, go=go):
+                    torch.autograd.grad(f(), params, go)
+                t_fb = timeit(fb)
+            except Exception as e:  # e.g. torch._grouped_mm missing or unsupported here
+                rows.append([iname, f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})", "", "", "", "", ""])
+                continue
+            tf, tfb = flops / t_f / 1e9, 3 * flops / t_fb / 1e9
+            dense = dense or (tf, tfb)
+            rows.append([iname, f"{t_f:.3f}", f"{tf:.0f}", f"{100 * tf / dense[0]:.0f}%",
+                         f"{t_fb:.3f}", f"{tfb:.0f}", f"{100 * tfb / dense[1]:.0f}%"])
+        print(f"### {name} σ-MoE MLP: d_model {d}, E {E}, K {K}, d_expert {de}, {tokens} tokens "
+              f"({flops / 1e9:.0f} GFLOP fwd, {3 * flops / 1e9:.0f} GFLOP fwd+bwd); "
+              f"cvmm_prepare {t_prep * 1e3:.0f} us (not included)\n")
+        table(["implementation", "fwd ms", "fwd TFLOP/s", "fwd % dense", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+               "fwd+bwd % dense"], rows)
+        # where the cvmm time goes (deterministic contraction)
+        h = torch.relu(C.cvmm(x, sel, w1)).detach()
+        slot, off = sel.slot, sel.offsets
+        g_out = torch.randn(tokens, d, device=dev, dtype=dt)
+        g_h = torch.randn_like(h)
+        swc = sw.detach().contiguous()
+        parts = [
+            ("fwd up (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1), S * d * de),
+            ("fwd down (+ weights, contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, K), S * d * de),
+            ("bwd down grad_h + grad_sw", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1), S * d * de),
+            ("bwd down grad_W2", lambda: C._gradw(h, 1, g_out, K, swc, slot, off, w2), S * d * de),
+            ("bwd up grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K), S * d * de),
+            ("bwd up grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1), S * d * de),
+        ]
+        rows = []
+        for pname, f, macs in parts:
+            t = timeit(f)
+            rows.append([pname, f"{t:.3f}", f"{2 * macs / t / 1e9:.0f}"])
+        table([f"{name} kernel", "ms", "TFLOP/s"], rows)
+
+    # decode: a few tokens, memory-bound (every active expert's weights are read once)
+    d, E, K, de = 768, 254, 12, 128
+    w1 = torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5
+    w2 = torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5
+    router = torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5
+    rows = []
+    for n in [1, 8, 64]:
+        x = torch.randn(n, d, device=dev, dtype=dt)
+        sw, ids = torch.sigmoid(x @ router).float().topk(K, dim=-1)
+        sel = C.cvmm_prepare(ids, E)
+        n_active = ids.unique().numel()
+        xd, d1, d2 = x, torch.randn(d, K * de, device=dev, dtype=dt), torch.randn(K * de, d, device=dev, dtype=dt)
+        row = [n, n_active]
+        with torch.no_grad():
+            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: impls["cvmm triton"](x, sel, w1, w2, sw),
+                      lambda: impls["torch reference"](x, sel, w1, w2, sw),
+                      lambda: C.cvmm_prepare(ids, E)]:
+                row.append(f"{timeit(f) * 1e3:.1f}")
+        if dev == "cuda":  # replayed from a CUDA graph: kernel time without Python launch overhead
+            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: impls["cvmm triton"](x, sel, w1, w2, sw)]:
+                row.append(f"{timeit(graphed(f)) * 1e3:.1f}")
+        gb = n_active * 2 * d * de * x.element_size() / 1e9
+        row.append(f"{gb / (float(row[-1]) * 1e-6):.0f}")
+        rows.append(row)
+    print("### decode, MoEUT-126M MLP (E 254, K 12), forward only, microseconds\n")
+    table(["tokens", "active experts", "dense MLP equal FLOPs us", "cvmm triton us", "torch reference us",
+           "cvmm_prepare us", "dense, CUDA graph us", "cvmm triton, CUDA graph us", "GB/s of expert weights (graph)"], rows)
+
+
+def bench_cvmm_tune():
+    """Sweep tile configs of the cvmm kernels at the MoEUT-126M MLP shapes (to set the rules in cvmm.py)."""
+    import cvmm as C
+    dt, dev = getattr(torch, dtype), device
+    torch.manual_seed(seed)
+    d, E, K, de = 768, 254, 12, 128
+    S = tokens * K
+    x = torch.randn(tokens, d, device=dev, dtype=dt)
+    w1 = torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5
+    w2 = torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5
+    sw, ids = torch.sigmoid(x @ (torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5)).float().topk(K, dim=-1)
+    sel = C.cvmm_prepare(ids, E)
+    slot, off = sel.slot, sel.offsets
+    h = torch.relu(C.cvmm(x, sel, w1))
+    g_out, g_h = torch.randn(tokens, d, device=dev, dtype=dt), torch.randn_like(h)
+    small_k = [dict(BM=BM, BN=BN, BK=128, warps=wp, stages=st) for BM, BN, wp, st in [
+        (64, 128, 4, 1), (64, 128, 4, 2), (128, 128, 4, 1), (128, 128, 8, 1), (128, 64, 4, 2), (64, 64, 4, 2),
+        (64, 256, 8, 1), (128, 256, 8, 1), (32, 128, 4, 2)]] + [dict(BM=128, BN=128, BK=64, warps=4, stages=2)]
+    gw2 = [dict(BK=128, BN=256, BR=64, warps=8, stages=st, scale_x=s) for st in (2, 3) for s in (False, True)] + [
+        dict(BK=128, BN=256, BR=32, warps=8, stages=3, scale_x=False), dict(BK=128, BN=128, BR=32, warps=4, stages=3),
+        dict(BK=128, BN=64, BR=64, warps=4, stages=3, scale_x=False), dict(BK=128, BN=64, BR=32, warps=4, stages=4)]
+    parts = [
+        ("fwd down GEMM only (no sum)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
+        ("bwd up grad_x (sum)", small_k[:6], lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, K, cfg=c)),
+        ("bwd down grad_h+sw", [dict(BM=64, BN=128, BK=64, warps=4, stages=s) for s in (2, 3)] + [
+            dict(BM=64, BN=128, BK=128, warps=4, stages=2), dict(BM=32, BN=128, BK=64, warps=4, stages=3)],
+         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c)),
+        ("grad_W2", gw2, lambda c: C._gradw(h, 1, g_out, K, sw, slot, off, w2, cfg=c)),
+    ]
+    rows = []
+    for pname, cfgs, f in parts:
+        for c in ([None] if cfgs[0] else []) + cfgs:
+            try:
+                t = timeit(lambda: f(c))
+                rows.append([pname, c or "rule", f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
+            except Exception as e:
+                rows.append([pname, c, f"n/a ({type(e).__name__})", ""])
+    table(["part", "config", "ms", "TFLOP/s"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole-model training speed (issue: MoEUT-126M vs compiled dense-126M, same run)
+PEAK_BF16_TFLOPS = {   # dense bf16 tensor-core peak by device name (vendor datasheets, no sparsity)
+    "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+    "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0,
+}
+
+
+def peak_tflops():
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for key, v in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return name, v
+    return name, None
+
+
+def model_config(path, **over):
+    from dataclasses import fields
+    from configurator import apply_overrides
+    from model import ModelConfig
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    apply_overrides(settings, [path], ignore_unknown_file_keys=True)
+    settings.update(over)
+    return ModelConfig.from_dict(settings)
+
+
+def train_step(cfg, compiled, batch, block):
+    """A closure running one bf16 forward+backward+AdamW step of a fresh model on fixed random tokens."""
+    from model import LM
+    torch.manual_seed(seed)
+    model = LM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    fwd = torch.compile(model) if compiled else model
+    x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=getattr(torch, dtype)):
+            out = fwd(x, y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, model
+
+
+def time_steps(step, n_warm, n):
+    for _ in range(n_warm):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        step()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / n, torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_train():
+    """ms/step, tokens/s, peak memory and MFU of each model in `train_models` (config files, with
+    ':compile' to torch.compile it), measured in one run; ratios against the first entry."""
+    from model import flops_per_token
+    name, peak = peak_tflops()
+    rows, base = [], None
+    for spec in train_models.split(","):
+        path, _, mode = spec.partition(":")
+        cfg = model_config(path, vocab_size=train_vocab, block_size=train_block)
+        step, model = train_step(cfg, mode == "compile", train_batch, train_block)
+        ms, mem = time_steps(step, 3 if mode != "compile" else 5, train_steps)
+        del step, model
+        torch.cuda.empty_cache()
+        tok_s = train_batch * train_block / ms * 1e3
+        tflops = 3 * flops_per_token(cfg, train_block) * tok_s / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        base = base or (tok_s, mem)
+        rows.append([spec, f"{ms:.1f}", f"{tok_s:,.0f}", f"{tok_s / base[0]:.2f}", f"{mem:.1f}",
+                     f"{mem / base[1]:.2f}", f"{tflops:.0f}", mfu])
+        print(rows[-1], flush=True)
+    print(f"\n{name}, {dtype}, batch {train_batch} x {train_block}, vocab {train_vocab}, "
+          f"MFU vs {peak} TFLOP/s (active FLOPs: 6 x forward FLOPs/token incl. attention and LM head)\n")
+    table(["model", "ms/step", "tokens/s", "x first", "peak GiB", "x first", "TFLOP/s", "MFU"], rows)
+
+
+def bench_profile():
+    """Top CUDA kernels of a few training steps of train_models' first entry (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    path, _, mode = train_models.split(",")[0].partition(":")
+    cfg = model_config(path, vocab_size=train_vocab, block_size=train_block)
+    step, _ = train_step(cfg, mode == "compile", train_batch, train_block)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+@torch.no_grad()
+def bench_decode():
+    """Greedy decode tokens/s of train_models' first entry with a decode_ctx-token context: the KV cache
+    (prefill once, then one token per step) vs re-running the whole prefix for every new token."""
+    from model import LM
+    path = train_models.split(",")[0].partition(":")[0]
+    cfg = model_config(path, vocab_size=train_vocab, block_size=decode_ctx + decode_new)
+    torch.manual_seed(seed)
+    model = LM(cfg).to(device).eval()
+    amp = torch.autocast(device, dtype=getattr(torch, dtype))
+    rows = []
+    for B in (1, 16):
+        prompt = torch.randint(0, cfg.vocab_size, (B, decode_ctx), device=device)
+
+        def cached():
+            with amp:
+                return model.generate(prompt, decode_new, temperature=0)
+
+        def uncached():
+            idx = prompt
+            with amp:
+                for _ in range(decode_new):
+                    nxt = model(idx).logits[:, -1].argmax(-1)
+                    idx = torch.cat([idx, nxt[:, None]], 1)
+            return idx
+        a, b = cached(), uncached()          # warm-up, and the two must agree (greedy)
+        same = torch.equal(a, b)
+        ms_c, ms_u = timeit(cached), timeit(uncached)
+        rows.append([B, decode_ctx, decode_new, f"{B * decode_new / ms_c * 1e3:,.0f}",
+                     f"{B * decode_new / ms_u * 1e3:,.0f}", f"{ms_u / ms_c:.1f}x", same])
+    print(f"\n{torch.cuda.get_device_name()}, {path}, {dtype}: greedy decode, tokens/s over {decode_new} new tokens")
+    table(["batch", "context", "new", "cached tok/s", "uncached tok/s", "speed-up", "same tokens"], rows)
+
+
+def bench_halting():
+    """MoEUT-126M step time with forced per-token depths (see halting.bench)."""
+    import halting
+    halting.bench(batches=(16,))
+
+
+if __name__ == "__main__":
+    fn = globals().get(f"bench_{what}")
+    if fn is None:
+        raise SystemExit(f"bench.py: unknown --what={what!r}; have "
+                         f"{[k[6:] for k in globals() if k.startswith('bench_')]}")
+    t0 = time.time()
+    fn()
+    print(f"({what} took {time.time() - t0:.0f} s)")

@@ -1,0 +1,244 @@
+"""CVMM tests: the torch reference against a naive loop and gradcheck, the Triton kernels against the
+reference (on CPU through TRITON_INTERPRET=1, set by conftest.py; on CUDA for real), determinism,
+errors, autocast and torch.compile."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # so plain `pytest` works too
+import cvmm as C  # noqa: E402
+from cvmm import cvmm, cvmm_prepare, cvmm_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@pytest.fixture
+def impl():
+    """Set cvmm.IMPL for one test, restore afterwards."""
+    old = C.IMPL
+    yield lambda v: setattr(C, "IMPL", v)
+    C.IMPL = old
+
+
+def usage(name, N=7, d=24, E=5, K=3, de=16, H=2, k=2, dtype=torch.float32, device="cpu", ids=None):
+    """Inputs of one of the four users in the cvmm docstring: (x, expert ids, bank, slot weights)."""
+    g = torch.Generator().manual_seed(len(name) * 7 + N)
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    if name in ("up", "down"):
+        ids = torch.randint(0, E, (N, K), generator=g) if ids is None else ids
+        sw = torch.rand(N, K, generator=g).to(device, dtype)
+        if name == "up":
+            return r(N, d), ids.to(device), r(E, d, de) / d ** 0.5, None
+        return r(N * K, de), ids.to(device), r(E, de, d) / de ** 0.5, sw
+    # SwitchHead: head h picks among its own E experts h*E .. h*E+E-1
+    ids = torch.randint(0, E, (N, H, k), generator=g) + torch.arange(H)[:, None] * E if ids is None else ids
+    if name == "V":
+        return r(N, d), ids.to(device), r(H * E, d, de) / d ** 0.5, torch.rand(N * H, k, generator=g).to(device, dtype)
+    return r(N * H, de), ids.to(device), r(H * E, de, d) / de ** 0.5, torch.rand(N, H * k, generator=g).to(device, dtype)
+
+
+def naive(x, ids, w, sw):
+    """The definition, one row at a time."""
+    x2, ids = x.reshape(-1, x.shape[-1]), ids.flatten()
+    S = ids.numel()
+    fan = S // x2.shape[0]
+    out = torch.stack([x2[s // fan] @ w[ids[s]] for s in range(S)])
+    if sw is None:
+        return out
+    G = sw.shape[-1]
+    sw = sw.reshape(-1, G)
+    return torch.stack([sum(sw[r, g] * out[r * G + g] for g in range(G)) for r in range(S // G)])
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", ["up", "down", "V", "O"])
+def test_reference_matches_naive_loop(name):
+    x, ids, w, sw = usage(name)
+    out = cvmm_reference(x, cvmm_prepare(ids, w.shape[0]), w, sw)
+    assert out.shape == naive(x, ids, w, sw).shape
+    assert rel(out, naive(x, ids, w, sw)) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["down", "O"])
+def test_reference_gradcheck(name):
+    x, ids, w, sw = usage(name, N=3, d=5, de=4, E=3, dtype=torch.float64)
+    sel = cvmm_prepare(ids, w.shape[0])
+    f = lambda x, w, sw: cvmm_reference(x, sel, w, sw)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), sw.requires_grad_()))
+
+
+def run(x, ids, w, sw, E=None):
+    """Forward + backward with a fixed random output gradient: [out, grad_x, grad_w, (grad_sw)]."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    sw = sw.detach().requires_grad_() if sw is not None else None
+    out = cvmm(x, cvmm_prepare(ids, E or w.shape[0]), w, sw)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    return [out] + list(torch.autograd.grad(out, [x, w] + ([sw] if sw is not None else []), go))
+
+
+def compare(impl, args, dtype, device=DEV):
+    """Triton in `dtype` vs the fp32 reference on the same (rounded) inputs."""
+    x, ids, w, sw = args
+    impl("torch")
+    want = run(x.cpu().float(), ids.cpu(), w.cpu().float(), sw.cpu().float() if sw is not None else None)
+    impl("triton")
+    got = run(x.to(device, dtype), ids.to(device), w.to(device, dtype), sw.to(device) if sw is not None else None)
+    tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    assert got[0].dtype == dtype and got[2].dtype == dtype
+    for name, a, b in zip(["out", "grad_x", "grad_w", "grad_sw"], got, want):
+        assert a.shape == b.shape, name
+        assert rel(a.cpu(), b) < tol, (name, rel(a.cpu(), b))
+
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+CASES = {  # awkward shapes: (usage, kwargs)
+    "up": ("up", {}),
+    "down": ("down", {}),
+    "V": ("V", {}),
+    "O": ("O", {}),
+    "ragged_rows": ("down", dict(N=37, d=40, de=24, E=4)),          # no tile multiple anywhere
+    "zero_row_experts": ("down", dict(N=9, E=16, ids=torch.randint(0, 3, (9, 3)) * 5)),
+    "one_expert": ("down", dict(N=20, E=1)),
+    "K1": ("down", dict(N=11, K=1)),
+    "many_experts": ("up", dict(N=50, E=300, K=2, d=32, de=16)),   # 300 experts, few rows each
+    "many_experts_w": ("down", dict(N=50, E=300, K=2, d=32, de=16)),
+    "one_row": ("down", dict(N=1)),
+    "one_row_up": ("up", dict(N=1)),
+    "big_tiles": ("down", dict(N=300, K=4, E=3, d=72, de=40)),      # BM 128, several tiles per expert
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(impl, case, dtype):
+    name, kw = CASES[case]
+    compare(impl, usage(name, **kw), dtype)
+
+
+def test_triton_weight_grad_deterministic(impl):
+    impl("triton")
+    args = usage("down", N=200, K=4, E=3, d=40, de=24, device=DEV)
+    a, b = run(*args), run(*args)
+    for t, u in zip(a, b):
+        assert torch.equal(t, u)
+
+
+def test_triton_noncontiguous_and_batched_x(impl):
+    impl("triton")
+    x, ids, w, sw = usage("up", N=12, device=DEV)
+    xt = x.reshape(3, 4, -1).transpose(0, 1)                  # non-contiguous, 3D
+    wt = w.transpose(1, 2).contiguous().transpose(1, 2)       # non-contiguous bank
+    sel = cvmm_prepare(ids.view(3, 4, -1).transpose(0, 1), w.shape[0])
+    impl("torch")
+    want = cvmm(xt.cpu(), C.CVMMSel(*(t.cpu() for t in sel)), w.cpu())
+    impl("triton")
+    assert rel(cvmm(xt, sel, wt).cpu(), want) < 2e-5
+
+
+def test_autocast(impl):
+    """Under autocast the matmuls run in the autocast dtype; fp32 slot weights keep their precision."""
+    x, ids, w, sw = usage("down", N=16, device=DEV)
+    impl("torch")
+    want = run(x.cpu(), ids.cpu(), w.cpu(), sw.cpu())
+    impl("triton")
+    dt = torch.bfloat16  # on CPU the interpreted kernels upcast bf16 dots (its bf16 tl.dot is broken)
+    with torch.autocast(DEV, dtype=dt):
+        got = run(x, ids, w, sw)
+    assert got[0].dtype == dt and got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert rel(a.cpu(), b) < 3e-2
+
+
+def test_errors(impl):
+    x, ids, w, sw = usage("down")
+    sel = cvmm_prepare(ids, w.shape[0])
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 5\)"):
+        cvmm_prepare(ids + 1, 5)
+    with pytest.raises(ValueError, match="must lie in"):
+        cvmm_prepare(ids - 1, 5)
+    with pytest.raises(TypeError, match="must be integers"):
+        cvmm_prepare(ids.float(), 5)
+    for mode in ("torch", "triton"):
+        impl(mode)
+        with pytest.raises(ValueError, match="prepared for 5 experts, bank has 4"):
+            cvmm(x, sel, w[:4], sw)
+        with pytest.raises(ValueError, match="bank expects D_in"):
+            cvmm(x[:, :-1], sel, w, sw)
+        with pytest.raises(ValueError, match="cannot be spread over"):
+            cvmm(x[:-1], sel, w, sw)
+        with pytest.raises(ValueError, match="one weight per slot"):
+            cvmm(x, sel, w, sw[:-1])
+        with pytest.raises(ValueError, match=r"\[E, D_in, D_out\]"):
+            cvmm(x, sel, w[0], sw)
+        with pytest.raises(TypeError, match="must have one dtype"):
+            cvmm(x.half(), sel, w, sw)
+        with pytest.raises(TypeError, match="int32"):
+            cvmm(x, C.CVMMSel(sel.expert, sel.slot.long(), sel.offsets), w, sw)
+    with pytest.raises(TypeError, match="Triton path takes"):
+        cvmm(x.double(), sel, w.double(), sw)
+
+
+def mlp(x, ids, w1, w2, sw):
+    sel = cvmm_prepare(ids, w1.shape[0])
+    return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, sw)
+
+
+def check_compiled(device, dtype, tol):
+    x, ids, w1, _ = usage("up", N=40, d=64, de=32, E=9, K=3, device=device, dtype=dtype)
+    w2 = usage("down", N=40, d=64, de=32, E=9, K=3, device=device, dtype=dtype)[2]
+    sw = torch.rand(40, 3, device=device)
+    outs = []
+    for f in (mlp, torch.compile(mlp, fullgraph=True)):
+        ps = [t.detach().clone().requires_grad_() for t in (x, w1, w2, sw)]
+        y = f(ps[0], ids, ps[1], ps[2], ps[3])
+        outs.append([y] + list(torch.autograd.grad(y.float().square().sum(), ps)))
+    for a, b in zip(*outs):
+        assert rel(a, b) < tol
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA compile tests cover this; CPU compiles are slow on the GPU host")
+def test_compile_cpu_reference_path(impl):
+    """fullgraph=True: the reference's .tolist() lives inside the custom op, so no graph break."""
+    impl("torch")
+    check_compiled("cpu", torch.float32, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_compile_cuda_sigma_moe(impl, dtype):
+    impl("auto")
+    check_compiled("cuda", dtype, 1e-5)
+
+
+@needs_cuda
+def test_cuda_device_mismatch_and_bad_ids(impl):
+    impl("auto")
+    x, ids, w, sw = usage("down", device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        cvmm(x, cvmm_prepare(ids, w.shape[0]), w.cpu(), sw)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_cuda_decode_shapes(impl, rows):
+    """Decode: a handful of tokens over the MoEUT-126M bank (254 experts, d 768, K 12)."""
+    x, ids, w, sw = usage("down", N=rows, K=12, E=254, d=768, de=128, device="cuda")
+    compare(impl, (x, ids, w, sw), torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_large_deterministic(impl):
+    impl("auto")
+    x, ids, w, sw = usage("down", N=4096, K=12, E=254, d=768, de=128, device="cuda", dtype=torch.bfloat16)
+    a, b = run(x, ids, w, sw), run(x, ids, w, sw)
+    for t, u in zip(a, b):
+        assert torch.equal(t, u)
+    compare(impl, (x, ids, w, sw), torch.bfloat16)
