@@ -25,6 +25,7 @@ train_vocab = 50304     # gpt2's 50257 padded to a multiple of 64
 train_steps = 10
 decode_ctx = 1024       # decode: prompt length
 decode_new = 64         # decode: tokens generated
+halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
 
 from configurator import configure  # noqa: E402
 
@@ -386,7 +387,7 @@ def bench_decode():
 def bench_halting():
     """MoEUT-126M step time with forced per-token depths (see halting.bench)."""
     import halting
-    halting.bench(batches=(16,))
+    halting.bench(batches=tuple(int(b) for b in str(halting_batch).split(',')))
 
 
 if __name__ == "__main__":

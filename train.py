@@ -373,22 +373,17 @@ def latest_checkpoint(out_dir):
 
 
 def model_and_optim_state(model, optimizer, run, cfg):
-    """Full (unsharded, uncompiled, unwrapped) state on rank 0, whatever the parallelism."""
-    if run['distributed'] and cfg['parallelism'] == 'fsdp':
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(model, optimizer, options=opts)
-    return model.state_dict(), optimizer.state_dict()
+    """Full (unsharded, uncompiled, unwrapped) state keyed by parameter names, whatever the parallelism,
+    so a checkpoint resumes at any world size and under either parallelism."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    fsdp = run['distributed'] and cfg['parallelism'] == 'fsdp'
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
 
 
 def load_model_and_optim_state(model, optimizer, ckpt, run, cfg):
-    if run['distributed'] and cfg['parallelism'] == 'fsdp':
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(path, state, keep):
@@ -575,7 +570,8 @@ def train(cfg, run):
             losses.append(torch.stack([out.loss.detach(), out.reg_loss.detach(),
                                        *halting_stats(model.core)]).float())
         scaler.unscale_(optimizer)
-        log_now = (iter_num + 1) % cfg['log_interval'] == 0 and master and cfg['diagnostics']
+        # on every rank: under FSDP the grad norms are collectives (printing stays on rank 0)
+        log_now = (iter_num + 1) % cfg['log_interval'] == 0 and cfg['diagnostics']
         if log_now:     # before clipping: what the loss asked for, per parameter group
             diag = {**grad_norms(model), **logit_stats(out.logits)}
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
@@ -593,6 +589,10 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
 
+        if iter_num % cfg['log_interval'] == 0 and run['distributed']:   # the global batch's loss, not rank 0's
+            mean = torch.stack(losses).mean(0, keepdim=True)
+            dist.all_reduce(mean)
+            losses[:] = [mean[0] / run['world']]
         if iter_num % cfg['log_interval'] == 0 and master:
             lv = torch.stack(losses).mean(0).tolist()
             first_loss = lv[0] if first_loss is None else first_loss

@@ -1,0 +1,168 @@
+"""train.py under torchrun (2 CPU processes, gloo): DDP and FSDP2 train exactly like one process with the
+same global batch, and checkpoints move between world sizes and parallelisms with exact resumes."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'train.py')
+sys.path.insert(0, ROOT)
+
+TIMEOUT = 300
+# global batch: 2 micro-batches of 4. One process: 2 accumulation steps; 2 ranks: 1 micro-step each
+ARGS = ['--dataset=tiny', '--device=cpu', '--dtype=float32', '--d_model=32', '--n_layers=2', '--group_size=2',
+        '--n_heads=2', '--d_head=16', '--ff_n_experts=4', '--ff_k=2', '--d_expert=16', '--att_n_experts=2',
+        '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=2',
+        '--warmup_iters=2', '--lr_decay_iters=100', '--log_interval=1', '--eval_interval=2', '--max_iters=4']
+TOL = 1e-5
+# diagnostics=True (the default) crashes FSDP runs: test_fsdp_with_diagnostics covers that, the others turn it off
+FSDP = ['--parallelism=fsdp', '--diagnostics=False']
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS='1', WANDB_MODE='disabled', PYTHONUNBUFFERED='1')
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CVMM_IMPL'):
+        e.pop(k, None)
+    return e
+
+
+def train(cwd, *args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    p = subprocess.run(launcher + [TRAIN, *args], cwd=cwd, env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    if p.returncode != 0:
+        pytest.fail(f"train.py (nproc={nproc}) exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n"
+                    f"--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return {r['iter']: r for r in map(json.loads, f) if 'train/loss' in r}    # not the eval records
+
+
+def evals(stdout):
+    return {int(m[1]): (float(m[2]), float(m[3]))
+            for m in re.finditer(r'^eval (\d+): train ([\d.]+), val ([\d.]+)', stdout, re.M)}
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def weights(path):
+    """A checkpoint's model tensors by parameter name (any 'module.' prefix stripped: compared elsewhere)."""
+    return {k.removeprefix('module.'): v for k, v in load(path)['model'].items()}
+
+
+def assert_same_weights(a, b, atol=TOL):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def assert_same_losses(got, ref, iters, atol=TOL):
+    for i in iters:
+        assert got[i]['train/loss'] == pytest.approx(ref[i]['train/loss'], abs=atol), (i, got[i], ref[i])
+
+
+def resume_from(root, src_out, ckpt, name, *extra, nproc=1):
+    """Resume a fresh out_dir that holds only checkpoint `ckpt` of run `src_out`; run to max_iters."""
+    out = os.path.join(root, name)
+    os.makedirs(out)
+    shutil.copy(os.path.join(root, src_out, ckpt), out)
+    p = train(root, *ARGS, f'--out_dir={name}', '--init_from=resume', *extra, nproc=nproc)
+    assert re.search(rf'resumed from .*{ckpt} at iter', p.stdout), p.stdout[-2000:]
+    return out, p
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_tt', os.path.join(os.path.dirname(__file__), 'test_train.py'))
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)          # reuse test_train's tiny dataset builder
+    r = str(tmp_path_factory.mktemp('dist'))
+    tt.make_data(r)
+    return r
+
+
+@pytest.fixture(scope='module')
+def runs(root):
+    """The same 4 steps three ways: one process (2 accumulation steps), DDP and FSDP on 2 ranks."""
+    return {name: train(root, *ARGS, f'--out_dir={name}', *extra, nproc=n)
+            for name, n, extra in [('single', 1, []), ('ddp', 2, ['--parallelism=ddp']),
+                                   ('fsdp', 2, FSDP)]}
+
+
+@pytest.mark.parametrize('par', ['ddp', 'fsdp'])
+def test_parallel_training_matches_one_process(root, runs, par):
+    """Same global batch → same parameters after 4 steps, same eval losses (which are all-reduced)."""
+    assert '2 process(es)' in runs[par].stdout
+    assert_same_weights(weights(os.path.join(root, 'single', 'ckpt_0000004.pt')),
+                        weights(os.path.join(root, par, 'ckpt_0000004.pt')))
+    es, ep = evals(runs['single'].stdout), evals(runs[par].stdout)
+    assert sorted(es) == sorted(ep) == [0, 2, 4]
+    for i in es:
+        assert ep[i] == pytest.approx(es[i], abs=2e-4)
+    ck = load(os.path.join(root, par, 'ckpt_0000004.pt'))
+    assert ck['iter_num'] == 4 and ck['data_pos'] == 4 and len(ck['rng']) == 2
+
+
+def test_fsdp_with_diagnostics(root, runs):
+    """The default config (diagnostics=True) trains under FSDP, and diagnostics don't change the training."""
+    p = train(root, *ARGS, '--out_dir=fsdp_diag', '--parallelism=fsdp', '--max_iters=2', nproc=2)
+    assert re.search(r'^ +grad/embedding', p.stdout, re.M)
+    assert_same_weights(weights(os.path.join(root, 'single', 'ckpt_0000002.pt')),
+                        weights(os.path.join(root, 'fsdp_diag', 'ckpt_0000002.pt')))
+
+
+@pytest.mark.parametrize('par', ['ddp', 'fsdp'])
+def test_parallel_logged_loss_matches_one_process(root, runs, par):
+    single, got = log(os.path.join(root, 'single')), log(os.path.join(root, par))
+    assert sorted(got) == sorted(single) == [1, 2, 3, 4]
+    assert_same_losses(got, single, [1, 2, 3, 4])
+
+
+def test_fsdp_checkpoint_resumes_at_world_size_1(root, runs):
+    out, _ = resume_from(root, 'fsdp', 'ckpt_0000002.pt', 'fsdp_to_1')
+    got = log(out)
+    assert sorted(got) == [3, 4]
+    assert_same_losses(got, log(os.path.join(root, 'single')), [3, 4])     # one process logs the global mean
+    assert_same_weights(weights(os.path.join(root, 'single', 'ckpt_0000004.pt')),
+                        weights(os.path.join(out, 'ckpt_0000004.pt')))
+
+
+def test_world_size_1_checkpoint_resumes_under_fsdp(root, runs):
+    out, _ = resume_from(root, 'single', 'ckpt_0000002.pt', 'one_to_fsdp', *FSDP, nproc=2)
+    got = log(out)
+    assert sorted(got) == [3, 4]
+    assert_same_losses(got, log(os.path.join(root, 'fsdp')), [3, 4])        # the uninterrupted FSDP run
+    assert_same_weights(weights(os.path.join(root, 'fsdp', 'ckpt_0000004.pt')),
+                        weights(os.path.join(out, 'ckpt_0000004.pt')))
+
+
+def test_ddp_resume_is_exact(root):
+    """With dropout on, so each rank's RNG stream must be restored too."""
+    drop = ['--parallelism=ddp', '--dropout=0.1', '--ff_expert_dropout=0.1']
+    train(root, *ARGS, '--out_dir=ddp_drop', *drop, nproc=2)
+    out, _ = resume_from(root, 'ddp_drop', 'ckpt_0000002.pt', 'ddp_drop_resumed', *drop, nproc=2)
+    ref, got = log(os.path.join(root, 'ddp_drop')), log(out)
+    assert sorted(got) == [3, 4]
+    assert_same_losses(got, ref, [3, 4], atol=1e-6)
+    assert_same_weights(weights(os.path.join(root, 'ddp_drop', 'ckpt_0000004.pt')),
+                        weights(os.path.join(out, 'ckpt_0000004.pt')), atol=1e-6)
+
+
+def test_ddp_checkpoint_is_unwrapped_and_resumes_at_world_size_1(root, runs):
+    keys = list(load(os.path.join(root, 'ddp', 'ckpt_0000002.pt'))['model'])
+    assert not [k for k in keys if k.startswith(('module.', '_orig_mod.'))], keys[:3]
+    out, _ = resume_from(root, 'ddp', 'ckpt_0000002.pt', 'ddp_to_1')
+    assert_same_losses(log(out), log(os.path.join(root, 'single')), [3, 4])
