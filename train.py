@@ -98,6 +98,8 @@ def main():
     run = setup_distributed(cfg)
     try:
         train(cfg, run)
+        if dist.is_initialized():   # leave together: a rank tearing gloo down while another still talks aborts
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
