@@ -604,8 +604,10 @@ def train(cfg, run):
             last_log_t, last_log_it = time.time(), iter_num
             tps = tokens_per_step / dt
             eta = (cfg['max_iters'] - iter_num) * dt
-            depth = f", depth {lv[2]:.2f}, ACT N+R / MoR aux {lv[3]:.4f}" if len(lv) > 2 else ''
-            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}{depth}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            extra = f", depth {lv[2]:.2f}, ACT N+R / MoR aux {lv[3]:.4f}" if len(lv) > 2 else ''
+            if run['device_type'] == 'cuda':
+                extra += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}{extra}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tps:,.0f} tok/s, {flops_step / dt / 1e12:.2f} TFLOP/s, ETA {eta / 60:.1f} min")
             record = {'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
                       'tokens_per_s': tps}
