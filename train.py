@@ -240,16 +240,18 @@ def wrap_model(model, run, cfg):
         # broadcast_buffers=False: the only buffers are per-rank routing counters (diagnostics)
         return DDP(model, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = None
-    if run['device_type'] == 'cuda' and run['dtype'] != 'float32':
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, run['dtype']), reduce_dtype=torch.float32)
-    kw = {'mp_policy': mp} if mp else {}
+    # bf16 (or fp16) parameters for compute on GPU, fp32 gradient reduction; fp32 throughout on CPU.
+    pdt = getattr(torch, run['dtype']) if run['device_type'] == 'cuda' else torch.float32
+    # cast_forward_inputs=False on the layers: FSDP's input cast rebuilds container arguments, and a
+    # layer hands its router logits back through the list it is given (the entropy regulariser) and
+    # extends the KV-cache dict in place; on a rebuilt copy both would be silently lost.
+    layer_mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # MoEUT's shared layers run R times per forward: keep them unsharded between their uses
     # (reshard_after_forward=False) instead of re-gathering the same weights R times.
     reshard = model.cfg.model_type == 'dense'
-    for layer in model.core.layers:
-        fully_shard(layer, reshard_after_forward=reshard, **kw)
-    fully_shard(model, **kw)
+    for layer in list(model.core.layers) + list(getattr(model.core, 'prelude', [])) + list(getattr(model.core, 'coda', [])):
+        fully_shard(layer, reshard_after_forward=reshard, mp_policy=layer_mp)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32))
     return model
 
 
