@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import AttnContext, ModelConfig, MoEUTLayer, marginal_neg_entropy, rope
+from model import AttnContext, ModelConfig, MoEUTLayer, Routes, marginal_neg_entropy, rope
 
 
 # -------------------------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ class HaltingMoEUT(nn.Module):
         """One step: the G shared layers (MoEUTLayer, unchanged) on the active rows."""
         for l, layer in enumerate(self.layers):
             cache = kv_cache.setdefault(self._key(r, l), {}) if kv_cache is not None else None
-            routes = {'ff': [], 'v': [], 'o': []} if log is not None else None
+            routes = Routes() if log is not None else None
             xa = layer(xa, rows.attention(ctx, self.kv, bufs[l]), cache, routes)
             if log is not None:
                 log.add(('loop', l), routes, rows)
@@ -391,7 +391,7 @@ class HaltingMoEUT(nn.Module):
         """Prelude / coda layers: every token, plain MoEUT semantics and cache."""
         for i, layer in enumerate(layers):
             cache = kv_cache.setdefault(first + i, {}) if kv_cache is not None else None
-            routes = {'ff': [], 'v': [], 'o': []} if log is not None else None
+            routes = Routes() if log is not None else None
             x = layer(x, ctx, cache, routes)
             if log is not None:
                 log.add(('unique', first + i), routes, None)

@@ -283,6 +283,22 @@ class MoEUTLayer(nn.Module):
         return x
 
 
+class Routes:
+    """The router logits of one shared layer's applications, handed back for the regulariser:
+    routes['ff'], routes['v'], routes['o'] are lists the layer appends to. A plain object on purpose:
+    FSDP2 rebuilds list/dict arguments that hold grad tensors, so appends to a list passed in would
+    land in a copy (and the regulariser would silently be zero)."""
+
+    def __init__(self):
+        self.lists = {'ff': [], 'v': [], 'o': []}
+
+    def __getitem__(self, kind):
+        return self.lists[kind]
+
+    def items(self):
+        return self.lists.items()
+
+
 class MoEUT(nn.Module):
     """The non-LM core: [B, T, d_model] -> [B, T, d_model] and the regulariser (spec §1)."""
 
@@ -295,7 +311,7 @@ class MoEUT(nn.Module):
     def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
         G = len(self.layers)
         collect = self.training and (self.cfg.entropy_reg > 0 or self.cfg.att_entropy_reg > 0)
-        routes = [{'ff': [], 'v': [], 'o': []} if collect else None for _ in range(G)]
+        routes = [Routes() if collect else None for _ in range(G)]
         for r in range(self.n_repeats):                   # A B A B ...: layer li at depth r*G + li
             for li, layer in enumerate(self.layers):
                 cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None

@@ -243,8 +243,8 @@ def wrap_model(model, run, cfg):
     # bf16 (or fp16) parameters for compute on GPU, fp32 gradient reduction; fp32 throughout on CPU.
     pdt = getattr(torch, run['dtype']) if run['device_type'] == 'cuda' else torch.float32
     # cast_forward_inputs=False on the layers: FSDP's input cast rebuilds container arguments, and a
-    # layer hands its router logits back through the list it is given (the entropy regulariser) and
-    # extends the KV-cache dict in place; on a rebuilt copy both would be silently lost.
+    # layer extends the KV-cache dict it is given in place (router logits travel in model.Routes,
+    # an object FSDP does not traverse, for the same reason).
     layer_mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # MoEUT's shared layers run R times per forward: keep them unsharded between their uses
     # (reshard_after_forward=False) instead of re-gathering the same weights R times.
