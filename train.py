@@ -620,8 +620,9 @@ def train(cfg, run):
                 record.update({k: round(v, 4) for k, v in diag.items()})
                 record.update(routing_summary(routing))
                 last_routing = routing
-                print('       ' + ', '.join(f"{k} {v:.3g}" for k, v in record.items()
-                                            if k.startswith(('grad/', 'logits/', 'dead/', 'balance/'))))
+                if iter_num % cfg['eval_interval'] == 0:      # the console gets them per eval; log.jsonl always
+                    print('       ' + ', '.join(f"{k} {v:.3g}" for k, v in record.items()
+                                                if k.startswith(('grad/', 'logits/', 'dead/', 'balance/'))))
             append_log(cfg['out_dir'], record)
             if wandb:
                 wandb.log(record)
