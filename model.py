@@ -605,6 +605,11 @@ def param_counts(cfg: ModelConfig) -> dict:
         layers = cfg.group_size * (att_total + ff_total + 2 * ln)
         active_per = att_active + ff_active + 2 * ln
     total = layers + emb + ln
+    if cfg.model_type == 'moeut' and cfg.halting != 'none':
+        # prelude/coda layers and the halting unit/router: count the real module, built on the meta
+        # device (no memory), rather than repeat halting.py's layout here
+        with torch.device('meta'):
+            total = sum(p.numel() for p in LM(cfg).parameters())
     return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * (
         cfg.group_size if cfg.model_type == 'moeut' else cfg.n_layers)}
 

@@ -272,6 +272,9 @@ def test_param_counts_match_the_module():
     for kind in KINDS:
         model = make(kind)
         assert param_counts(model.cfg)['total'] == sum(p.numel() for p in model.parameters()), kind
+    for extra in (dict(halting='act', n_prelude=1, n_coda=1), dict(halting='mor')):
+        model = make('moeut', **extra)
+        assert param_counts(model.cfg)['total'] == sum(p.numel() for p in model.parameters()), extra
 
 
 def test_model_py_prints_counts():
