@@ -44,12 +44,19 @@ def load_checkpoint(init_from, out_dir, device):
             fail(f"no checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
     else:
         path = init_from
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             fail(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    from train import load_checkpoint_meta
+    ckpt = load_checkpoint_meta(path)
     model = LM(ModelConfig(**ckpt['model_config']))
-    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
-    model.load_state_dict(state)
+    if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
+        import torch.distributed.checkpoint as dcp
+        state = {'model': model.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+        model.load_state_dict(state['model'])
+    else:
+        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+        model.load_state_dict(state)
     return model.to(device).eval(), ckpt['meta']['tokenizer'], path
 
 

@@ -36,6 +36,8 @@ eval_iters = 20
 eval_only = False
 always_save_checkpoint = True   # else only when val loss improves
 keep_last = 2                   # checkpoints kept in out_dir
+checkpoint_format = 'auto'      # 'file' (one ckpt_N.pt) | 'sharded' (ckpt_N/ via torch.distributed.checkpoint)
+                                # | 'auto' = sharded under FSDP, file otherwise. Both resume at any world size.
 init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
 wandb_log = False
 wandb_project = 'nanomoeut'
@@ -365,9 +367,12 @@ def lr_at(it, cfg):
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def checkpoint_paths(out_dir):
+    """Complete checkpoints, oldest first: ckpt_N.pt files and ckpt_N/ sharded directories (a save in
+    progress, or killed mid-way, is a *.tmp name and never listed)."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
+    names = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and not f.endswith('.tmp')
+                   and (f.endswith('.pt') or os.path.isdir(os.path.join(out_dir, f))))
     return [os.path.join(out_dir, f) for f in names]
 
 
@@ -376,18 +381,33 @@ def latest_checkpoint(out_dir):
     return paths[-1] if paths else None
 
 
-def model_and_optim_state(model, optimizer, run, cfg):
-    """Full (unsharded, uncompiled, unwrapped) state keyed by parameter names, whatever the parallelism,
-    so a checkpoint resumes at any world size and under either parallelism."""
+def load_checkpoint_meta(path):
+    """Everything but the tensors of a sharded checkpoint (config, iteration, data position, RNG), or
+    the whole of a single-file one."""
+    return torch.load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path,
+                      map_location='cpu', weights_only=False)
+
+
+def model_and_optim_state(model, optimizer, run, cfg, full=True):
+    """Model and optimizer state keyed by parameter names (unwrapped, uncompiled), so a checkpoint
+    resumes at any world size and under either parallelism. full: gathered whole tensors (on CPU under
+    FSDP); else each rank's shards (DTensors), for torch.distributed.checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     fsdp = run['distributed'] and cfg['parallelism'] == 'fsdp'
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=fsdp and full))
 
 
-def load_model_and_optim_state(model, optimizer, ckpt, run, cfg):
+def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
-                   options=StateDictOptions(full_state_dict=True))
+    if os.path.isdir(path):    # sharded: DCP reshards to this run's layout (any world size, or none)
+        import torch.distributed.checkpoint as dcp
+        m, o = model_and_optim_state(model, optimizer, run, cfg, full=False)
+        state = {'model': m, 'optimizer': o}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                       options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(path, state, keep):
@@ -398,8 +418,31 @@ def save_checkpoint(path, state, keep):
     with open(tmp, 'rb') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in checkpoint_paths(os.path.dirname(path))[:-keep] if keep > 0 else []:
-        os.remove(old)
+    prune_checkpoints(os.path.dirname(path), keep)
+
+
+def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
+    """Every rank writes its own shards with torch.distributed.checkpoint into path.tmp/; rank 0 adds
+    meta.pt and renames the directory once all ranks are done, so a crash leaves no complete-looking
+    partial checkpoint."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    tmp = path + '.tmp'
+    if run['master'] and os.path.exists(tmp):       # a save that was killed earlier
+        shutil.rmtree(tmp)
+    if run['distributed']:
+        dist.barrier()
+    dcp.save(tensors, checkpoint_id=tmp)
+    if run['master']:
+        torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
+        os.replace(tmp, path)
+        prune_checkpoints(os.path.dirname(path), keep)
+
+
+def prune_checkpoints(out_dir, keep):
+    import shutil
+    for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
 def rng_state():
@@ -467,7 +510,7 @@ def train(cfg, run):
         path = latest_checkpoint(cfg['out_dir'])
         if path is None:
             fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = load_checkpoint_meta(path)
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
@@ -480,7 +523,7 @@ def train(cfg, run):
     optimizer = make_optimizer(wrapped, cfg, run)
     iter_num, best_val = 0, float('inf')
     if ckpt is not None:
-        load_model_and_optim_state(wrapped, optimizer, ckpt, run, cfg)
+        load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
         iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
         set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0])
         if master:
@@ -508,19 +551,28 @@ def train(cfg, run):
         stop['signal'] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    fmt = cfg['checkpoint_format']
+    if fmt == 'auto':
+        fmt = 'sharded' if run['distributed'] and cfg['parallelism'] == 'fsdp' else 'file'
+    if fmt not in ('file', 'sharded'):
+        fail(f"checkpoint_format must be 'auto', 'file' or 'sharded', got {fmt!r}")
+
     def checkpoint():
-        m_state, o_state = model_and_optim_state(wrapped, optimizer, run, cfg)
+        m_state, o_state = model_and_optim_state(wrapped, optimizer, run, cfg, full=fmt == 'file')
         rngs = [None] * run['world']
         if run['distributed']:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        state = {'config': cfg, 'model_config': asdict(mcfg), 'iter_num': iter_num, 'best_val_loss': best_val,
+                 'data_pos': batches.pos, 'rng': rngs, 'meta': meta}
+        path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:07d}')
+        if fmt == 'sharded':
+            save_sharded_checkpoint(path, {'model': m_state, 'optimizer': o_state}, state, run, cfg['keep_last'])
+        elif master:
+            path += '.pt'
+            save_checkpoint(path, {'model': m_state, 'optimizer': o_state, **state}, cfg['keep_last'])
         if master:
-            state = {'model': m_state, 'optimizer': o_state, 'config': cfg, 'model_config': asdict(mcfg),
-                     'iter_num': iter_num, 'best_val_loss': best_val, 'data_pos': batches.pos,
-                     'rng': rngs, 'meta': meta}
-            path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:07d}.pt')
-            save_checkpoint(path, state, cfg['keep_last'])
             print(f"saved {path}")
         if run['distributed']:
             dist.barrier()

@@ -53,12 +53,24 @@ def evals(stdout):
             for m in re.finditer(r'^eval (\d+): train ([\d.]+), val ([\d.]+)', stdout, re.M)}
 
 
+def resolve(path):
+    """ckpt_N.pt, or the sharded directory ckpt_N/ that FSDP runs write by default."""
+    return path[:-3] if path.endswith('.pt') and os.path.isdir(path[:-3]) else path
+
+
 def load(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    sys.path.insert(0, ROOT)
+    from train import load_checkpoint_meta
+    return load_checkpoint_meta(resolve(path))
 
 
 def weights(path):
     """A checkpoint's model tensors by parameter name (any 'module.' prefix stripped: compared elsewhere)."""
+    path = resolve(path)
+    if os.path.isdir(path):           # sharded: read it the way sample.py does
+        sys.path.insert(0, ROOT)
+        from sample import load_checkpoint
+        return dict(load_checkpoint(path, '', 'cpu')[0].state_dict())
     return {k.removeprefix('module.'): v for k, v in load(path)['model'].items()}
 
 
@@ -77,7 +89,12 @@ def resume_from(root, src_out, ckpt, name, *extra, nproc=1):
     """Resume a fresh out_dir that holds only checkpoint `ckpt` of run `src_out`; run to max_iters."""
     out = os.path.join(root, name)
     os.makedirs(out)
-    shutil.copy(os.path.join(root, src_out, ckpt), out)
+    src = resolve(os.path.join(root, src_out, ckpt))
+    if os.path.isdir(src):
+        shutil.copytree(src, os.path.join(out, os.path.basename(src)))
+        ckpt = os.path.basename(src)
+    else:
+        shutil.copy(src, out)
     p = train(root, *ARGS, f'--out_dir={name}', '--init_from=resume', *extra, nproc=nproc)
     assert re.search(rf'resumed from .*{ckpt} at iter', p.stdout), p.stdout[-2000:]
     return out, p

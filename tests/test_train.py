@@ -314,3 +314,19 @@ def test_error_accumulation_not_divisible_by_world_size(root):
     # torchrun prints its own launcher traceback; train.py itself must not raise one
     assert not re.search(r'File ".*train\.py", line', out), out[-3000:]
     assert '[rank0]: Traceback' not in out and '[rank1]: Traceback' not in out
+
+
+def test_checkpoint_listing_ignores_partial_saves_and_prunes_directories(tmp_path):
+    """Sharded checkpoints are directories; a save killed mid-way is left as *.tmp and never listed,
+    and pruning removes old directories as well as files."""
+    sys.path.insert(0, ROOT)
+    import train
+    (tmp_path / 'ckpt_0000001.pt').write_bytes(b'x')
+    (tmp_path / 'ckpt_0000002').mkdir()
+    (tmp_path / 'ckpt_0000003.tmp').mkdir()          # a sharded save that was killed
+    (tmp_path / 'ckpt_0000004.pt.tmp').write_bytes(b'partial')
+    names = [os.path.basename(p) for p in train.checkpoint_paths(str(tmp_path))]
+    assert names == ['ckpt_0000001.pt', 'ckpt_0000002']
+    assert os.path.basename(train.latest_checkpoint(str(tmp_path))) == 'ckpt_0000002'
+    train.prune_checkpoints(str(tmp_path), 1)
+    assert [os.path.basename(p) for p in train.checkpoint_paths(str(tmp_path))] == ['ckpt_0000002']
