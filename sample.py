@@ -4,10 +4,12 @@ Sample from a trained model, or measure its perplexity on a text file.
     python sample.py --out_dir=out/shakespeare --start="ROMEO:" --num_samples=2
     python sample.py --start=FILE:prompt.txt --temperature=0          # greedy (deterministic)
     python sample.py --eval_file=some.txt                               # loss, perplexity, bits/byte
+    python sample.py --init_from=out/run/ckpt_0001000 --export=model.pt  # one file from a sharded checkpoint
 """
 import math
 import os
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -28,6 +30,7 @@ device = 'auto'
 dtype = 'auto'                # 'auto': bfloat16 on cuda, float32 on cpu
 eval_file = ''                # if set: print tokens, mean loss, perplexity and bits per byte of this file
 show_depth = False            # halting models: mark each token with the number of steps it took
+export = ''                   # if set: write the checkpoint's model as one file here (e.g. from a sharded FSDP run)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -113,6 +116,14 @@ def main():
     model, tok_name, path = load_checkpoint(cfg['init_from'], cfg['out_dir'], dev)
     enc = tokenizer(tok_name)
     print(f"loaded {path} ({model.cfg.model_type}, tokenizer {tok_name})", file=sys.stderr)
+
+    if cfg['export']:       # one self-contained file: model weights, model config, tokenizer meta
+        tmp = cfg['export'] + '.tmp'
+        torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
+                    'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
+        os.replace(tmp, cfg['export'])
+        print(f"exported {path} -> {cfg['export']}")
+        return
 
     if cfg['eval_file']:
         if not os.path.isfile(cfg['eval_file']):

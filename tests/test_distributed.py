@@ -183,3 +183,17 @@ def test_ddp_checkpoint_is_unwrapped_and_resumes_at_world_size_1(root, runs):
     assert not [k for k in keys if k.startswith(('module.', '_orig_mod.'))], keys[:3]
     out, _ = resume_from(root, 'ddp', 'ckpt_0000002.pt', 'ddp_to_1')
     assert_same_losses(log(out), log(os.path.join(root, 'single')), [3, 4])
+
+
+def test_sharded_checkpoint_exports_to_one_file_that_samples(root, runs, tmp_path):
+    """sample.py --export turns an FSDP run's sharded checkpoint into one file with the same weights."""
+    src = resolve(os.path.join(root, 'fsdp', 'ckpt_0000004.pt'))
+    assert os.path.isdir(src)
+    out = tmp_path / 'model.pt'
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={src}', f'--export={out}',
+                        '--device=cpu'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert_same_weights(weights(src), torch.load(out, weights_only=False)['model'], atol=0)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={out}', '--max_new_tokens=5',
+                        '--num_samples=1', '--device=cpu'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
