@@ -80,6 +80,7 @@ def _run_config_file(path, config):
     """Execute config file `path` with the current config values visible; return what it assigned."""
     scope = {k: config[k] for k in config_keys(config)}
     before = dict(scope)
+    scope['__file__'] = path        # so a config can include a sibling relative to itself
     with open(path) as f:
         source = f.read()
     try:

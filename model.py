@@ -72,6 +72,10 @@ class ModelConfig:
         for k in ('vocab_size', 'block_size', 'd_model', 'n_layers', 'n_heads', 'd_head'):
             if getattr(self, k) < 1:
                 bad(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.model_type == 'dense' and self.halting != 'none':
+            bad(f"halting={self.halting!r} needs model_type='moeut' (the dense baseline has no looped group)")
+        if self.halting == 'none' and (self.n_prelude or self.n_coda):
+            bad("n_prelude/n_coda (unique layers around the looped group) need halting='act' or 'mor'")
         if self.model_type == 'moeut':
             if self.n_layers % self.group_size != 0:
                 bad(f"n_layers ({self.n_layers}) must be a multiple of group_size ({self.group_size})")
@@ -563,7 +567,10 @@ def routing_report(model: nn.Module) -> dict:
     none (dead), and the entropy of that usage over its maximum log(E) (1 = perfectly balanced).
     Reads and resets the usage counters (one host sync: call it at log time, not every step)."""
     report = {}
-    for li, layer in enumerate(getattr(model.core, 'layers', [])):
+    core = model.core
+    shared = list(getattr(core, 'layers', []))
+    unique = list(getattr(core, 'prelude', [])) + list(getattr(core, 'coda', []))
+    for li, layer in enumerate(shared + unique):     # unique (prelude/coda) layers numbered after the group
         banks = {'ff': getattr(getattr(layer, 'ffn', None), 'usage', None),
                  'v': getattr(getattr(layer, 'attention', None), 'usage_v', None),
                  'o': getattr(getattr(layer, 'attention', None), 'usage_o', None)}
@@ -610,14 +617,15 @@ def param_counts(cfg: ModelConfig) -> dict:
         # device (no memory), rather than repeat halting.py's layout here
         with torch.device('meta'):
             total = sum(p.numel() for p in LM(cfg).parameters())
-    return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * (
-        cfg.group_size if cfg.model_type == 'moeut' else cfg.n_layers)}
+    distinct = cfg.group_size + cfg.n_prelude + cfg.n_coda if cfg.model_type == 'moeut' else cfg.n_layers
+    return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * distinct}
 
 
 def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
     """Forward FLOPs (2 per multiply-add) per token at context T: every weight matmul a token runs
-    through all n_layers applications, attention scores and mixing (T keys, causal half-average
-    ignored: counted as T/2 would undercount small T), routers, and the LM head."""
+    through in all layer applications (n_layers, plus prelude/coda layers of a halting model, every
+    token at full depth), attention scores and mixing over the T/2 keys a causal query sees on
+    average, the routers, and the LM head."""
     T = T or cfg.block_size
     d, H, dh, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size
     att_scores = 2 * T * H * dh // 2        # QK^T and AV over on average T/2 visible keys
@@ -628,7 +636,7 @@ def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
         vo = 2 * H * k * d * dh + 2 * H * E * d if E > 1 else 2 * H * dh * d + H * d
         per_layer = (2 * d * H * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
                      + cfg.ff_n_experts * d)
-    return 2 * (cfg.n_layers * per_layer + d * V)
+    return 2 * ((cfg.n_layers + cfg.n_prelude + cfg.n_coda) * per_layer + d * V)
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -111,6 +111,11 @@ def main():
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
     dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
+    if dt not in ('float32', 'bfloat16', 'float16'):
+        fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
+    if cfg['temperature'] < 0 or cfg['top_k'] < 0 or not 0 < cfg['top_p'] <= 1:
+        fail(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {cfg['temperature']}, "
+             f"{cfg['top_k']}, {cfg['top_p']}")
     autocast = torch.autocast(dev.split(':')[0], dtype=getattr(torch, dt)) if dt != 'float32' else \
         torch.autocast(dev.split(':')[0], enabled=False)
     model, tok_name, path = load_checkpoint(cfg['init_from'], cfg['out_dir'], dev)
@@ -133,6 +138,8 @@ def main():
               f"{r['bits_per_byte']:.4f} bits/byte")
         return
 
+    if cfg['show_depth'] and not hasattr(model.core, 'trace'):
+        fail("show_depth needs a halting model (trained with halting='act' or 'mor')")
     prompt = cfg['start']
     if prompt.startswith('FILE:'):
         p = prompt[5:]
@@ -149,8 +156,6 @@ def main():
         out = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'],
                              top_k=cfg['top_k'] or None, top_p=cfg['top_p'], eos_token=enc.eot_token,
                              generator=gen)
-    if cfg['show_depth'] and not hasattr(model.core, 'trace'):
-        fail("show_depth needs a halting model (trained with halting='act' or 'mor')")
     for row in out.tolist():
         new = row[len(ids):]
         if enc.eot_token in new:

@@ -191,12 +191,12 @@ def read_windows(path, dtype, starts, block):
 
 
 def load_meta(data_dir):
-    import json
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(path):
-        fail(f"missing {path}: run `python prepare.py` (see README) to make the dataset")
-    with open(path) as f:
-        return json.load(f)
+    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta)."""
+    import prepare
+    try:
+        return prepare.load_meta(data_dir)
+    except prepare.PrepareError as e:
+        fail(str(e))
 
 
 # datasets train.py can make itself on first use: Shakespeare with gpt2 tokens or raw bytes
@@ -212,12 +212,17 @@ def ensure_data(cfg, run):
             import prepare
             tok = AUTO_DATASETS[cfg['dataset']]
             print(f"{data_dir} missing: preparing the Shakespeare works with the {tok} tokenizer")
-            prepare.prepare([], data_dir, tok, 0.005, 1337)
+            try:
+                prepare.prepare([], data_dir, tok, 0.005, 1337)
+            except prepare.PrepareError as e:
+                fail(str(e))
         if run['distributed']:
             dist.barrier()
-    for split in ('train', 'val'):
-        if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
-            fail(f"missing {data_dir}/{split}.bin: run prepare.py for this dataset")
+    meta = load_meta(data_dir)
+    for split in ('train', 'val'):      # an eval over zero windows would print nan and never checkpoint
+        if meta[f'{split}_tokens'] < cfg['block_size'] + 1:
+            fail(f"{data_dir}/{split}.bin has {meta[f'{split}_tokens']} tokens, fewer than block_size+1 "
+                 f"({cfg['block_size'] + 1}): lower block_size or prepare more data")
     return data_dir
 
 
@@ -435,6 +440,8 @@ def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
     dcp.save(tensors, checkpoint_id=tmp)
     if run['master']:
         torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
+        if os.path.isdir(path):      # the same iteration saved again: the new one wins
+            shutil.rmtree(path)
         os.replace(tmp, path)
         prune_checkpoints(os.path.dirname(path), keep)
 
@@ -511,6 +518,10 @@ def train(cfg, run):
         if path is None:
             fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
         ckpt = load_checkpoint_meta(path)
+        old_batch = ckpt['config']['batch_size'] * ckpt['config']['gradient_accumulation_steps']
+        if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
+            fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "
+                 f"{cfg['batch_size'] * cfg['gradient_accumulation_steps']}: its data position would not carry over")
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
@@ -521,10 +532,11 @@ def train(cfg, run):
     model, mcfg = build_model(cfg, run, meta['vocab_size'])
     wrapped = wrap_model(model, run, cfg)
     optimizer = make_optimizer(wrapped, cfg, run)
-    iter_num, best_val = 0, float('inf')
+    iter_num, best_val, resumed_at = 0, float('inf'), -1
     if ckpt is not None:
         load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
         iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
+        resumed_at = iter_num
         set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0])
         if master:
             print(f"resumed from {path} at iter {iter_num}")
@@ -582,7 +594,9 @@ def train(cfg, run):
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
     while True:
-        if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']:
+        at_resume = iter_num == resumed_at      # that eval (and its checkpoint) happened before the save
+        if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
+                and not (at_resume and not cfg['eval_only']):
             ev = evaluate(fwd, data_dir, cfg, run, autocast, model.core)
             if master:
                 print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, "
@@ -631,8 +645,14 @@ def train(cfg, run):
         if log_now:     # before clipping: what the loss asked for, per parameter group
             diag = {**grad_norms(model), **logit_stats(out.logits)}
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
-        if torch.isfinite(norm):   # one small sync per step buys safety against a poisoned update
+        if scaler.is_enabled():     # fp16: GradScaler skips overflowing steps itself (expected while it calibrates)
             scaler.step(optimizer)
+            bad = not bool(torch.isfinite(out.loss))
+        else:                       # one small sync per step buys safety against a poisoned update
+            bad = not bool(torch.isfinite(norm))
+            if not bad:
+                optimizer.step()
+        if not bad:
             bad_steps = 0
         else:
             bad_steps += 1
@@ -661,7 +681,8 @@ def train(cfg, run):
             extra = f", depth {lv[2]:.2f}, ACT N+R / MoR aux {lv[3]:.4f}" if len(lv) > 2 else ''
             if run['device_type'] == 'cuda':
                 extra += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-            print(f"iter {iter_num}: loss {lv[0]:.4f}, reg {lv[1]:.4f}{extra}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            reg = 'reg+halt' if len(lv) > 2 else 'reg'     # halting cores add ponder/aux into their loss term
+            print(f"iter {iter_num}: loss {lv[0]:.4f}, {reg} {lv[1]:.4f}{extra}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                   f"{tps:,.0f} tok/s, {flops_step / dt / 1e12:.2f} TFLOP/s, ETA {eta / 60:.1f} min")
             record = {'iter': iter_num, 'train/loss': lv[0], 'train/reg_loss': lv[1], 'lr': lr,
                       'tokens_per_s': tps}
@@ -712,7 +733,8 @@ def grad_norms(model):
         if p.grad is None:
             continue
         g = ('embedding' if 'embedding' in name else 'lm_head' if 'lm_head' in name
-             else 'router' if name.endswith(('expert_sel', 'sel_v', 'sel_o')) else 'norm' if '.ln' in name or 'norm' in name
+             else 'router' if name.endswith(('expert_sel', 'sel_v', 'sel_o')) or '.halt' in name or '.router' in name
+             else 'norm' if '.ln' in name or 'norm' in name
              else 'ffn' if '.ffn.' in name or '.fc' in name else 'attention' if 'att' in name
              else 'other')
         groups[g] = groups.get(g, 0) + p.grad.detach().float().pow(2).sum()

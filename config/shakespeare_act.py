@@ -2,20 +2,7 @@
 # $ python train.py config/shakespeare_act.py
 # Everything else (data, batch, shape) comes from the plain tiny run, config/shakespeare.py.
 import os
-if os.path.exists('config/shakespeare.py'):
-    exec(open('config/shakespeare.py').read())
-else:  # until config/shakespeare.py exists: its tiny shape
-    d_model = 128
-    n_layers = 4
-    group_size = 2
-    n_heads = 4
-    d_head = 32
-    att_n_experts = 4
-    att_k = 2
-    ff_n_experts = 16
-    ff_k = 4
-    d_expert = 32
-    block_size = 256
+exec(open(os.path.join(os.path.dirname(__file__), 'shakespeare.py')).read())   # the base run, then:
 
 out_dir = 'out/shakespeare_act'
 halting = 'act'

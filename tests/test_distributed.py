@@ -21,7 +21,7 @@ ARGS = ['--dataset=tiny', '--device=cpu', '--dtype=float32', '--d_model=32', '--
         '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=2',
         '--warmup_iters=2', '--lr_decay_iters=100', '--log_interval=1', '--eval_interval=2', '--max_iters=4']
 TOL = 1e-5
-# diagnostics=True (the default) crashes FSDP runs: test_fsdp_with_diagnostics covers that, the others turn it off
+# test_fsdp_with_diagnostics covers FSDP with diagnostics on (the default); the other FSDP runs turn it off
 FSDP = ['--parallelism=fsdp', '--diagnostics=False']
 
 

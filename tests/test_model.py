@@ -322,3 +322,12 @@ def test_experts_see_raw_residual_peri_ln():
     assert not torch.allclose(x_att, a)
     torch.testing.assert_close(a, F.layer_norm(x_att, (x_att.shape[-1],)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(router_in, F.layer_norm(x_ffn, (x_ffn.shape[-1],)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(model_type='dense', halting='act'), "needs model_type='moeut'"),
+    (dict(n_prelude=1), "need halting='act' or 'mor'"),
+])
+def test_options_that_would_be_ignored_are_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny(**kw)

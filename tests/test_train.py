@@ -330,3 +330,21 @@ def test_checkpoint_listing_ignores_partial_saves_and_prunes_directories(tmp_pat
     assert os.path.basename(train.latest_checkpoint(str(tmp_path))) == 'ckpt_0000002'
     train.prune_checkpoints(str(tmp_path), 1)
     assert [os.path.basename(p) for p in train.checkpoint_paths(str(tmp_path))] == ['ckpt_0000002']
+
+
+def test_resume_of_a_sharded_checkpoint_at_an_eval_boundary(root):
+    """A checkpoint saved at an eval iteration resumes without evaluating and saving that iteration
+    again (a sharded save used to collide with the existing ckpt_N/ directory)."""
+    base = TINY + ['--checkpoint_format=sharded', '--out_dir=sh', '--eval_interval=2']
+    train(root, *base, '--max_iters=4')
+    assert os.path.isdir(os.path.join(root, 'sh', 'ckpt_0000004'))
+    again = train(root, *base, '--max_iters=6', '--init_from=resume')
+    assert 'eval 4:' not in again.stdout and 'eval 6:' in again.stdout
+
+
+def test_too_short_val_split_and_changed_batch_are_clear_errors(root):
+    r = train(root, *TINY, '--block_size=100000', '--out_dir=short', check=False)
+    assert r.returncode != 0 and 'fewer than block_size+1' in r.stderr and 'Traceback' not in r.stderr
+    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=gb')
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--batch_size=8', check=False)
+    assert r.returncode != 0 and 'global batch' in r.stderr and 'Traceback' not in r.stderr
