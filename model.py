@@ -3,11 +3,11 @@ MoEUT: Mixture-of-Experts Universal Transformers (Csordás, Irie, Schmidhuber, P
 NeurIPS 2024, arXiv 2405.16039), plus a dense pre-LN GPT baseline of the same code.
 
 Read top to bottom, in the paper's order:
-  1. σ-MoE feedforward block (paper §2.1)      -> SigmaMoE
-  2. SwitchHead attention (paper §2.2) + RoPE  -> SwitchHead, rope(), attend()
-  3. entropy regulariser over experts (§2.1)   -> marginal_neg_entropy()
-  4. layer grouping, G layers repeated (§2.3)  -> MoEUT.forward
-  5. peri-layernorm (§2.4)                     -> MoEUTLayer.forward
+  1. σ-MoE feedforward block                   -> SigmaMoE                  (spec §3)
+  2. SwitchHead attention + half-RoPE          -> SwitchHead, rope(), attend() (spec §4, §5)
+  3. entropy regulariser over experts          -> marginal_neg_entropy()    (spec §6)
+  4. layer grouping, G layers repeated         -> MoEUT.forward             (spec §1)
+  5. peri-layernorm                            -> MoEUTLayer.forward        (spec §2)
 The numbered facts this file must satisfy are in ../shared/spec/moeut.md ("spec §N" below).
 """
 import math
@@ -106,7 +106,7 @@ class AttentionMask(NamedTuple):
 
 
 # -------------------------------------------------------------------------------------------------
-# 1. σ-MoE feedforward (paper §2.1, spec §3)
+# 1. σ-MoE feedforward (paper: MoE feedforward blocks; spec §3)
 #    s = sigmoid(LN_ff(x) W_S);  E(x) = topK(s);  y = Σ_{e∈E(x)} s_e · ReLU(x W1_e) W2_e
 # -------------------------------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float) -> torch.
 
 
 # -------------------------------------------------------------------------------------------------
-# 2. SwitchHead attention (paper §2.2, spec §4) with half-RoPE (spec §5)
+# 2. SwitchHead attention (paper: MoE self-attention; spec §4) with half-RoPE (spec §5)
 # -------------------------------------------------------------------------------------------------
 
 def rope(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float) -> torch.Tensor:
@@ -266,7 +266,7 @@ def marginal_neg_entropy(logits: list) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------
-# 4-5. The layer with peri-LN (paper §2.4, spec §2) and the grouped stack (paper §2.3, spec §1)
+# 4-5. The layer with peri-LayerNorm (spec §2) and the grouped stack (layer grouping, spec §1)
 # -------------------------------------------------------------------------------------------------
 
 class MoEUTLayer(nn.Module):
