@@ -26,6 +26,7 @@ train_steps = 10
 decode_ctx = 1024       # decode: prompt length
 decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
+halting_compile = False  # halting: torch.compile the plain model, compile_layers() the halting ones
 
 from configurator import configure  # noqa: E402
 
@@ -352,42 +353,74 @@ def bench_profile():
 
 @torch.no_grad()
 def bench_decode():
-    """Greedy decode tokens/s of train_models' first entry with a decode_ctx-token context: the KV cache
-    (prefill once, then one token per step) vs re-running the whole prefix for every new token."""
-    from model import LM
+    """Greedy decoding of train_models' first entry at a decode_ctx-token context, per generated token:
+    the static KV cache (one token per step; CUDA graph as generate() does it, and eager) vs re-running
+    the whole decode_ctx-token window for every new token (eager, and as a CUDA graph too, so the
+    comparison is not only about launch overhead). Plus generate() end to end (prefill + capture +
+    decode_new tokens)."""
+    from model import LM, static_kv_cache
     path = train_models.split(",")[0].partition(":")[0]
     cfg = model_config(path, vocab_size=train_vocab, block_size=decode_ctx + decode_new)
     torch.manual_seed(seed)
     model = LM(cfg).to(device).eval()
-    amp = torch.autocast(device, dtype=getattr(torch, dtype))
+    low = getattr(torch, dtype)
+
+    def amp():   # autocast without its weight-cast cache (graphs are captured inside it)
+        return torch.autocast(device, dtype=low, cache_enabled=False)
+
+    def per_token(B, prompt, graph, precast=True, compile=False):
+        with amp():
+            f = model._matmul_weights_in_autocast_dtype() if precast else model
+            cache = static_kv_cache(cfg.block_size, device)
+            f(prompt, kv_cache=cache)
+            step, tok = model._decode_step(f, cache, B, graph, compile), prompt[:, -1]
+
+            def run():
+                cache['pos'].fill_(decode_ctx)
+                for _ in range(decode_new):
+                    step(tok)
+            return timeit(run) / decode_new
+
     rows = []
     for B in (1, 16):
         prompt = torch.randint(0, cfg.vocab_size, (B, decode_ctx), device=device)
+        ms = {'cached, CUDA graph': per_token(B, prompt, True),
+              'cached, CUDA graph, compiled step': per_token(B, prompt, True, compile=True),
+              'cached, CUDA graph, weights cast every step': per_token(B, prompt, True, False),
+              'cached, eager': per_token(B, prompt, False, False)}
 
-        def cached():
-            with amp:
-                return model.generate(prompt, decode_new, temperature=0)
-
-        def uncached():
-            idx = prompt
-            with amp:
-                for _ in range(decode_new):
-                    nxt = model(idx).logits[:, -1].argmax(-1)
-                    idx = torch.cat([idx, nxt[:, None]], 1)
-            return idx
-        a, b = cached(), uncached()          # warm-up, and the two must agree (greedy)
-        same = torch.equal(a, b)
-        ms_c, ms_u = timeit(cached), timeit(uncached)
-        rows.append([B, decode_ctx, decode_new, f"{B * decode_new / ms_c * 1e3:,.0f}",
-                     f"{B * decode_new / ms_u * 1e3:,.0f}", f"{ms_u / ms_c:.1f}x", same])
-    print(f"\n{torch.cuda.get_device_name()}, {path}, {dtype}: greedy decode, tokens/s over {decode_new} new tokens")
-    table(["batch", "context", "new", "cached tok/s", "uncached tok/s", "speed-up", "same tokens"], rows)
+        def full(f=model):
+            with amp():
+                return f(prompt).logits[:, -1].argmax(-1)
+        ms['uncached, eager'] = timeit(full)
+        with amp():
+            f = model._matmul_weights_in_autocast_dtype()
+        ms['uncached, CUDA graph'] = timeit(graphed(lambda: full(f)))
+        with amp():
+            a = model.generate(prompt, decode_new, temperature=0)
+            b = model.generate(prompt, decode_new, temperature=0, cuda_graph=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(prompt, decode_new, temperature=0)
+            torch.cuda.synchronize()
+            e2e = (time.perf_counter() - t0) * 1e3
+        print(B, {k: round(v, 2) for k, v in ms.items()}, flush=True)
+        for name, t in ms.items():
+            rows.append([B, name, f"{t:.2f}", f"{B / t * 1e3:,.0f}", f"{ms['uncached, eager'] / t:.1f}x",
+                         f"{ms['uncached, CUDA graph'] / t:.1f}x"])
+        rows.append([B, f"generate(), {decode_new} tokens incl. prefill + capture", f"{e2e / decode_new:.2f}",
+                     f"{B * decode_new / e2e * 1e3:,.0f}", f"{ms['uncached, eager'] * decode_new / e2e:.1f}x",
+                     f"graph = eager tokens: {torch.equal(a, b)}"])
+        print(rows[-1], flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, {path}, {dtype} autocast, context {decode_ctx}, greedy; "
+          f"ms per generated token (per step for the whole batch)\n")
+    table(["batch", "decode", "ms/step", "tokens/s", "vs uncached eager", "vs uncached graph"], rows)
 
 
 def bench_halting():
     """MoEUT-126M step time with forced per-token depths (see halting.bench)."""
     import halting
-    halting.bench(batches=tuple(int(b) for b in str(halting_batch).split(',')))
+    halting.bench(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile)
 
 
 if __name__ == "__main__":

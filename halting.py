@@ -175,7 +175,8 @@ class CompactAttention:
     def attend(self, q, k, v, cache, n_rot, base):
         rows, ctx = self.rows, self.ctx
         pos = ctx.pos if rows.all else rows.rope_pos        # slot index != position: rotate explicitly
-        q, k = rope(q, pos, n_rot, base), rope(k, pos, n_rot, base)
+        cs = ctx.cos_sin if rows.all else None              # LM.forward's, computed at ctx.pos
+        q, k = rope(q, pos, n_rot, base, cs), rope(k, pos, n_rot, base, cs)
         q = rows.pad(q)
         if self.kv == 'last-kv':     # keys: all tokens, halted ones with the K/V of their last step
             rows.write_kv(self.buf, k, v)
@@ -194,7 +195,7 @@ class CompactAttention:
             # compacted slots are in time order with the valid ones first: causal in slot order is
             # causal in position, padded keys come after every valid query (and padded queries,
             # discarded, see at least themselves). So flash attention still applies.
-            mask, is_causal = None, q.shape[2] > 1
+            mask, is_causal = None, True       # (one slot: causal is trivially right; no SymBool under compile)
         else:
             mask, is_causal = self._mask(kpos, kvalid, n_past), False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0)
@@ -397,6 +398,19 @@ class HaltingMoEUT(nn.Module):
                 log.add(('unique', first + i), routes, None)
         return x
 
+    def compile_layers(self, **kwargs):
+        """torch.compile for a halting model (train.py compile=True). The loop cannot be one graph: each
+        step's shapes come from a host sync. So each layer is compiled on its own, in place (parameter
+        names unchanged), with dynamic shapes since the active-row count changes every step; gather,
+        scatter and decisions stay eager. A few variants per layer compile on first use (every token
+        active / the same count per sequence / ragged). Removes most of the eager per-step launch
+        overhead, which is what made steps with few active tokens cost almost as much as full ones."""
+        # Python ints that change (row counts) cost one recompile each before dynamo makes them symbolic,
+        # on top of the variants above: the default limit of 8 per function is too tight for that.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for layer in [*self.layers, *self.prelude, *self.coda]:
+            layer.compile(dynamic=True, **kwargs)
+
     # ---- decisions -----------------------------------------------------------------------------
     def _start(self, x, pos, kv_cache):
         """Halting state at loop entry: depth so far, who runs step 0, per-mechanism bookkeeping."""
@@ -539,9 +553,10 @@ def random_depths(B: int, T: int, R: int, skip: float, generator=None, device=No
 # python halting.py --bench : step time and peak memory vs the fraction of token-steps skipped
 # -------------------------------------------------------------------------------------------------
 
-def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False):
+def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
     """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
-    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast."""
+    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
+    compile: the plain model under torch.compile, halting ones with compile_layers()."""
     import time
     from model import LM
     cuda = torch.cuda.is_available() and not smoke
@@ -557,7 +572,8 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
             ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
             ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
             ('MoR expert-choice, capacities (R-r)/R', 'mor', None)]
-    print(f"| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | peak GiB |\n|---|---|---|---|---|---|")
+    print(f"{'compiled' if compile else 'eager'}\n| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | "
+          f"peak GiB |\n|---|---|---|---|---|---|")
     for B in batches:
         base_ms = None
         for name, halting, skip in runs:
@@ -565,6 +581,11 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
             cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none',
                               halt_kv='last-kv' if 'last-kv' in name else 'active-only', **shape)
             model = LM(cfg).to(dev)
+            fwd = model
+            if compile and halting == 'none':
+                fwd = torch.compile(model)
+            elif compile:
+                model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
             idx = torch.randint(0, vocab, (B, seq), device=dev)
             R = cfg.n_layers // cfg.group_size
             depths = None if skip is None else \
@@ -577,9 +598,9 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
                 with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
                     if depths is not None:
                         with forced_depths(model.core, depths):
-                            loss = model(idx, idx).loss
+                            loss = fwd(idx, idx).loss
                     else:
-                        loss = model(idx, idx).loss
+                        loss = fwd(idx, idx).loss
                 loss.backward()
                 model.zero_grad(set_to_none=True)
             for _ in range(warmup):
@@ -614,8 +635,10 @@ if __name__ == '__main__':
     ap.add_argument('--seq', type=int, default=1024)
     ap.add_argument('--vocab', type=int, default=8000)
     ap.add_argument('--iters', type=int, default=10)
+    ap.add_argument('--compile', action='store_true', help='torch.compile (halting: compile_layers)')
     args = ap.parse_args()
     if not args.bench:
         ap.print_help()
     else:
-        bench(tuple(int(b) for b in args.batch.split(',')), args.seq, args.vocab, args.iters, smoke=args.smoke)
+        bench(tuple(int(b) for b in args.batch.split(',')), args.seq, args.vocab, args.iters, smoke=args.smoke,
+              compile=args.compile)

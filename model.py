@@ -150,29 +150,41 @@ def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float) -> torch.
 # 2. SwitchHead attention (paper: MoE self-attention; spec §4) with half-RoPE (spec §5)
 # -------------------------------------------------------------------------------------------------
 
-def rope(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float) -> torch.Tensor:
+def rope(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float,
+         cos_sin: Optional[tuple] = None) -> torch.Tensor:
     """GPT-NeoX rotate-half RoPE on the first n_rot channels of x [B, H, T, d_head]. pos holds the
-    ABSOLUTE positions, [T] or [B, T] (spec §5: a cached decode step must rotate at past_len + i)."""
+    ABSOLUTE positions, [T] or [B, T] (spec §5: a cached decode step must rotate at past_len + i).
+    cos_sin: rope_cos_sin(pos, ...) computed once per forward (every layer rotates at the same pos)."""
     if n_rot == 0:
         return x
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_rot, 2, device=x.device).float() / n_rot))
-    ang = pos.float()[..., None] * inv_freq                    # [..., T, n_rot/2]
-    ang = torch.cat([ang, ang], dim=-1)
-    if ang.dim() == 3:                                          # per-sequence positions: [B, 1, T, n]
-        ang = ang.unsqueeze(1)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(pos, n_rot, base)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     xr, xp = x[..., :n_rot], x[..., n_rot:]
     x1, x2 = xr.chunk(2, dim=-1)
     xr = xr * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([xr, xp], dim=-1)
 
 
+def rope_cos_sin(pos: torch.Tensor, n_rot: int, base: float, dtype=torch.float32):
+    """cos, sin of the rotation angles, [T, n_rot] (or [B, 1, T, n_rot] for per-sequence positions)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rot, 2, device=pos.device).float() / n_rot))
+    ang = pos.float()[..., None] * inv_freq                    # [..., T, n_rot/2]
+    ang = torch.cat([ang, ang], dim=-1)
+    if ang.dim() == 3:                                          # per-sequence positions: [B, 1, T, n]
+        ang = ang.unsqueeze(1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
 class AttnContext(NamedTuple):
     """What every attention layer of one forward pass shares: absolute positions of the new tokens,
-    and the SDPA mask (True = attend, SDPA's convention) or is_causal for the plain causal case."""
+    and the SDPA mask (True = attend, SDPA's convention) or is_causal for the plain causal case.
+    static_len > 0: the KV cache is a fixed [B, H, static_len, d_head] buffer (see static_kv_cache).
+    cos_sin: RoPE's cos/sin at pos, computed once per forward (LM.forward) rather than in every layer."""
     pos: torch.Tensor
     mask: Optional[torch.Tensor]
     is_causal: bool
+    static_len: int = 0
+    cos_sin: Optional[tuple] = None
 
 
 def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: float):
@@ -180,8 +192,15 @@ def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: f
     q and k arrive pre-scaled by d_head^-1/4 each (spec §4), so SDPA runs with scale=1."""
     if hasattr(ctx, 'attend'):   # halting.py: its context attends over the gathered active tokens itself
         return ctx.attend(q, k, v, cache, n_rot, base)
-    q, k = rope(q, ctx.pos, n_rot, base), rope(k, ctx.pos, n_rot, base)
-    if cache is not None:        # cached keys are stored already rotated
+    q, k = rope(q, ctx.pos, n_rot, base, ctx.cos_sin), rope(k, ctx.pos, n_rot, base, ctx.cos_sin)
+    if cache is not None and ctx.static_len:   # write at the positions; the mask hides the unwritten tail
+        if 'k' not in cache:     # zeros, not empty: masked-out values still enter SDPA's weighted sum
+            shape = (k.shape[0], k.shape[1], ctx.static_len, k.shape[3])
+            cache['k'], cache['v'] = k.new_zeros(shape), v.new_zeros(shape)
+        cache['k'].index_copy_(2, ctx.pos, k)
+        cache['v'].index_copy_(2, ctx.pos, v)
+        k, v = cache['k'], cache['v']
+    elif cache is not None:      # cached keys are stored already rotated
         if 'k' in cache:
             k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
         cache['k'], cache['v'] = k, v
@@ -447,10 +466,19 @@ class LM(nn.Module):
         ({} to start); it is extended in place, and new tokens are placed after what it holds."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time], got shape {tuple(idx.shape)}")
-        past = cache_length(kv_cache)
-        ctx = make_attn_context(idx.shape[1], past, mask, idx.device)
+        static = kv_cache is not None and 'static_len' in kv_cache
+        if static:
+            ctx = static_attn_context(idx.shape[1], kv_cache, mask, self.cfg)
+        else:
+            past = cache_length(kv_cache)
+            ctx = make_attn_context(idx.shape[1], past, mask, idx.device)
+        if self.cfg.n_rot:
+            ctx = ctx._replace(cos_sin=rope_cos_sin(ctx.pos, self.cfg.n_rot, self.cfg.rope_base,
+                                                    self._compute_dtype(idx.device)))
         x, reg_loss = self.core(self.embedding(idx), ctx, kv_cache)
-        if kv_cache is not None:
+        if static:
+            kv_cache['pos'] += idx.shape[1]          # on the device: no host sync, graph-capturable
+        elif kv_cache is not None:
             kv_cache['n_past'] = past + idx.shape[1]
         logits = self.lm_head(self.out_norm(x))
         ce = loss = None
@@ -459,33 +487,99 @@ class LM(nn.Module):
             loss = ce + reg_loss
         return LMOutput(logits, loss, ce, reg_loss)
 
+    def _compute_dtype(self, device) -> torch.dtype:
+        """The dtype q and k come out of their projections in (autocast's, else the weights')."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.lm_head.weight.dtype
+
     # ---- generation ----
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_token: Optional[int] = None, generator: Optional[torch.Generator] = None):
+                 eos_token: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 cuda_graph: Optional[bool] = None, compile: bool = False):
         """Sample continuations of idx [B, T] with the KV cache. temperature 0 = greedy. A row that
-        emitted eos_token keeps emitting it; generation stops early when every row has."""
+        emitted eos_token keeps emitting it; generation stops early when every row has.
+        MoEUT and dense models decode from a static cache (static_kv_cache); on CUDA the one-token step
+        is captured once as a CUDA graph and replayed, because an eager MoEUT step is pure launch
+        overhead (cuda_graph=False: eager). Halting models keep the growing cache (their per-step
+        caches hold different numbers of tokens, so the step shapes are not static).
+        compile=True: torch.compile the one-token step before capturing it, fusing its ~2,000 small
+        kernels (worth its compile time only for long generations)."""
         block = self.cfg.block_size
         if idx.shape[1] > block:
             raise ValueError(f"prompt of {idx.shape[1]} tokens is longer than block_size {block}")
-        cache: dict = {}
-        logits = self(idx, kv_cache=cache).logits[:, -1]
+        static = self.cfg.halting == 'none'
+        if cuda_graph is None:
+            cuda_graph = static and idx.is_cuda
+        if cuda_graph and not (static and idx.is_cuda):
+            raise ValueError("generate: cuda_graph=True needs a CUDA model without halting")
+        if compile and not cuda_graph:
+            raise ValueError("generate: compile=True compiles the CUDA-graph decode step; it needs "
+                             "cuda_graph (a CUDA model without halting)")
+        model = self._matmul_weights_in_autocast_dtype() if cuda_graph else self
+        cache = static_kv_cache(min(block, idx.shape[1] + max_new_tokens), idx.device) if static else {}
+        logits = model(idx, kv_cache=cache).logits[:, -1]
+        step = self._decode_step(model, cache, idx.shape[0], cuda_graph, compile) if max_new_tokens > 1 \
+            else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
                 done |= nxt == eos_token
             idx = torch.cat([idx, nxt[:, None]], dim=1)
-            if eos_token is not None and bool(done.all()):
+            if i == max_new_tokens - 1 or (eos_token is not None and bool(done.all())):
                 break
             if idx.shape[1] <= block:
-                logits = self(nxt[:, None], kv_cache=cache).logits[:, -1]
+                logits = step(nxt)
             else:   # past the context: slide the window (re-encode the last block_size tokens)
-                cache = {}
-                logits = self(idx[:, -block:], kv_cache=cache).logits[:, -1]
+                logits = model(idx[:, -block:]).logits[:, -1]
         return idx
+
+    def _matmul_weights_in_autocast_dtype(self):
+        """Under autocast, `self` as a function whose matmul weights (linears, routers, expert banks)
+        are held already cast, so a replayed step does not re-cast every weight every time (that was
+        1/3 of a MoEUT-126M decode step). Same numbers: autocast casts them to these very values.
+        The embedding and the norms keep their dtype, as autocast would."""
+        if not torch.is_autocast_enabled('cuda'):
+            return self
+        dt = torch.get_autocast_dtype('cuda')
+        low = {n: p.to(dt) for n, p in self.named_parameters()
+               if p.dim() >= 2 and p.is_floating_point() and not n.startswith('embedding.')}
+
+        def run(*args, **kwargs):
+            return torch.func.functional_call(self, low, args, kwargs)
+        return run
+
+    @staticmethod
+    def _decode_step(model, cache: dict, B: int, cuda_graph: bool, compile: bool = False):
+        """A function tok [B] -> logits [B, V] for the next position, extending the cache by one."""
+        if not cuda_graph:
+            return lambda tok: model(tok[:, None], kv_cache=cache).logits[:, -1]
+        if compile:      # static shapes; the position is a tensor, so one compile serves every step
+            model = torch.compile(model, dynamic=False)
+        dev = cache['pos'].device
+        tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        pos = cache['pos'].clone()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):        # warm-up outside the capture: Triton compiles, workspaces
+            model(tok, kv_cache=cache)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # autocast's weight-cast cache would hand later eager calls casts that only a replay fills
+        amp = dict(dtype=torch.get_autocast_dtype('cuda'), enabled=torch.is_autocast_enabled('cuda'))
+        with torch.autocast('cuda', **amp, cache_enabled=False), torch.cuda.graph(graph):
+            logits = model(tok, kv_cache=cache).logits[:, -1]
+        cache['pos'].copy_(pos)              # undo the warm-up (the first replay overwrites its K/V)
+
+        def step(nxt):
+            tok.copy_(nxt[:, None])
+            graph.replay()
+            return logits
+        return step
 
     # ---- loading the official implementation's weights ----
     def load_official_state_dict(self, sd: dict):
@@ -511,6 +605,28 @@ def _renorm_rows(w: torch.Tensor):
 def cache_length(kv_cache: Optional[dict]) -> int:
     """Tokens already in the cache. Stored explicitly: with halting, deeper layers' caches hold fewer."""
     return kv_cache.get('n_past', 0) if kv_cache else 0
+
+
+def static_kv_cache(length: int, device) -> dict:
+    """A fixed-size KV cache for decoding: every layer's keys/values live in [B, H, length, d_head]
+    buffers (made at the first forward) and the next position is a device tensor, so a decode step has
+    static shapes and no host sync and can be captured once as a CUDA graph (LM.generate). Causal only.
+    It holds at most `length` tokens; writing past that is a device-side index error."""
+    return {'static_len': length, 'pos': torch.zeros((), dtype=torch.long, device=device)}
+
+
+def static_attn_context(T: int, kv_cache: dict, mask: Optional[AttentionMask], cfg: ModelConfig):
+    """New tokens sit at pos .. pos+T-1 and see every buffer slot at or before their own position."""
+    if mask is not None:
+        raise ValueError("a static KV cache decodes causally: pass mask=None")
+    if cfg.halting != 'none':
+        raise ValueError("halting models decode with the growing KV cache ({}), not static_kv_cache")
+    L = kv_cache['static_len']
+    if T > L:
+        raise ValueError(f"{T} new tokens do not fit a static KV cache of {L}")
+    pos = kv_cache['pos'] + torch.arange(T, device=kv_cache['pos'].device)
+    allowed = torch.arange(L, device=pos.device) <= pos[:, None]               # [T, L]
+    return AttnContext(pos, allowed, False, L)
 
 
 def make_attn_context(T: int, past: int, mask: Optional[AttentionMask], device) -> AttnContext:

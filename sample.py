@@ -30,6 +30,7 @@ device = 'auto'
 dtype = 'auto'                # 'auto': bfloat16 on cuda, float32 on cpu
 eval_file = ''                # if set: print tokens, mean loss, perplexity and bits per byte of this file
 show_depth = False            # halting models: mark each token with the number of steps it took
+compile = False               # GPU: torch.compile the CUDA-graph decode step (pays off for long outputs)
 export = ''                   # if set: write the checkpoint's model as one file here (e.g. from a sharded FSDP run)
 # ----------------------------------------------------------------------------------------------
 
@@ -138,6 +139,9 @@ def main():
               f"{r['bits_per_byte']:.4f} bits/byte")
         return
 
+    if cfg['compile'] and (not dev.startswith('cuda') or model.cfg.halting != 'none'):
+        fail("compile=True compiles the CUDA-graph decode step: it needs a CUDA device and a model "
+             "without halting")
     if cfg['show_depth'] and not hasattr(model.core, 'trace'):
         fail("show_depth needs a halting model (trained with halting='act' or 'mor')")
     prompt = cfg['start']
@@ -155,7 +159,7 @@ def main():
     with autocast:
         out = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'],
                              top_k=cfg['top_k'] or None, top_p=cfg['top_p'], eos_token=enc.eot_token,
-                             generator=gen)
+                             generator=gen, compile=cfg['compile'])
     for row in out.tolist():
         new = row[len(ids):]
         if enc.eot_token in new:

@@ -543,7 +543,14 @@ def train(cfg, run):
         del ckpt
     else:
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
-    fwd = torch.compile(wrapped) if cfg['compile'] else wrapped
+    fwd = wrapped
+    if cfg['compile'] and mcfg.halting != 'none':
+        if run['distributed'] and cfg['parallelism'] == 'fsdp':
+            fail("compile=True for a halting model compiles each layer, which has not been tested under "
+                 "FSDP: use parallelism='ddp' or compile=False")
+        model.core.compile_layers()           # halting: per layer, dynamic shapes (see halting.py)
+    elif cfg['compile']:
+        fwd = torch.compile(wrapped)
 
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()

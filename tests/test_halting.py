@@ -526,4 +526,29 @@ def test_bench_smoke(capsys):
     from halting import bench
     bench(smoke=True)
     out = capsys.readouterr().out
-    assert out.count('\n') == 2 + 8 and 'skip 50%' in out
+    assert out.count('\n') == 3 + 8 and 'skip 50%' in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kv', KV)
+def test_compiled_layers_equal_eager(kv):
+    """compile_layers (what train.py compile=True does for halting models): same loss and gradients as
+    eager, over batches whose steps have every token active, then ragged active counts (the dynamic
+    shapes and recompiles). aot_eager: dynamo + autograd tracing without inductor, fast on CPU."""
+    eager = make_lm(halting='act', halt_kv=kv)
+    comp = copy.deepcopy(eager)
+    comp.core.compile_layers(backend='aot_eager')
+    for seed in range(3):
+        idx = torch.randint(0, 53, (2, 12 + 3 * seed), generator=torch.Generator().manual_seed(seed))
+        out = {}
+        for name, m in (('eager', eager), ('compiled', comp)):
+            m.zero_grad(set_to_none=True)
+            loss = m(idx, idx).loss
+            loss.backward()
+            out[name] = loss.detach(), grads(m), m.core.trace['depth'].clone()
+        assert torch.equal(out['eager'][2], out['compiled'][2])           # same halting decisions
+        assert 0 < out['eager'][2].float().mean() < R                       # ragged: some halted early
+        close(out['eager'][0], out['compiled'][0])
+        assert out['eager'][1].keys() == out['compiled'][1].keys()
+        for n in out['eager'][1]:
+            close(out['eager'][1][n], out['compiled'][1][n])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, param_counts  # noqa: E402
+from model import (LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, param_counts,  # noqa: E402
+                   static_kv_cache)
 
 GOLDEN = os.path.join(ROOT, '..', 'shared', 'golden')
 OFFICIAL_RENAMES = {'transformer.': 'core.', '.ln1.': '.ln_att.', '.ln2.': '.ln_ff.'}
@@ -111,6 +112,64 @@ def test_kv_cache_decode_and_chunked_prefill_equal_full_forward(kind):
     chunks = [model(idx[:, a:b], kv_cache=cache).logits for a, b in ((0, 5), (5, 6), (6, 13), (13, 17))]
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
     assert cache['n_past'] == 17
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_static_kv_cache_decode_and_chunked_prefill_equal_full_forward(kind):
+    """The fixed-size cache that generate() captures in a CUDA graph: same logits as the full forward."""
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (2, 17))
+    full = model(idx).logits
+    cache = static_kv_cache(20, 'cpu')         # longer than needed: the unwritten tail must stay hidden
+    steps = [model(idx[:, :3], kv_cache=cache).logits]
+    steps += [model(idx[:, t:t + 1], kv_cache=cache).logits for t in range(3, 17)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache['pos']) == 17
+    cache = static_kv_cache(17, 'cpu')
+    chunks = [model(idx[:, a:b], kv_cache=cache).logits for a, b in ((0, 5), (5, 6), (6, 13), (13, 17))]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_static_kv_cache_errors():
+    model = make('moeut').eval()
+    with pytest.raises(ValueError, match='do not fit a static KV cache of 4'):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=static_kv_cache(4, 'cpu'))
+    with pytest.raises(ValueError, match='decodes causally'):
+        model(torch.zeros(1, 2, dtype=torch.long), mask=AttentionMask(None, None),
+              kv_cache=static_kv_cache(4, 'cpu'))
+    with pytest.raises(ValueError, match='cuda_graph=True needs a CUDA model'):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('kind', ['moeut', 'dense'])
+def test_generate_cuda_graph_equals_eager(kind):
+    """The replayed graph runs the same kernels as the eager static-cache step: same tokens, in fp32
+    and under bf16 autocast, also when the window slides past block_size."""
+    model = make(kind, block_size=24).cuda().eval()
+    prompt = torch.randint(0, 61, (3, 5), device='cuda')
+    for amp in (False, True):
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            a = model.generate(prompt, 30, temperature=0, cuda_graph=True)
+            b = model.generate(prompt, 30, temperature=0, cuda_graph=False)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_compiled_decode_step_equals_eager():
+    """generate(compile=True)'s step: the compiled, replayed step gives the eager step's logits."""
+    model = make('moeut', block_size=24).cuda().eval()
+    prompt = torch.randint(0, 61, (2, 5), device='cuda')
+    logits = {}
+    with torch.no_grad():
+        for name, graph, comp in (('eager', False, False), ('compiled', True, True)):
+            cache = static_kv_cache(24, 'cuda')
+            model(prompt, kv_cache=cache)
+            step = model._decode_step(model, cache, 2, graph, comp)
+            logits[name] = torch.stack([step(prompt[:, i]).clone() for i in range(5)])
+    torch.testing.assert_close(logits['compiled'], logits['eager'], rtol=1e-4, atol=1e-4)
 
 
 def test_generate_greedy_is_deterministic_and_matches_argmax():

@@ -128,6 +128,7 @@ def test_prompt_from_file(checkpoint, tmp_path):
     (['--start=' + 'x' * 40], 'longer than the model'),
     (['--start=FILE:/nonexistent.txt'], 'prompt file not found'),
     (['--eval_file=/nonexistent.txt'], 'eval_file not found'),
+    (['--compile=True'], 'compile=True compiles the CUDA-graph decode step'),
 ])
 def test_errors_are_one_line(checkpoint, args, msg):
     out_dir, _ = checkpoint
