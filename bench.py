@@ -5,6 +5,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=profile               # top CUDA kernels of a MoEUT-126M training step
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix
     $ python bench.py --what=halting               # forced-depth halting step times
+    $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
@@ -27,6 +28,7 @@ decode_ctx = 1024       # decode: prompt length
 decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
 halting_compile = False  # halting: torch.compile the plain model, compile_layers() the halting ones
+halting_skip = 0.75     # halting_profile: fraction of token-steps skipped (spread depths); < 0 = plain loop
 
 from configurator import configure  # noqa: E402
 
@@ -421,6 +423,60 @@ def bench_halting():
     """MoEUT-126M step time with forced per-token depths (see halting.bench)."""
     import halting
     halting.bench(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile)
+
+
+def bench_halting_profile():
+    """Is a halting step GPU- or host-bound? Wall time vs summed CUDA kernel time of MoEUT-126M fwd+bwd
+    at halting_batch x 1024 with halting_skip of the token-steps skipped, then the top ops by CUDA and
+    by CPU time (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    import halting
+    from model import LM, ModelConfig
+    B, skip, T = int(str(halting_batch).split(",")[0]), float(halting_skip), train_block
+    cpu = device == "cpu"
+    cfg = ModelConfig(vocab_size=8000, block_size=T, halting="act" if skip >= 0 else "none",
+                      mor_gate="none", **(halting.SMOKE_SHAPE if cpu else halting.BENCH_SHAPE))
+    torch.manual_seed(seed)
+    model = LM(cfg).to(device)
+    if halting_compile and skip >= 0:
+        model.core.compile_layers()
+    fwd = torch.compile(model) if halting_compile and skip < 0 else model
+    idx = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    depths = halting.random_depths(B, T, cfg.n_layers // cfg.group_size, skip, device=device) \
+        if skip >= 0 else None
+
+    def one():
+        with torch.autocast(device, dtype=getattr(torch, dtype), enabled=not cpu):
+            if depths is not None:
+                with halting.forced_depths(model.core, depths):
+                    loss = fwd(idx, idx).loss
+            else:
+                loss = fwd(idx, idx).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    n = 1 if cpu else 3
+    for _ in range(n + 1):
+        one()
+    sync = torch.cuda.synchronize if not cpu else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        one()
+    sync()
+    wall = (time.perf_counter() - t0) / n * 1e3
+    acts = [ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            one()
+        sync()
+    ka = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"{B}x{T}, skip {skip:.0%}{' (plain loop)' if skip < 0 else ''}, "
+          f"{'compiled' if halting_compile else 'eager'}: {wall:.1f} ms per step (wall), "
+          f"{gpu / n / 1e3:.1f} ms of CUDA kernels per step (profiled)\n")
+    if not cpu:
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=50))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":

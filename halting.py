@@ -553,6 +553,12 @@ def random_depths(B: int, T: int, R: int, skip: float, generator=None, device=No
 # python halting.py --bench : step time and peak memory vs the fraction of token-steps skipped
 # -------------------------------------------------------------------------------------------------
 
+BENCH_SHAPE = dict(d_model=768, n_layers=18, group_size=2, n_heads=4, d_head=96, att_n_experts=10,
+                   att_k=2, ff_n_experts=254, ff_k=12, d_expert=128)           # MoEUT-126M
+SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
+                   att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
+
+
 def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
     """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
     the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
@@ -561,11 +567,8 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
     from model import LM
     cuda = torch.cuda.is_available() and not smoke
     dev = 'cuda' if cuda else 'cpu'
-    shape = dict(d_model=768, n_layers=18, group_size=2, n_heads=4, d_head=96, att_n_experts=10,
-                 att_k=2, ff_n_experts=254, ff_k=12, d_expert=128)
+    shape = SMOKE_SHAPE if smoke else BENCH_SHAPE
     if smoke:     # tiny CPU check that the bench runs
-        shape = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
-                     att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
         batches, seq, vocab, iters, warmup = (2,), 64, 97, 2, 1
     # depths spread over 1..R (every step keeps some tokens), except 'tight' (floor/ceil of the mean)
     runs = [('plain MoEUT', 'none', None), ('halting, skip 0%', 'act', 0.0), ('halting, skip 25%', 'act', 0.25),

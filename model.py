@@ -521,8 +521,10 @@ class LM(nn.Module):
         model = self._matmul_weights_in_autocast_dtype() if cuda_graph else self
         cache = static_kv_cache(min(block, idx.shape[1] + max_new_tokens), idx.device) if static else {}
         logits = model(idx, kv_cache=cache).logits[:, -1]
-        step = self._decode_step(model, cache, idx.shape[0], cuda_graph, compile) if max_new_tokens > 1 \
-            else None
+        # no step when no token will be fed back through the cache (a full-context prompt slides at once;
+        # the capture's warm-up would write past the end of the cache)
+        step = self._decode_step(model, cache, idx.shape[0], cuda_graph, compile) \
+            if max_new_tokens > 1 and idx.shape[1] < block else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)

@@ -148,12 +148,13 @@ def test_generate_cuda_graph_equals_eager(kind):
     """The replayed graph runs the same kernels as the eager static-cache step: same tokens, in fp32
     and under bf16 autocast, also when the window slides past block_size."""
     model = make(kind, block_size=24).cuda().eval()
-    prompt = torch.randint(0, 61, (3, 5), device='cuda')
-    for amp in (False, True):
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
-            a = model.generate(prompt, 30, temperature=0, cuda_graph=True)
-            b = model.generate(prompt, 30, temperature=0, cuda_graph=False)
-        assert torch.equal(a, b)
+    for T in (5, 24):                    # 24: a full-context prompt slides from the first token on
+        prompt = torch.randint(0, 61, (3, T), device='cuda')
+        for amp in (False, True):
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+                a = model.generate(prompt, 30, temperature=0, cuda_graph=True)
+                b = model.generate(prompt, 30, temperature=0, cuda_graph=False)
+            assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
