@@ -78,7 +78,8 @@ class Rows:
         if per_row is not None:
             idx = (per_row + torch.arange(B, device=dev)[:, None] * T).flatten()
         else:
-            idx = run.flatten().nonzero().squeeze(1)                  # sorted: sequence-major, then time
+            # sorted: sequence-major, then time. nonzero_static: n is known, so no second host sync
+            idx = torch.nonzero_static(run.flatten(), size=self.n).squeeze(1)
         self.idx, self.b, self.t = idx, idx // T, idx % T
         self.rope_pos = pos.flatten().index_select(0, idx)            # [N] positions of the active rows
         if self.n == B * self.tm:                                     # same count in every sequence
