@@ -510,6 +510,8 @@ class LM(nn.Module):
         block = self.cfg.block_size
         if idx.shape[1] > block:
             raise ValueError(f"prompt of {idx.shape[1]} tokens is longer than block_size {block}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         static = self.cfg.halting == 'none'
         if cuda_graph is None:
             cuda_graph = static and idx.is_cuda
@@ -565,21 +567,24 @@ class LM(nn.Module):
         dev = cache['pos'].device
         tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pos = cache['pos'].clone()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):        # warm-up outside the capture: Triton compiles, workspaces
-            model(tok, kv_cache=cache)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # autocast's weight-cast cache would hand later eager calls casts that only a replay fills
-        amp = dict(dtype=torch.get_autocast_dtype('cuda'), enabled=torch.is_autocast_enabled('cuda'))
-        with torch.autocast('cuda', **amp, cache_enabled=False), torch.cuda.graph(graph):
-            logits = model(tok, kv_cache=cache).logits[:, -1]
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
+        # autocast's weight-cast cache would hand later eager calls casts that only a replay fills; and
+        # warm-up and capture share one autocast state, so a compiled step is not recompiled mid-capture
+        amp = torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'),
+                             enabled=torch.is_autocast_enabled('cuda'), cache_enabled=False)
+        with torch.cuda.device(dev), amp:   # the model's GPU, whichever is current
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):    # warm-up outside the capture: compiles, workspaces
+                model(tok, kv_cache=cache)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev)):
+                logits = model(tok, kv_cache=cache).logits[:, -1]
         cache['pos'].copy_(pos)              # undo the warm-up (the first replay overwrites its K/V)
 
         def step(nxt):
             tok.copy_(nxt[:, None])
-            graph.replay()
+            with torch.cuda.device(dev):     # replay on the model's GPU's current stream
+                graph.replay()
             return logits
         return step
 
@@ -613,7 +618,8 @@ def static_kv_cache(length: int, device) -> dict:
     """A fixed-size KV cache for decoding: every layer's keys/values live in [B, H, length, d_head]
     buffers (made at the first forward) and the next position is a device tensor, so a decode step has
     static shapes and no host sync and can be captured once as a CUDA graph (LM.generate). Causal only.
-    It holds at most `length` tokens; writing past that is a device-side index error."""
+    It holds at most `length` tokens; writing past that is a device-side index error. The buffers take
+    the dtype of the first forward's keys: keep one autocast state for the cache's life."""
     return {'static_len': length, 'pos': torch.zeros((), dtype=torch.long, device=device)}
 
 

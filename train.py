@@ -233,6 +233,9 @@ def build_model(cfg, run, vocab_size):
         mcfg = ModelConfig.from_dict({**cfg, 'vocab_size': vocab_size})
     except (ValueError, TypeError) as e:
         fail(str(e))
+    if cfg['compile'] and mcfg.halting != 'none' and run['distributed'] and cfg['parallelism'] == 'fsdp':
+        fail("compile=True for a halting model compiles each layer, which has not been tested under "
+             "FSDP: use parallelism='ddp' or compile=False")
     model = LM(mcfg).to(run['device'])
     return model, mcfg
 
@@ -545,9 +548,6 @@ def train(cfg, run):
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
     fwd = wrapped
     if cfg['compile'] and mcfg.halting != 'none':
-        if run['distributed'] and cfg['parallelism'] == 'fsdp':
-            fail("compile=True for a halting model compiles each layer, which has not been tested under "
-                 "FSDP: use parallelism='ddp' or compile=False")
         model.core.compile_layers()           # halting: per layer, dynamic shapes (see halting.py)
     elif cfg['compile']:
         fwd = torch.compile(wrapped)

@@ -155,22 +155,38 @@ def test_generate_cuda_graph_equals_eager(kind):
                 a = model.generate(prompt, 30, temperature=0, cuda_graph=True)
                 b = model.generate(prompt, 30, temperature=0, cuda_graph=False)
             assert torch.equal(a, b)
+            if not amp:     # and in fp32 each token is the argmax of a full forward over its prefix
+                for t in range(T, a.shape[1]):
+                    assert torch.equal(model(a[:, max(0, t - 24):t]).logits[:, -1].argmax(-1), a[:, t])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_compiled_decode_step_equals_eager():
-    """generate(compile=True)'s step: the compiled, replayed step gives the eager step's logits."""
+@pytest.mark.parametrize('amp', [False, True])
+def test_compiled_decode_step_equals_eager(amp):
+    """generate(compile=True)'s step (pre-cast weights under autocast, as generate does): the compiled,
+    replayed step gives the eager step's logits, and compiles once (not again at capture)."""
+    from torch._dynamo.utils import counters
     model = make('moeut', block_size=24).cuda().eval()
     prompt = torch.randint(0, 61, (2, 5), device='cuda')
     logits = {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        f = model._matmul_weights_in_autocast_dtype()
         for name, graph, comp in (('eager', False, False), ('compiled', True, True)):
+            torch._dynamo.reset()
+            counters.clear()
             cache = static_kv_cache(24, 'cuda')
-            model(prompt, kv_cache=cache)
-            step = model._decode_step(model, cache, 2, graph, comp)
-            logits[name] = torch.stack([step(prompt[:, i]).clone() for i in range(5)])
-    torch.testing.assert_close(logits['compiled'], logits['eager'], rtol=1e-4, atol=1e-4)
+            f(prompt, kv_cache=cache)
+            step = model._decode_step(f, cache, 2, graph, comp)
+            logits[name] = torch.stack([step(prompt[:, i]).float().clone() for i in range(5)])
+    assert counters['stats']['unique_graphs'] == 1
+    tol = 5e-2 if amp else 1e-4
+    torch.testing.assert_close(logits['compiled'], logits['eager'], rtol=tol, atol=tol)
+
+
+def test_generate_rejects_negative_max_new_tokens():
+    with pytest.raises(ValueError, match='max_new_tokens must be >= 0'):
+        make('moeut').generate(torch.zeros(1, 2, dtype=torch.long), -1)
 
 
 def test_generate_greedy_is_deterministic_and_matches_argmax():
