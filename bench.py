@@ -431,29 +431,11 @@ def bench_halting_profile():
     by CPU time (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
     import halting
-    from model import LM, ModelConfig
     B, skip, T = int(str(halting_batch).split(",")[0]), float(halting_skip), train_block
     cpu = device == "cpu"
-    cfg = ModelConfig(vocab_size=8000, block_size=T, halting="act" if skip >= 0 else "none",
-                      mor_gate="none", **(halting.SMOKE_SHAPE if cpu else halting.BENCH_SHAPE))
     torch.manual_seed(seed)
-    model = LM(cfg).to(device)
-    if halting_compile and skip >= 0:
-        model.core.compile_layers()
-    fwd = torch.compile(model) if halting_compile and skip < 0 else model
-    idx = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    depths = halting.random_depths(B, T, cfg.n_layers // cfg.group_size, skip, device=device) \
-        if skip >= 0 else None
-
-    def one():
-        with torch.autocast(device, dtype=getattr(torch, dtype), enabled=not cpu):
-            if depths is not None:
-                with halting.forced_depths(model.core, depths):
-                    loss = fwd(idx, idx).loss
-            else:
-                loss = fwd(idx, idx).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    _, one = halting.bench_step(B, T, 8000, "act" if skip >= 0 else "none", skip if skip >= 0 else None,
+                                compile=halting_compile, smoke=cpu, device=device, dtype=getattr(torch, dtype))
     n = 1 if cpu else 3
     for _ in range(n + 1):
         one()

@@ -560,15 +560,42 @@ SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, a
                    att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
 
 
+def bench_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='active-only', compile=False,
+               smoke=False, device='cuda', dtype=torch.bfloat16):
+    """A fresh MoEUT-126M (SMOKE_SHAPE if smoke) and a function running one fwd+bwd on random tokens
+    under autocast (off on CPU). skip: forced depths skipping that fraction of the token-steps (None: the
+    mechanism decides; halting='none': the plain loop). compile: torch.compile for the plain model,
+    compile_layers() for halting ones. Returns (model, step)."""
+    from contextlib import nullcontext
+    from model import LM
+    cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none', halt_kv=kv,
+                      **(SMOKE_SHAPE if smoke else BENCH_SHAPE))
+    model = LM(cfg).to(device)
+    fwd = model
+    if compile and halting == 'none':
+        fwd = torch.compile(model)
+    elif compile:
+        model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
+    idx = torch.randint(0, vocab, (B, seq), device=device)
+    depths = None if skip is None else \
+        random_depths(B, seq, cfg.n_layers // cfg.group_size, skip, device=device, spread=spread)
+    forced = (lambda: forced_depths(model.core, depths)) if depths is not None else nullcontext
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=device != 'cpu'), forced():
+            loss = fwd(idx, idx).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return model, step
+
+
 def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
     """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
     the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
     compile: the plain model under torch.compile, halting ones with compile_layers()."""
     import time
-    from model import LM
     cuda = torch.cuda.is_available() and not smoke
     dev = 'cuda' if cuda else 'cpu'
-    shape = SMOKE_SHAPE if smoke else BENCH_SHAPE
     if smoke:     # tiny CPU check that the bench runs
         batches, seq, vocab, iters, warmup = (2,), 64, 97, 2, 1
     # depths spread over 1..R (every step keeps some tokens), except 'tight' (floor/ceil of the mean)
@@ -582,31 +609,12 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
         base_ms = None
         for name, halting, skip in runs:
             torch.manual_seed(0)
-            cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none',
-                              halt_kv='last-kv' if 'last-kv' in name else 'active-only', **shape)
-            model = LM(cfg).to(dev)
-            fwd = model
-            if compile and halting == 'none':
-                fwd = torch.compile(model)
-            elif compile:
-                model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
-            idx = torch.randint(0, vocab, (B, seq), device=dev)
-            R = cfg.n_layers // cfg.group_size
-            depths = None if skip is None else \
-                random_depths(B, seq, R, skip, device=dev, spread='tight' not in name)
+            model, one = bench_step(B, seq, vocab, halting, skip, spread='tight' not in name,
+                                    kv='last-kv' if 'last-kv' in name else 'active-only', compile=compile,
+                                    smoke=smoke, device=dev)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-
-            def one():
-                with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
-                    if depths is not None:
-                        with forced_depths(model.core, depths):
-                            loss = fwd(idx, idx).loss
-                    else:
-                        loss = fwd(idx, idx).loss
-                loss.backward()
-                model.zero_grad(set_to_none=True)
             for _ in range(warmup):
                 one()
             if cuda:
@@ -627,7 +635,7 @@ def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False
             skipped = float(model.core.stats['skipped']) if halting != 'none' else 0.0
             base_ms = base_ms or ms
             print(f"| {B}×{seq} | {name} | {skipped:.0%} | {ms:.1f} | {base_ms / ms:.2f}× | {peak:.2f} |")
-            del model
+            del model, one
 
 
 if __name__ == '__main__':
