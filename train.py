@@ -11,6 +11,7 @@ Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and
 FSDP2 (fully_shard). gradient_accumulation_steps is the GLOBAL number of micro-batches per step, split
 over the ranks, so a config means the same global batch at any world size.
 """
+import gc
 import math
 import os
 import signal
@@ -100,6 +101,10 @@ def main():
     run = setup_distributed(cfg)
     try:
         train(cfg, run)
+        # DDP sits in reference cycles, so it outlives train() until a GC pass; if that pass came after
+        # destroy_process_group (at interpreter exit), its reducer would die without its process group
+        # (std::terminate, seen once in CI on gloo). Free it while the group still exists.
+        gc.collect()
         if dist.is_initialized():   # leave together: a rank tearing gloo down while another still talks aborts
             dist.barrier()
     finally:
