@@ -117,7 +117,8 @@ def bench_cvmm():
         return g
 
     impls = {
-        "cvmm triton": cvmm_mlp(C.cvmm),
+        "cvmm_mlp triton (fused relu)": C.cvmm_mlp,
+        "cvmm triton, two calls + torch relu": cvmm_mlp(C.cvmm),
         "cvmm triton, atomic contraction": with_contract("atomic", cvmm_mlp(C.cvmm)),
         "torch reference": cvmm_mlp(C.cvmm_reference),
         "torch._grouped_mm": grouped_mm_mlp,
@@ -169,14 +170,16 @@ def bench_cvmm():
         slot, off = sel.slot, sel.offsets
         g_out = torch.randn(tokens, d, device=dev, dtype=dt)
         g_h = torch.randn_like(h)
+        hs = torch.empty_like(h)
         swc = sw.detach().contiguous()
-        parts = [
-            ("fwd up (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1), S * d * de),
+        parts = [   # the kernels of cvmm_mlp, in order
+            ("fwd up + relu (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1, relu=True), S * d * de),
             ("fwd down (+ weights, contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, K), S * d * de),
-            ("bwd down grad_h + grad_sw", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1), S * d * de),
-            ("bwd down grad_W2", lambda: C._gradw(h, 1, g_out, K, swc, slot, off, w2), S * d * de),
-            ("bwd up grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K), S * d * de),
-            ("bwd up grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1), S * d * de),
+            ("fwd down, product only (no contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, 1), S * d * de),
+            ("bwd grad_pre (relu mask) + grad_sw + hs", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1, relu_mask=True, hs=hs), S * d * de),
+            ("bwd grad_W2 (from hs, unscaled)", lambda: C._gradw(hs, 1, g_out, K, None, slot, off, w2), S * d * de),
+            ("bwd grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K), S * d * de),
+            ("bwd grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1), S * d * de),
         ]
         rows = []
         for pname, f, macs in parts:
@@ -198,19 +201,19 @@ def bench_cvmm():
         xd, d1, d2 = x, torch.randn(d, K * de, device=dev, dtype=dt), torch.randn(K * de, d, device=dev, dtype=dt)
         row = [n, n_active]
         with torch.no_grad():
-            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: impls["cvmm triton"](x, sel, w1, w2, sw),
+            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: C.cvmm_mlp(x, sel, w1, w2, sw),
                       lambda: impls["torch reference"](x, sel, w1, w2, sw),
                       lambda: C.cvmm_prepare(ids, E)]:
                 row.append(f"{timeit(f) * 1e3:.1f}")
         if dev == "cuda":  # replayed from a CUDA graph: kernel time without Python launch overhead
-            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: impls["cvmm triton"](x, sel, w1, w2, sw)]:
+            for f in [lambda: torch.relu(xd @ d1) @ d2, lambda: C.cvmm_mlp(x, sel, w1, w2, sw)]:
                 row.append(f"{timeit(graphed(f)) * 1e3:.1f}")
         gb = n_active * 2 * d * de * x.element_size() / 1e9
         row.append(f"{gb / (float(row[-1]) * 1e-6):.0f}")
         rows.append(row)
     print("### decode, MoEUT-126M MLP (E 254, K 12), forward only, microseconds\n")
-    table(["tokens", "active experts", "dense MLP equal FLOPs us", "cvmm triton us", "torch reference us",
-           "cvmm_prepare us", "dense, CUDA graph us", "cvmm triton, CUDA graph us", "GB/s of expert weights (graph)"], rows)
+    table(["tokens", "active experts", "dense MLP equal FLOPs us", "cvmm_mlp us", "torch reference us",
+           "cvmm_prepare us", "dense, CUDA graph us", "cvmm_mlp, CUDA graph us", "GB/s of expert weights (graph)"], rows)
 
 
 def bench_cvmm_tune():
@@ -228,19 +231,23 @@ def bench_cvmm_tune():
     slot, off = sel.slot, sel.offsets
     h = torch.relu(C.cvmm(x, sel, w1))
     g_out, g_h = torch.randn(tokens, d, device=dev, dtype=dt), torch.randn_like(h)
-    small_k = [dict(BM=BM, BN=BN, BK=128, warps=wp, stages=st) for BM, BN, wp, st in [
-        (64, 128, 4, 1), (64, 128, 4, 2), (128, 128, 4, 1), (128, 128, 8, 1), (128, 64, 4, 2), (64, 64, 4, 2),
-        (64, 256, 8, 1), (128, 256, 8, 1), (32, 128, 4, 2)]] + [dict(BM=128, BN=128, BK=64, warps=4, stages=2)]
-    gw2 = [dict(BK=128, BN=256, BR=64, warps=8, stages=st, scale_x=s) for st in (2, 3) for s in (False, True)] + [
-        dict(BK=128, BN=256, BR=32, warps=8, stages=3, scale_x=False), dict(BK=128, BN=128, BR=32, warps=4, stages=3),
-        dict(BK=128, BN=64, BR=64, warps=4, stages=3, scale_x=False), dict(BK=128, BN=64, BR=32, warps=4, stages=4)]
+    hs = torch.empty_like(h)
+    # configs as measured for the rules in cvmm.py (first = the rule's pick, for reference)
+    small_k = [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, bn, w, st in [
+        (128, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4), (256, 64, 8, 3),
+        (128, 256, 8, 2), (64, 64, 4, 4)]]
+    big_k = [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 3)]]
+    gw = [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]]
     parts = [
-        ("fwd down GEMM only (no sum)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
-        ("bwd up grad_x (sum)", small_k[:6], lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, K, cfg=c)),
-        ("bwd down grad_h+sw", [dict(BM=64, BN=128, BK=64, warps=4, stages=s) for s in (2, 3)] + [
-            dict(BM=64, BN=128, BK=128, warps=4, stages=2), dict(BM=32, BN=128, BK=64, warps=4, stages=3)],
-         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c)),
-        ("grad_W2", gw2, lambda c: C._gradw(h, 1, g_out, K, sw, slot, off, w2, cfg=c)),
+        ("fwd up + relu", big_k, lambda c: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True)),
+        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm_smallk(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
+        ("bwd grad_pre + grad_sw + hs", [dict(c, BM=64) for c in big_k[:3]] + big_k[:2],
+         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs)),
+        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm_smallk(g_h, 1, w1, True, slot, off, None, 1, cfg=c)),
+        ("grad_W1", gw, lambda c: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c)),
+        ("grad_W2 from hs", gw, lambda c: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c)),
     ]
     rows = []
     for pname, cfgs, f in parts:

@@ -14,6 +14,9 @@ The four users in model.py, with N tokens, H heads, k picks per head, K picks pe
     V experts   x [N, d]          slots [N, H, k] fan H*k  w [N*H, k]      -> [N*H, d_head]
     O experts   x [N*H, d_head]   slots [N, H, k] fan k    w [N, H*k]      -> [N, d]
 
+`cvmm_mlp(x, sel, w1, w2, slot_weights)` is the σ-MoE MLP (up, relu, down contracted with the slot
+weights) as one op on the same kernels, with the relu and its gradient fused into GEMM epilogues.
+
 The trick (why it is fast): sort the flattened expert ids once per routing (`cvmm_prepare`); rows of one
 expert are then contiguous in the sorted order, so a tiled GEMM walks experts in order. The sort is
 shared by both projections that use the same routing (σ-MoE up and down).
@@ -23,7 +26,7 @@ plain-torch implementation that is both the CPU path and the test oracle. Overri
 `CVMM_IMPL=triton|torch` (default `auto`), read at import into the module global `IMPL`, which tests may
 also set directly; `triton` on CPU needs `TRITON_INTERPRET=1` set before triton is imported.
 
-torch.compile: both paths are the custom op `nanomoeut::cvmm` (torch.library.custom_op + register_fake
+torch.compile: both paths are the custom op `nanomoeut::cvmm` (and `nanomoeut::cvmm_mlp`) (torch.library.custom_op + register_fake
 + register_autograd; backward op `nanomoeut::cvmm_bwd`), so `torch.compile(fullgraph=True)` sees one
 opaque node per call. On CPU the op runs the reference (whose `.tolist()` would otherwise break the
 graph) and plain-torch gradients (`_torch_bwd`). Eager calls skip the op's Python dispatch: CPU goes
@@ -134,7 +137,9 @@ if triton is not None:
                           stride_a, stride_we, stride_wk, stride_wn, stride_out, stride_x2,
                           HAS_SCALE: tl.constexpr, HAS_DOTS: tl.constexpr, ATOMIC: tl.constexpr,
                           EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                          BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          RELU: tl.constexpr = False, RELU_MASK: tl.constexpr = False,
+                          HS_OUT: tl.constexpr = False, hs_ptr=None):
         """out[slot_i] = scale[slot_i] * (A[slot_i // A_DIV] @ W[e_i])   for sorted entries i.
 
         Forward (A = x, A_DIV = fan, W as is) and x gradient (A = grad, A_DIV = G or 1, W transposed by
@@ -145,7 +150,11 @@ if triton is not None:
         offsets; programs past the last tile return at once (the grid is an upper bound, so it needs
         no host sync). Rows are gathered from A and scattered to out by slot, in fp32 accumulation.
         HAS_DOTS (slot-weight gradient): dots[pid_n, slot_i] = <acc_i, X2[slot_i // X2_DIV]> over this
-        N tile, summed over tiles by the caller (deterministic, no atomics)."""
+        N tile, summed over tiles by the caller (deterministic, no atomics).
+        Fused epilogues of the σ-MoE MLP (`cvmm_mlp`): RELU applies relu to the output (up-projection);
+        with HAS_DOTS, RELU_MASK zeroes the gradient where X2 (= the relu output h) is 0, and HS_OUT also
+        writes hs[slot_i] = scale * X2 row, so the weight gradient can run unscaled (scaling a tile in
+        registers inside its loop measured 1.6x slower)."""
         pid = tl.program_id(0)
         n_tiles_n = tl.cdiv(N, BN)
         pid_m = pid // n_tiles_n          # N fastest: the programs sharing an A tile run together (L2)
@@ -184,19 +193,75 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BK
             w_ptrs += BK * stride_wk
+        omask = rmask[:, None] & nmask[None, :]
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         if HAS_DOTS:
             x2 = tl.load(x2_ptr + (slot // X2_DIV)[:, None] * stride_x2 + offs_n[None, :],
                          mask=nmask[None, :], other=0.0)
             tl.store(dots_ptr + pid_n * S + slot, tl.sum(acc * x2.to(tl.float32), 1), mask=rmask)
+            if RELU_MASK:
+                acc = tl.where(x2 > 0, acc, 0.0)
+            if HS_OUT:
+                tl.store(hs_ptr + slot[:, None] * stride_out + offs_n[None, :],
+                         (x2.to(tl.float32) * sc[:, None]).to(hs_ptr.dtype.element_ty), mask=omask)
         if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        omask = rmask[:, None] & nmask[None, :]
+            acc = acc * sc[:, None]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
         if ATOMIC:
             tl.atomic_add(out_ptr + (slot // OUT_DIV)[:, None] * stride_out + offs_n[None, :], acc,
                           mask=omask, sem="relaxed")
         else:
             tl.store(out_ptr + slot[:, None] * stride_out + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _cvmm_smallk_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr,
+                            E, K, N, A_DIV, stride_a, stride_we, stride_wk, stride_wn, stride_out,
+                            HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr):
+        """The same product as _cvmm_gemm_kernel for K <= BK (the σ-MoE down-projection, d_expert 128;
+        SwitchHead O, d_head): one program per row tile loads its A tile once and loops over all of N.
+        With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
+        looping over N lets the pipeline prefetch the next weight tile while this one is stored
+        (measured 1.3x faster than a program per (row tile, N tile) on an H100)."""
+        pid_m = tl.program_id(0)
+        eids = tl.arange(0, BLOCK_E)
+        lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
+        hi = tl.load(off_ptr + eids + 1, mask=eids < E, other=0)
+        n_tiles = (hi - lo + BM - 1) // BM
+        cum = tl.cumsum(n_tiles, 0)
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        if e >= E:
+            return
+        first_tile = tl.sum(tl.where(eids == e, cum - n_tiles, 0), 0)
+        end = tl.load(off_ptr + e + 1)
+        rows = tl.load(off_ptr + e) + (pid_m - first_tile) * BM + tl.arange(0, BM)
+        rmask = rows < end
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        kmask = offs_k < K
+        a = tl.load(a_ptr + (slot // A_DIV)[:, None] * stride_a + offs_k[None, :], mask=kmask[None, :],
+                    other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+        w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
+        o_base = out_ptr + slot[:, None] * stride_out
+        for n0 in tl.range(0, N, BN, num_stages=STAGES):
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < N
+            b = tl.load(w_base + offs_n[None, :] * stride_wn, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_F32:
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, input_precision=PRECISION)
+            if HAS_SCALE:
+                acc = acc * sc[:, None]
+            tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nmask[None, :])
 
     @triton.jit
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -220,10 +285,14 @@ if triton is not None:
         start = tl.load(off_ptr + e)
         end = tl.load(off_ptr + e + 1)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
+        # the row gathers depend on the slot ids: load the next chunk's ids one iteration ahead, so
+        # the gathers do not wait on a dependent load (measured 1.25x faster on an H100)
+        nxt = tl.load(slot_ptr + start + tl.arange(0, BR), mask=start + tl.arange(0, BR) < end, other=0)
         for r0 in range(start, end, BR):
             rows = r0 + tl.arange(0, BR)
             rmask = rows < end
-            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            slot = nxt.to(tl.int64)
+            nxt = tl.load(slot_ptr + rows + BR, mask=rows + BR < end, other=0)
             xa = tl.load(x_ptr + (slot // X_DIV)[:, None] * stride_x + offs_k[None, :],
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             g = tl.load(g_ptr + (slot // G_DIV)[:, None] * stride_g + offs_n[None, :],
@@ -252,13 +321,45 @@ def _precision(dtype, dot_f32):
     return "ieee" if dot_f32 else "tf32"  # ignored for 16-bit operands
 
 
-def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None):
+def _contract(out, group):
+    """The deterministic slot contraction of a [S, N] product (a Triton gather-sum kernel and writing
+    the product in expert-sorted order measured no faster than this torch sum at DRAM bandwidth)."""
+    S, N = out.shape
+    return out.view(S // group, group, N).sum(1) if group > 1 else out
+
+
+def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, cfg=None):
+    """Launch _cvmm_smallk_kernel (K <= 128): out [S // group, N]. BM by the same rule as _gemm; BN 64
+    (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the tiles tried at the
+    MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
+    S, E = slot.numel(), w.shape[0]
+    K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
+    swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
+    f32 = a.dtype == torch.float32
+    dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
+    c = dict(BM=min(128, max(16, _np2(S // E))), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
+    c.update(cfg or {})
+    out = torch.empty(S, N, device=a.device, dtype=a.dtype)
+    _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
+        a, w, out, slot, offsets, scale if scale is not None else a, E, K, N, a_div, a.stride(0),
+        w.stride(0), swk, swn, out.stride(0), HAS_SCALE=scale is not None, STAGES=c["stages"],
+        DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
+        BN=c["BN"], BK=max(16, _np2(K)), num_warps=c["warps"])
+    return _contract(out, group)
+
+
+def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,
+          relu_mask=False, hs=None):
     """Launch _cvmm_gemm_kernel; returns (out [S // group, N], dots [S] fp32 or None).
     Tiles are picked by rule from static shapes (no autotune, so nothing re-runs for a new row count):
     BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
-    BN shrinks when there would be too few programs to fill the GPU."""
+    BN shrinks when there would be too few programs to fill the GPU. A plain product with K <= 128
+    goes to _cvmm_smallk_kernel. relu / relu_mask / hs: the fused epilogues (see the kernel)."""
     S, E = slot.numel(), w.shape[0]
     K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
+    atomic = group > 1 and CONTRACT == "atomic"
+    if K <= 128 and x2 is None and not relu and not atomic:
+        return _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, cfg), None
     swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
@@ -267,7 +368,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BN = min(128, max(16, _np2(N)))
     warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
     if x2 is not None and BM == 128:   # the slot-weight dot epilogue: smaller tiles measured faster
-        BM, warps = 64, 4
+        BM, warps, stages = 64, 4, 4
     if cfg:  # explicit tiles (bench.py --what=cvmm_tune)
         BM, BN, BK, warps, stages = (cfg.get(k, v) for k, v in
                                      dict(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages).items())
@@ -275,7 +376,6 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     while not cfg and BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
         BN //= 2
     n_tiles = triton.cdiv(N, BN)
-    atomic = group > 1 and CONTRACT == "atomic"
     if atomic:
         out = torch.zeros(S // group, N, device=a.device, dtype=torch.float32)
     else:
@@ -287,15 +387,13 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
         a.stride(0), w.stride(0), swk, swn, out.stride(0), x2.stride(0) if x2 is not None else 0,
         HAS_SCALE=scale is not None, HAS_DOTS=x2 is not None, ATOMIC=atomic, EVEN_K=K % BK == 0,
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)),
-        BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-    if atomic:
-        out = out.to(a.dtype)
-    elif group > 1:   # the deterministic slot contraction (a Triton sum kernel measured no faster)
-        out = out.view(S // group, group, N).sum(1)
+        BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, RELU=relu, RELU_MASK=relu_mask,
+        HS_OUT=hs is not None, hs_ptr=hs)
+    out = out.to(a.dtype) if atomic else _contract(out, group)
     return out, (dots.sum(0) if dots is not None else None)
 
 
-def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None):
+def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None):
     E, K, N = w.shape
     f32 = x.dtype == torch.float32
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
@@ -308,7 +406,7 @@ def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None):
     if cfg:
         BK, BN, BR, warps, stages, scale_x = (cfg.get(k, v) for k, v in dict(
             BK=BK, BN=BN, BR=BR, warps=warps, stages=stages, scale_x=scale_x).items())
-    gw = torch.empty(E, K, N, device=x.device, dtype=w.dtype)
+    gw = torch.empty(E, K, N, device=x.device, dtype=w.dtype) if gw is None else gw
     grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
     _cvmm_gradw_kernel[grid](
         x, g, gw, slot, offsets, scale if scale is not None else x, K, N, x_div, g_div,
@@ -377,10 +475,14 @@ def _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
         else:
             S = slot.numel()
             fan, G = S // x.shape[0], (1 if sw is None else sw.shape[1])
+            # with slot weights, the slot-weight gradient's kernel also writes hs = sw * x rows, so the
+            # weight gradient runs unscaled
+            hs = x.new_empty(S, x.shape[1]) if need_w and need_sw else None
             if need_x or need_sw:   # grad_x[r] = sum over its fan slots of (sw * grad) @ W^T
-                gx, gsw = _gemm(grad, G, w, True, slot, offsets, sw, fan, x if need_sw else None, fan)
+                gx, gsw = _gemm(grad, G, w, True, slot, offsets, sw, fan, x if need_sw else None, fan, hs=hs)
             if need_w:
-                gw = _gradw(x, fan, grad, G, sw, slot, offsets, w)
+                gw = (_gradw(hs, 1, grad, G, None, slot, offsets, w) if hs is not None
+                      else _gradw(x, fan, grad, G, sw, slot, offsets, w))
             if gsw is not None:
                 gsw = gsw.view_as(sw).to(sw.dtype)
         e = x.new_empty(0)
@@ -463,3 +565,149 @@ def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args):
         return _fwd_impl(*args)
     return _CVMMFunction.apply(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The σ-MoE MLP as one op (paper eq. 5-6 with the sigmoid scores as slot weights):
+#     y[n] = sum_k  sw[n, k] * relu(x[n] @ W1[e_nk]) @ W2[e_nk]
+# Same kernels as two cvmm calls, but the relu is fused into the up-projection's epilogue, its
+# gradient mask into the down-projection's grad-h epilogue (which already reads h), and nothing else
+# touches the [N*K, d_expert] hidden tensor. Saves one elementwise pass forward and one backward.
+
+OVERLAP = os.environ.get("CVMM_OVERLAP", "1") == "1"
+_SIDE = {}
+
+
+def _side_stream(x):
+    """A second CUDA stream per device for cvmm_mlp's backward: grad_W2 (latency-bound) runs beside
+    grad_x and its DRAM-bound contraction. None on CPU, or when OVERLAP is off."""
+    if not (OVERLAP and x.is_cuda):
+        return None
+    if x.device not in _SIDE:
+        _SIDE[x.device] = torch.cuda.Stream(x.device)
+    return _SIDE[x.device]
+
+
+def _mlp_fwd_impl(x, slot, offsets, w1, w2, sw):
+    """(y, h) with h = relu(x W1) [S, d_expert], kept for the backward."""
+    with torch.autocast(x.device.type, enabled=False):
+        if not _use_triton(x):
+            sel = _sel(slot, offsets)
+            h = torch.relu(cvmm_reference(x, sel, w1))
+            return cvmm_reference(h, sel, w2, sw), h
+        fan = slot.numel() // x.shape[0]
+        h = _gemm(x, fan, w1, False, slot, offsets, None, 1, relu=True)[0]
+        return _gemm(h, 1, w2, False, slot, offsets, sw, sw.shape[1])[0], h
+
+
+@torch.library.custom_op("nanomoeut::cvmm_mlp", mutates_args=())
+def _mlp_op(x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mlp_fwd_impl(x, slot, offsets, w1, w2, sw)
+
+
+@_mlp_op.register_fake
+def _(x, slot, offsets, w1, w2, sw):
+    return x.new_empty(slot.shape[0] // sw.shape[1], w2.shape[2]), x.new_empty(slot.shape[0], w1.shape[2])
+
+
+def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w2, need_sw):
+    """(grad_x, grad_w1, grad_w2, grad_sw); the ones not needed come back as empty tensors."""
+    with torch.autocast(x.device.type, enabled=False):
+        fan, G = slot.numel() // x.shape[0], sw.shape[1]
+        if not _use_triton(x):
+            gh, gw2, gsw = _torch_bwd(grad, h, slot, offsets, w2, sw)
+            gx, gw1, _ = _torch_bwd(gh * (h > 0), x, slot, offsets, w1, None)
+        else:
+            hs = torch.empty_like(h) if need_w2 else None
+            # grad wrt the up-projection's pre-activation (relu mask fused), grad_sw, and hs = sw * h
+            gpre, gsw = _gemm(grad, G, w2, True, slot, offsets, sw, 1, h, 1, relu_mask=True, hs=hs)
+            side = _side_stream(x) if need_w2 and (need_x or need_w1) else None
+            gw2 = torch.empty_like(w2) if need_w2 else None
+            if side is not None:  # grad_W2 is independent of the rest: run it beside them (see OVERLAP)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2)
+            elif need_w2:
+                _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2)
+            gx = _gemm(gpre, 1, w1, True, slot, offsets, None, fan)[0] if need_x else None
+            gw1 = _gradw(x, fan, gpre, 1, None, slot, offsets, w1) if need_w1 else None
+            if side is not None:   # join before any tensor the side stream reads can be freed
+                torch.cuda.current_stream(x.device).wait_stream(side)
+        e = x.new_empty(0)
+        return (gx if need_x else e, gw1 if need_w1 else e, gw2 if need_w2 else e,
+                gsw.view_as(sw).to(sw.dtype) if need_sw else e)
+
+
+@torch.library.custom_op("nanomoeut::cvmm_mlp_bwd", mutates_args=())
+def _mlp_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offsets: torch.Tensor,
+                w1: torch.Tensor, w2: torch.Tensor, sw: torch.Tensor, h: torch.Tensor, need_x: bool,
+                need_w1: bool, need_w2: bool, need_sw: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w2, need_sw)
+
+
+@_mlp_bwd_op.register_fake
+def _(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w2, need_sw):
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if need_x else e, torch.empty_like(w1) if need_w1 else e,
+            torch.empty_like(w2) if need_w2 else e, torch.empty_like(sw) if need_sw else e)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _mlp_backward(ctx, grad, _grad_h=None, bwd=lambda *a: torch.ops.nanomoeut.cvmm_mlp_bwd(*a)):
+    """h is internal (cvmm_mlp returns y only), so its incoming gradient is always None or zero."""
+    x, slot, offsets, w1, w2, sw, h = ctx.saved_tensors
+    nx, _, _, nw1, nw2, nsw = ctx.needs_input_grad
+    gx, gw1, gw2, gsw = bwd(grad.contiguous(), x, slot, offsets, w1, w2, sw, h, nx, nw1, nw2, nsw)
+    return gx if nx else None, None, None, gw1 if nw1 else None, gw2 if nw2 else None, gsw if nsw else None
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+class _MLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, slot, offsets, w1, w2, sw):
+        y, h = _mlp_fwd_impl(x, slot, offsets, w1, w2, sw)
+        ctx.save_for_backward(x, slot, offsets, w1, w2, sw, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _mlp_backward(ctx, grad, None, _mlp_bwd_impl)
+
+
+def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
+             slot_weights: torch.Tensor) -> torch.Tensor:
+    """The σ-MoE MLP: cvmm(relu(cvmm(x, sel, w1)), sel, w2, slot_weights) in one op, [N, D_out].
+    x [..., D_in] (N rows), w1 [E, D_in, d_expert], w2 [E, d_expert, D_out], slot_weights [N, K]."""
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0] or w1.shape[2] != w2.shape[1]:
+        raise ValueError(f"cvmm_mlp: banks must be [E, D_in, d_expert] and [E, d_expert, D_out], got "
+                         f"{tuple(w1.shape)} and {tuple(w2.shape)}")
+    _check(x, sel, w1, slot_weights)
+    R, S = x.numel() // x.shape[-1], sel.slot.numel()
+    if slot_weights.numel() != S or slot_weights.shape[-1] != S // R:
+        raise ValueError(f"cvmm_mlp: slot_weights {tuple(slot_weights.shape)} must be [rows, K] = "
+                         f"[{R}, {S // R}]")
+    if not _use_triton(x) and not torch.compiler.is_compiling():
+        return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, slot_weights)   # the reference, by autograd
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+    if not (x.dtype == w1.dtype == w2.dtype):
+        raise TypeError(f"cvmm_mlp: x, w1 and w2 must have one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
+    if any(t.device != x.device for t in (w1, w2, slot_weights, sel.slot, sel.offsets)):
+        raise ValueError("cvmm_mlp: all tensors must be on one device")
+    if _use_triton(x) and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"cvmm_mlp: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
+    args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
+            w1.contiguous(), w2.contiguous(), slot_weights.reshape(R, -1).contiguous())
+    if torch.compiler.is_compiling():
+        return torch.ops.nanomoeut.cvmm_mlp(*args)[0]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in args):
+        return _mlp_fwd_impl(*args)[0]
+    return _MLPFunction.apply(*args)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvmm import cvmm, cvmm_prepare
+from cvmm import cvmm, cvmm_mlp, cvmm_prepare
 
 
 @dataclass
@@ -132,8 +132,8 @@ class SigmaMoE(nn.Module):
         weights = scores.gather(-1, idx)              # raw sigmoid, no softmax, no renormalisation
         sel = cvmm_prepare(idx, self.keys.shape[0])   # sorted once, used by both projections
         self.usage += sel.offsets[1:] - sel.offsets[:-1]
-        h = F.relu(cvmm(x.reshape(B * T, d), sel, self.keys))               # [B*T*K, d_expert]
-        y = cvmm(h, sel, self.values, weights.reshape(B * T, self.k))       # [B*T, d]
+        # y = sum_k w_k relu(x W1[e_k]) W2[e_k]: both projections and the relu in one op (cvmm.cvmm_mlp)
+        y = cvmm_mlp(x.reshape(B * T, d), sel, self.keys, self.values, weights.reshape(B * T, self.k))
         return y.view(B, T, d)
 
 

@@ -10,7 +10,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # so plain `pytest` works too
 import cvmm as C  # noqa: E402
-from cvmm import cvmm, cvmm_prepare, cvmm_reference  # noqa: E402
+from cvmm import cvmm, cvmm_mlp, cvmm_prepare, cvmm_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -191,12 +191,81 @@ def mlp(x, ids, w1, w2, sw):
     return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, sw)
 
 
-def check_compiled(device, dtype, tol):
+def fused_mlp(x, ids, w1, w2, sw):
+    return cvmm_mlp(x, cvmm_prepare(ids, w1.shape[0]), w1, w2, sw)
+
+
+def mlp_inputs(N=7, d=24, E=5, K=3, de=16, ids=None, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed + N)
+    ids = torch.randint(0, E, (N, K), generator=g) if ids is None else ids
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in
+            (r(N, d), ids, r(E, d, de) / d ** 0.5, r(E, de, d) / de ** 0.5, torch.rand(N, K, generator=g))]
+
+
+def mlp_grads(f, x, ids, w1, w2, sw):
+    ps = [t.detach().clone().requires_grad_() for t in (x, w1, w2, sw)]
+    y = f(ps[0], ids, ps[1], ps[2], ps[3])
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    return [y] + list(torch.autograd.grad(y, ps, go))
+
+
+MLP_CASES = {"basic": {}, "ragged": dict(N=37, d=40, de=24, E=4), "K1": dict(N=11, K=1),
+             "zero_row_experts": dict(N=9, E=16, ids=torch.randint(0, 3, (9, 3)) * 5),
+             "one_row": dict(N=1), "many_experts": dict(N=50, E=300, K=2, d=32, de=16),
+             "big_tiles": dict(N=300, K=4, E=3, d=72, de=40)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_fused_mlp_matches_two_cvmm_reference(impl, case, dtype):
+    """cvmm_mlp (fused relu and relu-grad epilogues, hs for grad_W2) equals relu between two reference
+    cvmm calls, in the output and all four gradients."""
+    args = [t.to(dtype).float() if t.is_floating_point() else t for t in mlp_inputs(**MLP_CASES[case])]
+    impl("torch")   # on the inputs rounded to dtype, so relu flips no sign between the two
+    want = mlp_grads(mlp, *args)
+    assert all(rel(a, b) < 1e-6 for a, b in zip(mlp_grads(fused_mlp, *args), want))  # CPU path
+    impl("triton")
+    x, ids, w1, w2, sw = args
+    got = mlp_grads(fused_mlp, x.to(DEV, dtype), ids.to(DEV), w1.to(DEV, dtype), w2.to(DEV, dtype), sw.to(DEV))
+    tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    for name, a, b in zip(["y", "grad_x", "grad_w1", "grad_w2", "grad_sw"], got, want):
+        assert a.shape == b.shape and rel(a.cpu(), b) < tol, (name, rel(a.cpu(), b))
+
+
+def test_fused_mlp_deterministic_and_partial_grads(impl):
+    impl("triton")
+    x, ids, w1, w2, sw = mlp_inputs(N=200, K=4, E=3, d=40, de=24, device=DEV)
+    a, b = mlp_grads(fused_mlp, x, ids, w1, w2, sw), mlp_grads(fused_mlp, x, ids, w1, w2, sw)
+    assert all(torch.equal(t, u) for t, u in zip(a, b))
+    # only some inputs need grad: the rest are skipped, the rest still right
+    w2g = w2.detach().clone().requires_grad_()
+    (gw2,) = torch.autograd.grad(fused_mlp(x, ids, w1, w2g, sw).square().sum(), [w2g])
+    impl("torch")
+    w2r = w2.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(mlp(x, ids, w1, w2r, sw).square().sum(), [w2r])
+    assert rel(gw2.cpu(), want.cpu()) < 2e-5
+
+
+def test_fused_mlp_errors(impl):
+    x, ids, w1, w2, sw = mlp_inputs()
+    sel = cvmm_prepare(ids, 5)
+    for mode in ("torch", "triton"):
+        impl(mode)
+        with pytest.raises(ValueError, match=r"\[E, d_expert, D_out\]"):
+            cvmm_mlp(x, sel, w1, w2[:, :-1], sw)
+        with pytest.raises(ValueError, match=r"must be \[rows, K\]"):
+            cvmm_mlp(x, sel, w1, w2, sw.reshape(-1, 1))
+        with pytest.raises(ValueError, match="bank expects D_in"):
+            cvmm_mlp(x[:, :-1], sel, w1, w2, sw)
+
+
+def check_compiled(device, dtype, tol, fn=mlp):
     x, ids, w1, _ = usage("up", N=40, d=64, de=32, E=9, K=3, device=device, dtype=dtype)
     w2 = usage("down", N=40, d=64, de=32, E=9, K=3, device=device, dtype=dtype)[2]
     sw = torch.rand(40, 3, device=device)
     outs = []
-    for f in (mlp, torch.compile(mlp, fullgraph=True)):
+    for f in (mlp, torch.compile(fn, fullgraph=True)):
         ps = [t.detach().clone().requires_grad_() for t in (x, w1, w2, sw)]
         y = f(ps[0], ids, ps[1], ps[2], ps[3])
         outs.append([y] + list(torch.autograd.grad(y.float().square().sum(), ps)))
@@ -209,6 +278,7 @@ def test_compile_cpu_reference_path(impl):
     """fullgraph=True: the reference's .tolist() lives inside the custom op, so no graph break."""
     impl("torch")
     check_compiled("cpu", torch.float32, 1e-5)
+    check_compiled("cpu", torch.float32, 1e-5, fused_mlp)
 
 
 @needs_cuda
@@ -216,6 +286,7 @@ def test_compile_cpu_reference_path(impl):
 def test_compile_cuda_sigma_moe(impl, dtype):
     impl("auto")
     check_compiled("cuda", dtype, 1e-5)
+    check_compiled("cuda", dtype, 1e-2 if dtype == torch.bfloat16 else 1e-5, fused_mlp)  # vs two cvmm
 
 
 @needs_cuda
