@@ -132,6 +132,23 @@ def cvmm_reference(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
 
 if triton is not None:
     @triton.jit
+    def _row_tile(off_ptr, pid_m, E, BLOCK_E: tl.constexpr, BM: tl.constexpr):
+        """(expert e, its sorted rows, end of its rows) for row tile pid_m. Tiles never straddle experts:
+        expert e owns ceil(count_e / BM) tiles, laid out expert after expert; the program finds its
+        expert from a cumsum over the E+1 offsets. e == E past the last tile (the grid is an upper
+        bound, so it needs no host sync): the caller returns at once."""
+        eids = tl.arange(0, BLOCK_E)
+        lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
+        hi = tl.load(off_ptr + eids + 1, mask=eids < E, other=0)
+        n_tiles = (hi - lo + BM - 1) // BM
+        cum = tl.cumsum(n_tiles, 0)                              # inclusive: tiles of experts <= e
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        first_tile = tl.sum(tl.where(eids == e, cum - n_tiles, 0), 0)
+        start = tl.load(off_ptr + e, mask=e < E, other=0)
+        end = tl.load(off_ptr + e + 1, mask=e < E, other=0)
+        return e, start + (pid_m - first_tile) * BM + tl.arange(0, BM), end
+
+    @triton.jit
     def _cvmm_gemm_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr, x2_ptr, dots_ptr,
                           E, K, N, S, A_DIV, OUT_DIV, X2_DIV,
                           stride_a, stride_we, stride_wk, stride_wn, stride_out, stride_x2,
@@ -143,12 +160,10 @@ if triton is not None:
         """out[slot_i] = scale[slot_i] * (A[slot_i // A_DIV] @ W[e_i])   for sorted entries i.
 
         Forward (A = x, A_DIV = fan, W as is) and x gradient (A = grad, A_DIV = G or 1, W transposed by
-        strides). Tiles never straddle experts: expert e owns ceil(count_e / BM) row tiles, laid out
-        expert after expert, so each program does one plain GEMM tile with one weight matrix (the
-        official kernel loops over every expert inside a shared tile, which wastes work when experts
-        have few rows, e.g. at decode). The program finds its expert from a cumsum over the E+1
-        offsets; programs past the last tile return at once (the grid is an upper bound, so it needs
-        no host sync). Rows are gathered from A and scattered to out by slot, in fp32 accumulation.
+        strides). Tiles never straddle experts (_row_tile), so each program does one plain GEMM tile
+        with one weight matrix (the official kernel loops over every expert inside a shared tile,
+        which wastes work when experts have few rows, e.g. at decode). Rows are gathered from A and
+        scattered to out by slot, in fp32 accumulation.
         HAS_DOTS (slot-weight gradient): dots[pid_n, slot_i] = <acc_i, X2[slot_i // X2_DIV]> over this
         N tile, summed over tiles by the caller (deterministic, no atomics).
         Fused epilogues of the σ-MoE MLP (`cvmm_mlp`): RELU applies relu to the output (up-projection);
@@ -159,17 +174,9 @@ if triton is not None:
         n_tiles_n = tl.cdiv(N, BN)
         pid_m = pid // n_tiles_n          # N fastest: the programs sharing an A tile run together (L2)
         pid_n = pid % n_tiles_n
-        eids = tl.arange(0, BLOCK_E)
-        lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
-        hi = tl.load(off_ptr + eids + 1, mask=eids < E, other=0)
-        n_tiles = (hi - lo + BM - 1) // BM
-        cum = tl.cumsum(n_tiles, 0)                              # inclusive: tiles of experts <= e
-        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        e, rows, end = _row_tile(off_ptr, pid_m, E, BLOCK_E, BM)
         if e >= E:
             return
-        first_tile = tl.sum(tl.where(eids == e, cum - n_tiles, 0), 0)
-        end = tl.load(off_ptr + e + 1)
-        rows = tl.load(off_ptr + e) + (pid_m - first_tile) * BM + tl.arange(0, BM)
         rmask = rows < end
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)   # masked rows read row 0
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -227,18 +234,9 @@ if triton is not None:
         With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
         looping over N lets the pipeline prefetch the next weight tile while this one is stored
         (measured 1.3x faster than a program per (row tile, N tile) on an H100)."""
-        pid_m = tl.program_id(0)
-        eids = tl.arange(0, BLOCK_E)
-        lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
-        hi = tl.load(off_ptr + eids + 1, mask=eids < E, other=0)
-        n_tiles = (hi - lo + BM - 1) // BM
-        cum = tl.cumsum(n_tiles, 0)
-        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        e, rows, end = _row_tile(off_ptr, tl.program_id(0), E, BLOCK_E, BM)
         if e >= E:
             return
-        first_tile = tl.sum(tl.where(eids == e, cum - n_tiles, 0), 0)
-        end = tl.load(off_ptr + e + 1)
-        rows = tl.load(off_ptr + e) + (pid_m - first_tile) * BM + tl.arange(0, BM)
         rmask = rows < end
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
         offs_k = tl.arange(0, BK)
