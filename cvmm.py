@@ -135,7 +135,7 @@ if triton is not None:
     def _row_tile(off_ptr, pid_m, E, BLOCK_E: tl.constexpr, BM: tl.constexpr):
         """(expert e, its sorted rows, end of its rows) for row tile pid_m. Tiles never straddle experts:
         expert e owns ceil(count_e / BM) tiles, laid out expert after expert; the program finds its
-        expert from a cumsum over the E+1 offsets. e == E past the last tile (the grid is an upper
+        expert from a cumsum over the E+1 offsets. e >= E past the last tile (the grid is an upper
         bound, so it needs no host sync): the caller returns at once."""
         eids = tl.arange(0, BLOCK_E)
         lo = tl.load(off_ptr + eids, mask=eids < E, other=0)
@@ -156,7 +156,7 @@ if triton is not None:
                           EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           RELU: tl.constexpr = False, RELU_MASK: tl.constexpr = False,
-                          HS_OUT: tl.constexpr = False, hs_ptr=None):
+                          HS_OUT: tl.constexpr = False, hs_ptr=None, stride_hs=0):
         """out[slot_i] = scale[slot_i] * (A[slot_i // A_DIV] @ W[e_i])   for sorted entries i.
 
         Forward (A = x, A_DIV = fan, W as is) and x gradient (A = grad, A_DIV = G or 1, W transposed by
@@ -210,7 +210,7 @@ if triton is not None:
             if RELU_MASK:
                 acc = tl.where(x2 > 0, acc, 0.0)
             if HS_OUT:
-                tl.store(hs_ptr + slot[:, None] * stride_out + offs_n[None, :],
+                tl.store(hs_ptr + slot[:, None] * stride_hs + offs_n[None, :],
                          (x2.to(tl.float32) * sc[:, None]).to(hs_ptr.dtype.element_ty), mask=omask)
         if HAS_SCALE:
             acc = acc * sc[:, None]
@@ -353,6 +353,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
     BN shrinks when there would be too few programs to fill the GPU. A plain product with K <= 128
     goes to _cvmm_smallk_kernel. relu / relu_mask / hs: the fused epilogues (see the kernel)."""
+    assert x2 is not None or (hs is None and not relu_mask), "hs / relu_mask act on the X2 epilogue"
     S, E = slot.numel(), w.shape[0]
     K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
     atomic = group > 1 and CONTRACT == "atomic"
@@ -386,7 +387,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
         HAS_SCALE=scale is not None, HAS_DOTS=x2 is not None, ATOMIC=atomic, EVEN_K=K % BK == 0,
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)),
         BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, RELU=relu, RELU_MASK=relu_mask,
-        HS_OUT=hs is not None, hs_ptr=hs)
+        HS_OUT=hs is not None, hs_ptr=hs, stride_hs=hs.stride(0) if hs is not None else 0)
     out = out.to(a.dtype) if atomic else _contract(out, group)
     return out, (dots.sum(0) if dots is not None else None)
 
@@ -474,8 +475,9 @@ def _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
             S = slot.numel()
             fan, G = S // x.shape[0], (1 if sw is None else sw.shape[1])
             # with slot weights, the slot-weight gradient's kernel also writes hs = sw * x rows, so the
-            # weight gradient runs unscaled
-            hs = x.new_empty(S, x.shape[1]) if need_w and need_sw else None
+            # weight gradient runs unscaled; only where x has one row per slot (fan 1, as the σ-MoE
+            # down-projection), since otherwise hs is fan times the size of x (SwitchHead V: H*k)
+            hs = x.new_empty(S, x.shape[1]) if need_w and need_sw and fan == 1 else None
             if need_x or need_sw:   # grad_x[r] = sum over its fan slots of (sw * grad) @ W^T
                 gx, gsw = _gemm(grad, G, w, True, slot, offsets, sw, fan, x if need_sw else None, fan, hs=hs)
             if need_w:
@@ -483,8 +485,8 @@ def _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
                       else _gradw(x, fan, grad, G, sw, slot, offsets, w))
             if gsw is not None:
                 gsw = gsw.view_as(sw).to(sw.dtype)
-        e = x.new_empty(0)
-        return (gx if need_x else e, gw if need_w else e, gsw if need_sw else e)
+        e = x.new_empty   # a fresh empty tensor per unused output: custom-op outputs may not alias
+        return (gx if need_x else e(0), gw if need_w else e(0), gsw if need_sw else e(0))
 
 
 @torch.library.custom_op("nanomoeut::cvmm_bwd", mutates_args=())
@@ -496,9 +498,9 @@ def _cvmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offset
 
 @_cvmm_bwd_op.register_fake
 def _(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
-    e = x.new_empty(0)
-    return (torch.empty_like(x) if need_x else e, torch.empty_like(w) if need_w else e,
-            torch.empty_like(sw) if need_sw else e)
+    e = x.new_empty
+    return (torch.empty_like(x) if need_x else e(0), torch.empty_like(w) if need_w else e(0),
+            torch.empty_like(sw) if need_sw else e(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -632,9 +634,9 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
             gw1 = _gradw(x, fan, gpre, 1, None, slot, offsets, w1) if need_w1 else None
             if side is not None:   # join before any tensor the side stream reads can be freed
                 torch.cuda.current_stream(x.device).wait_stream(side)
-        e = x.new_empty(0)
-        return (gx if need_x else e, gw1 if need_w1 else e, gw2 if need_w2 else e,
-                gsw.view_as(sw).to(sw.dtype) if need_sw else e)
+        e = x.new_empty   # fresh per unused output (no aliasing between custom-op outputs)
+        return (gx if need_x else e(0), gw1 if need_w1 else e(0), gw2 if need_w2 else e(0),
+                gsw.view_as(sw).to(sw.dtype) if need_sw else e(0))
 
 
 @torch.library.custom_op("nanomoeut::cvmm_mlp_bwd", mutates_args=())
@@ -647,9 +649,9 @@ def _mlp_bwd_op(grad: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, offsets
 
 @_mlp_bwd_op.register_fake
 def _(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w2, need_sw):
-    e = x.new_empty(0)
-    return (torch.empty_like(x) if need_x else e, torch.empty_like(w1) if need_w1 else e,
-            torch.empty_like(w2) if need_w2 else e, torch.empty_like(sw) if need_sw else e)
+    e = x.new_empty
+    return (torch.empty_like(x) if need_x else e(0), torch.empty_like(w1) if need_w1 else e(0),
+            torch.empty_like(w2) if need_w2 else e(0), torch.empty_like(sw) if need_sw else e(0))
 
 
 def _mlp_setup_context(ctx, inputs, output):
@@ -691,6 +693,10 @@ def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
     if slot_weights.numel() != S or slot_weights.shape[-1] != S // R:
         raise ValueError(f"cvmm_mlp: slot_weights {tuple(slot_weights.shape)} must be [rows, K] = "
                          f"[{R}, {S // R}]")
+    if sel.slot.dtype != torch.int32 or sel.offsets.dtype != torch.int32:
+        raise TypeError("cvmm_mlp: sel must come from cvmm_prepare (int32 slot and offsets)")
+    if not slot_weights.is_floating_point():
+        raise TypeError(f"cvmm_mlp: slot_weights must be floating point, got {slot_weights.dtype}")
     if not _use_triton(x) and not torch.compiler.is_compiling():
         return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, slot_weights)   # the reference, by autograd
     if torch.is_autocast_enabled(x.device.type):

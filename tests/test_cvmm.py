@@ -224,7 +224,12 @@ def test_fused_mlp_matches_two_cvmm_reference(impl, case, dtype):
     args = [t.to(dtype).float() if t.is_floating_point() else t for t in mlp_inputs(**MLP_CASES[case])]
     impl("torch")   # on the inputs rounded to dtype, so relu flips no sign between the two
     want = mlp_grads(mlp, *args)
-    assert all(rel(a, b) < 1e-6 for a, b in zip(mlp_grads(fused_mlp, *args), want))  # CPU path
+    x, ids, w1, w2, sw = args   # the op's own CPU implementation (what torch.compile runs on CPU)
+    sel = cvmm_prepare(ids, w1.shape[0])
+    y, h = C._mlp_fwd_impl(x, sel.slot, sel.offsets, w1, w2, sw)
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = C._mlp_bwd_impl(go, x, sel.slot, sel.offsets, w1, w2, sw, h, True, True, True, True)
+    assert all(rel(a, b) < 1e-5 for a, b in zip([y, *grads], want))
     impl("triton")
     x, ids, w1, w2, sw = args
     got = mlp_grads(fused_mlp, x.to(DEV, dtype), ids.to(DEV), w1.to(DEV, dtype), w2.to(DEV, dtype), sw.to(DEV))
@@ -238,13 +243,41 @@ def test_fused_mlp_deterministic_and_partial_grads(impl):
     x, ids, w1, w2, sw = mlp_inputs(N=200, K=4, E=3, d=40, de=24, device=DEV)
     a, b = mlp_grads(fused_mlp, x, ids, w1, w2, sw), mlp_grads(fused_mlp, x, ids, w1, w2, sw)
     assert all(torch.equal(t, u) for t, u in zip(a, b))
-    # only some inputs need grad: the rest are skipped, the rest still right
-    w2g = w2.detach().clone().requires_grad_()
-    (gw2,) = torch.autograd.grad(fused_mlp(x, ids, w1, w2g, sw).square().sum(), [w2g])
+
+
+def partial_grads(f, args, need):
+    """Gradients of the inputs named in `need` (of x, w1, w2, sw) only; the others stay constants."""
+    x, ids, w1, w2, sw = args
+    ps = {n: t.detach().clone().requires_grad_(n in need) for n, t in zip("x w1 w2 sw".split(), (x, w1, w2, sw))}
+    y = f(ps["x"], ids, ps["w1"], ps["w2"], ps["sw"])
+    return torch.autograd.grad(y.float().square().sum(), [ps[n] for n in need])
+
+
+NEEDS = [("x",), ("w2",), ("w1", "sw"), ("x", "w2", "sw")]
+
+
+@pytest.mark.parametrize("need", NEEDS, ids="+".join)
+def test_fused_mlp_partial_grads(impl, need):
+    """Only some inputs need grad (frozen experts, a detached input): the others are skipped, these
+    still right (several unused gradient outputs at once must not alias, see the op)."""
+    args = mlp_inputs(N=30, K=3, E=4, d=24, de=16, device=DEV)
     impl("torch")
-    w2r = w2.detach().clone().requires_grad_()
-    (want,) = torch.autograd.grad(mlp(x, ids, w1, w2r, sw).square().sum(), [w2r])
-    assert rel(gw2.cpu(), want.cpu()) < 2e-5
+    want = partial_grads(mlp, [t.cpu() for t in args], need)
+    impl("triton")
+    got = partial_grads(fused_mlp, args, need)
+    assert all(rel(a.cpu(), b) < 2e-5 for a, b in zip(got, want))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the CUDA compile tests cover this; CPU compiles are slow on the GPU host")
+def test_fused_mlp_partial_grads_compiled(impl):
+    """The same under torch.compile(fullgraph=True), where the backward is the custom op cvmm_mlp_bwd."""
+    impl("torch")
+    args = mlp_inputs(N=30, K=3, E=4, d=24, de=16)
+    for need in NEEDS:
+        want = partial_grads(mlp, args, need)
+        got = partial_grads(torch.compile(fused_mlp, fullgraph=True), args, need)
+        assert all(rel(a, b) < 1e-5 for a, b in zip(got, want)), need
 
 
 def test_fused_mlp_errors(impl):
