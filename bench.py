@@ -242,10 +242,10 @@ def bench_cvmm_tune():
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]]
     parts = [
         ("fwd up + relu", big_k, lambda c: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True)),
-        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm_smallk(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
+        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
         ("bwd grad_pre + grad_sw + hs", [dict(c, BM=64) for c in big_k[:3]] + big_k[:2],
          lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs)),
-        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm_smallk(g_h, 1, w1, True, slot, off, None, 1, cfg=c)),
+        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c)),
         ("grad_W1", gw, lambda c: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c)),
         ("grad_W2 from hs", gw, lambda c: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c)),
     ]

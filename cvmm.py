@@ -326,13 +326,11 @@ def _contract(out, group):
     return out.view(S // group, group, N).sum(1) if group > 1 else out
 
 
-def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, cfg=None):
-    """Launch _cvmm_smallk_kernel (K <= 128): out [S // group, N]. BM by the same rule as _gemm; BN 64
+def _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg=None):
+    """Launch _cvmm_smallk_kernel for _gemm (K <= 128): out [S // group, N]. BM by _gemm's rule; BN 64
     (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the tiles tried at the
     MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
     S, E = slot.numel(), w.shape[0]
-    K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
-    swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     c = dict(BM=min(128, max(16, _np2(S // E))), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
@@ -356,10 +354,10 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     assert x2 is not None or (hs is None and not relu_mask), "hs / relu_mask act on the X2 epilogue"
     S, E = slot.numel(), w.shape[0]
     K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
+    swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
     atomic = group > 1 and CONTRACT == "atomic"
     if K <= 128 and x2 is None and not relu and not atomic:
-        return _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, cfg), None
-    swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
+        return _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg), None
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     BM = min(128, max(16, _np2(S // E)))
@@ -532,6 +530,30 @@ class _CVMMFunction(torch.autograd.Function):
         return _backward(ctx, grad, _bwd_impl)
 
 
+def _checked_inputs(name, x, sel, banks: dict, slot_weights):
+    """The checks and casts cvmm and cvmm_mlp share, after their shape checks: one device, routing from
+    cvmm_prepare, float slot weights; x and the banks in the autocast dtype (the matmuls run in it),
+    then of one dtype, which the Triton path must support. Returns (x, [banks])."""
+    ts = [x, *banks.values(), sel.slot, sel.offsets] + ([slot_weights] if slot_weights is not None else [])
+    if any(t.device != x.device for t in ts):
+        raise ValueError(f"{name}: all tensors must be on one device, got "
+                         f"{sorted({str(t.device) for t in ts})}")
+    if sel.slot.dtype != torch.int32 or sel.offsets.dtype != torch.int32:
+        raise TypeError(f"{name}: sel must come from cvmm_prepare (int32 slot and offsets)")
+    if slot_weights is not None and not slot_weights.is_floating_point():
+        raise TypeError(f"{name}: slot_weights must be floating point, got {slot_weights.dtype}")
+    ws = list(banks.values())
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, ws = x.to(dt), [w.to(dt) for w in ws]
+    if any(w.dtype != x.dtype for w in ws):
+        raise TypeError(f"{name}: x and {' and '.join(banks)} must have one dtype, got "
+                        f"{' and '.join(str(t.dtype) for t in [x, *ws])}")
+    if _use_triton(x) and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
+    return x, ws
+
+
 def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
          slot_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[s] = x[s // fan] @ w[expert of s], optionally contracted over groups of slots with
@@ -539,23 +561,9 @@ def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
     Under autocast x and w run in the autocast dtype (fp32 accumulation always); slot_weights keep
     their dtype (they scale the fp32 accumulator)."""
     _check(x, sel, w, slot_weights)
-    ts = [x, w, sel.slot, sel.offsets] + ([slot_weights] if slot_weights is not None else [])
-    if any(t.device != x.device for t in ts):
-        raise ValueError(f"cvmm: all tensors must be on one device, got "
-                         f"{sorted({str(t.device) for t in ts})}")
-    if sel.slot.dtype != torch.int32 or sel.offsets.dtype != torch.int32:
-        raise TypeError("cvmm: sel must come from cvmm_prepare (int32 slot and offsets)")
-    if slot_weights is not None and not slot_weights.is_floating_point():
-        raise TypeError(f"cvmm: slot_weights must be floating point, got {slot_weights.dtype}")
-    if torch.is_autocast_enabled(x.device.type):   # the matmuls run in the autocast dtype
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dt), w.to(dt)
-    if x.dtype != w.dtype:
-        raise TypeError(f"cvmm: x and w must have one dtype, got {x.dtype} and {w.dtype}")
+    x, (w,) = _checked_inputs("cvmm", x, sel, {"w": w}, slot_weights)
     if not _use_triton(x) and not torch.compiler.is_compiling():
         return cvmm_reference(x, sel, w, slot_weights)
-    if _use_triton(x) and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"cvmm: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
     if slot_weights is not None:
         slot_weights = slot_weights.reshape(-1, slot_weights.shape[-1]).contiguous()
     args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
@@ -622,14 +630,15 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
             hs = torch.empty_like(h) if need_w2 else None
             # grad wrt the up-projection's pre-activation (relu mask fused), grad_sw, and hs = sw * h
             gpre, gsw = _gemm(grad, G, w2, True, slot, offsets, sw, 1, h, 1, relu_mask=True, hs=hs)
+            # grad_W2 is independent of the rest: run it beside them (see OVERLAP), into a tensor
+            # allocated on this stream
             side = _side_stream(x) if need_w2 and (need_x or need_w1) else None
             gw2 = torch.empty_like(w2) if need_w2 else None
-            if side is not None:  # grad_W2 is independent of the rest: run it beside them (see OVERLAP)
+            if side is not None:
                 side.wait_stream(torch.cuda.current_stream(x.device))
-                with torch.cuda.stream(side):
+            if need_w2:
+                with torch.cuda.stream(side):   # None: the current stream
                     _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2)
-            elif need_w2:
-                _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2)
             gx = _gemm(gpre, 1, w1, True, slot, offsets, None, fan)[0] if need_x else None
             gw1 = _gradw(x, fan, gpre, 1, None, slot, offsets, w1) if need_w1 else None
             if side is not None:   # join before any tensor the side stream reads can be freed
@@ -693,21 +702,9 @@ def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
     if slot_weights.numel() != S or slot_weights.shape[-1] != S // R:
         raise ValueError(f"cvmm_mlp: slot_weights {tuple(slot_weights.shape)} must be [rows, K] = "
                          f"[{R}, {S // R}]")
-    if sel.slot.dtype != torch.int32 or sel.offsets.dtype != torch.int32:
-        raise TypeError("cvmm_mlp: sel must come from cvmm_prepare (int32 slot and offsets)")
-    if not slot_weights.is_floating_point():
-        raise TypeError(f"cvmm_mlp: slot_weights must be floating point, got {slot_weights.dtype}")
+    x, (w1, w2) = _checked_inputs("cvmm_mlp", x, sel, {"w1": w1, "w2": w2}, slot_weights)
     if not _use_triton(x) and not torch.compiler.is_compiling():
         return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, slot_weights)   # the reference, by autograd
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-    if not (x.dtype == w1.dtype == w2.dtype):
-        raise TypeError(f"cvmm_mlp: x, w1 and w2 must have one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
-    if any(t.device != x.device for t in (w1, w2, slot_weights, sel.slot, sel.offsets)):
-        raise ValueError("cvmm_mlp: all tensors must be on one device")
-    if _use_triton(x) and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"cvmm_mlp: the Triton path takes float32/bfloat16/float16, got {x.dtype}")
     args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
             w1.contiguous(), w2.contiguous(), slot_weights.reshape(R, -1).contiguous())
     if torch.compiler.is_compiling():

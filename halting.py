@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import AttnContext, ModelConfig, MoEUTLayer, Routes, marginal_neg_entropy, rope
+from model import AttnContext, ModelConfig, MoEUTLayer, Routes, distinct_layers, marginal_neg_entropy, rope
 
 
 # -------------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ class HaltingMoEUT(nn.Module):
         # Python ints that change (row counts) cost one recompile each before dynamo makes them symbolic,
         # on top of the variants above: the default limit of 8 per function is too tight for that.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in [*self.layers, *self.prelude, *self.coda]:
+        for layer in distinct_layers(self):
             layer.compile(dynamic=True, **kwargs)
 
     # ---- decisions -----------------------------------------------------------------------------

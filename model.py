@@ -684,6 +684,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def distinct_layers(core: nn.Module) -> list:
+    """Every distinct layer module of a core: the shared (or dense) layers, then a halting model's
+    prelude and coda layers."""
+    return [*getattr(core, 'layers', []), *getattr(core, 'prelude', []), *getattr(core, 'coda', [])]
+
+
 @torch.no_grad()
 def routing_report(model: nn.Module) -> dict:
     """What the routers did since the last call, per shared layer li: for the σ-MoE ('ff{li}') and the
@@ -691,10 +697,7 @@ def routing_report(model: nn.Module) -> dict:
     none (dead), and the entropy of that usage over its maximum log(E) (1 = perfectly balanced).
     Reads and resets the usage counters (one host sync: call it at log time, not every step)."""
     report = {}
-    core = model.core
-    shared = list(getattr(core, 'layers', []))
-    unique = list(getattr(core, 'prelude', [])) + list(getattr(core, 'coda', []))
-    for li, layer in enumerate(shared + unique):     # unique (prelude/coda) layers numbered after the group
+    for li, layer in enumerate(distinct_layers(model.core)):   # prelude/coda layers numbered after the group
         banks = {'ff': getattr(getattr(layer, 'ffn', None), 'usage', None),
                  'v': getattr(getattr(layer, 'attention', None), 'usage_v', None),
                  'o': getattr(getattr(layer, 'attention', None), 'usage_o', None)}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, config_keys
-from model import LM, ModelConfig, describe, flops_per_token, routing_report
+from model import LM, ModelConfig, describe, distinct_layers, flops_per_token, routing_report
 
 # ----------------------------------------------------------------------------------------------
 # default config: a tiny MoEUT on Shakespeare that trains on a 2-core CPU in a few minutes
@@ -264,7 +264,7 @@ def wrap_model(model, run, cfg):
     # MoEUT's shared layers run R times per forward: keep them unsharded between their uses
     # (reshard_after_forward=False) instead of re-gathering the same weights R times.
     reshard = model.cfg.model_type == 'dense'
-    for layer in list(model.core.layers) + list(getattr(model.core, 'prelude', [])) + list(getattr(model.core, 'coda', [])):
+    for layer in distinct_layers(model.core):
         fully_shard(layer, reshard_after_forward=reshard, mp_policy=layer_mp)
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32))
     return model
