@@ -166,20 +166,21 @@ def bench_cvmm():
         table(["implementation", "fwd ms", "fwd TFLOP/s", "fwd % dense", "fwd+bwd ms", "fwd+bwd TFLOP/s",
                "fwd+bwd % dense"], rows)
         # where the cvmm time goes (deterministic contraction)
-        h = torch.relu(C.cvmm(x, sel, w1)).detach()
         slot, off = sel.slot, sel.offsets
+        with torch.no_grad():   # cvmm_mlp keeps h (and its gradient, hs) in expert-sorted row order
+            h = C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True)[0]
         g_out = torch.randn(tokens, d, device=dev, dtype=dt)
         g_h = torch.randn_like(h)
         hs = torch.empty_like(h)
         swc = sw.detach().contiguous()
         parts = [   # the kernels of cvmm_mlp, in order
-            ("fwd up + relu (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1, relu=True), S * d * de),
-            ("fwd down (+ weights, contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, K), S * d * de),
-            ("fwd down, product only (no contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, 1), S * d * de),
-            ("bwd grad_pre (relu mask) + grad_sw + hs", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1, relu_mask=True, hs=hs), S * d * de),
-            ("bwd grad_W2 (from hs, unscaled)", lambda: C._gradw(hs, 1, g_out, K, None, slot, off, w2), S * d * de),
-            ("bwd grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K), S * d * de),
-            ("bwd grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1), S * d * de),
+            ("fwd up + relu (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True), S * d * de),
+            ("fwd down (+ weights, contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, K, a_sorted=True), S * d * de),
+            ("fwd down, product only (no contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, 1, a_sorted=True), S * d * de),
+            ("bwd grad_pre (relu mask) + grad_sw + hs", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1, relu_mask=True, hs=hs, hid_sorted=True), S * d * de),
+            ("bwd grad_W2 (from hs, unscaled)", lambda: C._gradw(hs, 1, g_out, K, None, slot, off, w2, x_sorted=True), S * d * de),
+            ("bwd grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K, a_sorted=True), S * d * de),
+            ("bwd grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1, g_sorted=True), S * d * de),
         ]
         rows = []
         for pname, f, macs in parts:
@@ -229,7 +230,7 @@ def bench_cvmm_tune():
     sw, ids = torch.sigmoid(x @ (torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5)).float().topk(K, dim=-1)
     sel = C.cvmm_prepare(ids, E)
     slot, off = sel.slot, sel.offsets
-    h = torch.relu(C.cvmm(x, sel, w1))
+    h = C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True)[0]   # as in cvmm_mlp
     g_out, g_h = torch.randn(tokens, d, device=dev, dtype=dt), torch.randn_like(h)
     hs = torch.empty_like(h)
     # configs as measured for the rules in cvmm.py (first = the rule's pick, for reference)
@@ -241,13 +242,13 @@ def bench_cvmm_tune():
     gw = [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]]
     parts = [
-        ("fwd up + relu", big_k, lambda c: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True)),
-        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c)),
+        ("fwd up + relu", big_k, lambda c: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True, hid_sorted=True)),
+        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c, a_sorted=True)),
         ("bwd grad_pre + grad_sw + hs", [dict(c, BM=64) for c in big_k[:3]] + big_k[:2],
-         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs)),
-        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c)),
-        ("grad_W1", gw, lambda c: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c)),
-        ("grad_W2 from hs", gw, lambda c: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c)),
+         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs, hid_sorted=True)),
+        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c, a_sorted=True)),
+        ("grad_W1", gw, lambda c: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c, g_sorted=True)),
+        ("grad_W2 from hs", gw, lambda c: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c, x_sorted=True)),
     ]
     rows = []
     for pname, cfgs, f in parts:

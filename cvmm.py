@@ -15,7 +15,9 @@ The four users in model.py, with N tokens, H heads, k picks per head, K picks pe
     O experts   x [N*H, d_head]   slots [N, H, k] fan k    w [N, H*k]      -> [N, d]
 
 `cvmm_mlp(x, sel, w1, w2, slot_weights)` is the σ-MoE MLP (up, relu, down contracted with the slot
-weights) as one op on the same kernels, with the relu and its gradient fused into GEMM epilogues.
+weights) as one op on the same kernels, with the relu and its gradient fused into GEMM epilogues. Its
+hidden-sized tensors (h, its gradient, sw * h) never leave the op, so they are kept in expert-sorted row
+order: each tile reads and writes them as contiguous rows instead of gathering and scattering.
 
 The trick (why it is fast): sort the flattened expert ids once per routing (`cvmm_prepare`); rows of one
 expert are then contiguous in the sorted order, so a tiled GEMM walks experts in order. The sort is
@@ -156,7 +158,8 @@ if triton is not None:
                           EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           RELU: tl.constexpr = False, RELU_MASK: tl.constexpr = False,
-                          HS_OUT: tl.constexpr = False, hs_ptr=None, stride_hs=0):
+                          HS_OUT: tl.constexpr = False, hs_ptr=None, stride_hs=0,
+                          A_SORTED: tl.constexpr = False, HID_SORTED: tl.constexpr = False):
         """out[slot_i] = scale[slot_i] * (A[slot_i // A_DIV] @ W[e_i])   for sorted entries i.
 
         Forward (A = x, A_DIV = fan, W as is) and x gradient (A = grad, A_DIV = G or 1, W transposed by
@@ -169,7 +172,8 @@ if triton is not None:
         Fused epilogues of the σ-MoE MLP (`cvmm_mlp`): RELU applies relu to the output (up-projection);
         with HAS_DOTS, RELU_MASK zeroes the gradient where X2 (= the relu output h) is 0, and HS_OUT also
         writes hs[slot_i] = scale * X2 row, so the weight gradient can run unscaled (scaling a tile in
-        registers inside its loop measured 1.6x slower)."""
+        registers inside its loop measured 1.6x slower). A_SORTED: A's rows are in sorted order (row i,
+        not slot_i // A_DIV); HID_SORTED: so are out, X2 and hs (cvmm_mlp's hidden tensors)."""
         pid = tl.program_id(0)
         n_tiles_n = tl.cdiv(N, BN)
         pid_m = pid // n_tiles_n          # N fastest: the programs sharing an A tile run together (L2)
@@ -179,10 +183,23 @@ if triton is not None:
             return
         rmask = rows < end
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)   # masked rows read row 0
+        srow = tl.where(rmask, rows, 0).to(tl.int64)     # the sorted position, for sorted operands
+        hrow = srow if HID_SORTED else slot              # row of out / X2 / hs
         offs_n = pid_n * BN + tl.arange(0, BN)
         nmask = offs_n < N
+        omask = rmask[:, None] & nmask[None, :]
         offs_k = tl.arange(0, BK)
-        a_ptrs = a_ptr + (slot // A_DIV)[:, None] * stride_a + offs_k[None, :]
+        a_ptrs = a_ptr + (srow if A_SORTED else slot // A_DIV)[:, None] * stride_a + offs_k[None, :]
+        # the epilogue's operands do not depend on the product: load them (and write hs) before the
+        # main loop, so their latency hides behind it
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_DOTS:
+            x2 = tl.load(x2_ptr + (hrow if HID_SORTED else slot // X2_DIV)[:, None] * stride_x2
+                         + offs_n[None, :], mask=nmask[None, :], other=0.0)
+            if HS_OUT:
+                tl.store(hs_ptr + hrow[:, None] * stride_hs + offs_n[None, :],
+                         (x2.to(tl.float32) * sc[:, None]).to(hs_ptr.dtype.element_ty), mask=omask)
         w_ptrs = (w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
                   + offs_n[None, :] * stride_wn)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -200,18 +217,10 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BK
             w_ptrs += BK * stride_wk
-        omask = rmask[:, None] & nmask[None, :]
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         if HAS_DOTS:
-            x2 = tl.load(x2_ptr + (slot // X2_DIV)[:, None] * stride_x2 + offs_n[None, :],
-                         mask=nmask[None, :], other=0.0)
             tl.store(dots_ptr + pid_n * S + slot, tl.sum(acc * x2.to(tl.float32), 1), mask=rmask)
             if RELU_MASK:
                 acc = tl.where(x2 > 0, acc, 0.0)
-            if HS_OUT:
-                tl.store(hs_ptr + slot[:, None] * stride_hs + offs_n[None, :],
-                         (x2.to(tl.float32) * sc[:, None]).to(hs_ptr.dtype.element_ty), mask=omask)
         if HAS_SCALE:
             acc = acc * sc[:, None]
         if RELU:
@@ -220,7 +229,7 @@ if triton is not None:
             tl.atomic_add(out_ptr + (slot // OUT_DIV)[:, None] * stride_out + offs_n[None, :], acc,
                           mask=omask, sem="relaxed")
         else:
-            tl.store(out_ptr + slot[:, None] * stride_out + offs_n[None, :],
+            tl.store(out_ptr + hrow[:, None] * stride_out + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
@@ -228,12 +237,12 @@ if triton is not None:
                             E, K, N, A_DIV, stride_a, stride_we, stride_wk, stride_wn, stride_out,
                             HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, A_SORTED: tl.constexpr = False):
         """The same product as _cvmm_gemm_kernel for K <= BK (the σ-MoE down-projection, d_expert 128;
         SwitchHead O, d_head): one program per row tile loads its A tile once and loops over all of N.
         With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
         looping over N lets the pipeline prefetch the next weight tile while this one is stored
-        (measured 1.3x faster than a program per (row tile, N tile) on an H100)."""
+        (measured 1.3x faster than a program per (row tile, N tile) on an H100). A_SORTED as there."""
         e, rows, end = _row_tile(off_ptr, tl.program_id(0), E, BLOCK_E, BM)
         if e >= E:
             return
@@ -241,8 +250,8 @@ if triton is not None:
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
         offs_k = tl.arange(0, BK)
         kmask = offs_k < K
-        a = tl.load(a_ptr + (slot // A_DIV)[:, None] * stride_a + offs_k[None, :], mask=kmask[None, :],
-                    other=0.0)
+        arow = tl.where(rmask, rows, 0).to(tl.int64) if A_SORTED else slot // A_DIV
+        a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=kmask[None, :], other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
         if HAS_SCALE:
@@ -265,14 +274,16 @@ if triton is not None:
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
                            K, N, X_DIV, G_DIV, stride_x, stride_g, stride_ge, stride_gk,
                            HAS_SCALE: tl.constexpr, SCALE_X: tl.constexpr, DOT_F32: tl.constexpr,
-                           PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+                           PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                           X_SORTED: tl.constexpr = False, G_SORTED: tl.constexpr = False):
         """gw[e] = sum over sorted rows i of expert e:  x[slot_i // X_DIV]^T scale[slot_i] g[slot_i // G_DIV].
 
         One program per (expert, BK x BN tile of gw[e]) loops over that expert's contiguous rows
         offsets[e]:offsets[e+1] in chunks of BR, accumulating in fp32 registers. Every output element
         is written by exactly one program in a fixed summation order: deterministic, no atomics and no
         zero-init (experts without rows get zeros). Grid: (tiles of gw[e], E), expert slowest so the
-        programs reading the same gathered rows run together."""
+        programs reading the same gathered rows run together. X_SORTED / G_SORTED: that operand's rows
+        are in sorted order (row i instead of slot_i // DIV; cvmm_mlp's hidden tensors)."""
         pid = tl.program_id(0)
         e = tl.program_id(1)
         n_tiles_n = tl.cdiv(N, BN)
@@ -291,9 +302,11 @@ if triton is not None:
             rmask = rows < end
             slot = nxt.to(tl.int64)
             nxt = tl.load(slot_ptr + rows + BR, mask=rows + BR < end, other=0)
-            xa = tl.load(x_ptr + (slot // X_DIV)[:, None] * stride_x + offs_k[None, :],
+            xa = tl.load(x_ptr + (rows.to(tl.int64) if X_SORTED else slot // X_DIV)[:, None] * stride_x
+                         + offs_k[None, :],
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
-            g = tl.load(g_ptr + (slot // G_DIV)[:, None] * stride_g + offs_n[None, :],
+            g = tl.load(g_ptr + (rows.to(tl.int64) if G_SORTED else slot // G_DIV)[:, None] * stride_g
+                        + offs_n[None, :],
                         mask=rmask[:, None] & nmask[None, :], other=0.0)
             if HAS_SCALE:  # the slot weight, on whichever operand is cheaper to touch
                 s = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
@@ -326,7 +339,7 @@ def _contract(out, group):
     return out.view(S // group, group, N).sum(1) if group > 1 else out
 
 
-def _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg=None):
+def _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg=None, a_sorted=False):
     """Launch _cvmm_smallk_kernel for _gemm (K <= 128): out [S // group, N]. BM by _gemm's rule; BN 64
     (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the tiles tried at the
     MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
@@ -340,12 +353,12 @@ def _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg=N
         a, w, out, slot, offsets, scale if scale is not None else a, E, K, N, a_div, a.stride(0),
         w.stride(0), swk, swn, out.stride(0), HAS_SCALE=scale is not None, STAGES=c["stages"],
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
-        BN=c["BN"], BK=max(16, _np2(K)), num_warps=c["warps"])
+        BN=c["BN"], BK=max(16, _np2(K)), num_warps=c["warps"], A_SORTED=a_sorted)
     return _contract(out, group)
 
 
 def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,
-          relu_mask=False, hs=None):
+          relu_mask=False, hs=None, a_sorted=False, hid_sorted=False):
     """Launch _cvmm_gemm_kernel; returns (out [S // group, N], dots [S] fp32 or None).
     Tiles are picked by rule from static shapes (no autotune, so nothing re-runs for a new row count):
     BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
@@ -357,7 +370,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
     atomic = group > 1 and CONTRACT == "atomic"
     if K <= 128 and x2 is None and not relu and not atomic:
-        return _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg), None
+        return _gemm_smallk(a, a_div, w, slot, offsets, scale, group, K, N, swk, swn, cfg, a_sorted), None
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     BM = min(128, max(16, _np2(S // E)))
@@ -385,12 +398,13 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
         HAS_SCALE=scale is not None, HAS_DOTS=x2 is not None, ATOMIC=atomic, EVEN_K=K % BK == 0,
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)),
         BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, RELU=relu, RELU_MASK=relu_mask,
-        HS_OUT=hs is not None, hs_ptr=hs, stride_hs=hs.stride(0) if hs is not None else 0)
+        HS_OUT=hs is not None, hs_ptr=hs, stride_hs=hs.stride(0) if hs is not None else 0,
+        A_SORTED=a_sorted, HID_SORTED=hid_sorted)
     out = out.to(a.dtype) if atomic else _contract(out, group)
     return out, (dots.sum(0) if dots is not None else None)
 
 
-def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None):
+def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None, x_sorted=False, g_sorted=False):
     E, K, N = w.shape
     f32 = x.dtype == torch.float32
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
@@ -409,7 +423,8 @@ def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None):
         x, g, gw, slot, offsets, scale if scale is not None else x, K, N, x_div, g_div,
         x.stride(0), g.stride(0), gw.stride(0), gw.stride(1),
         HAS_SCALE=scale is not None, SCALE_X=scale_x, DOT_F32=dot_f32,
-        PRECISION=_precision(x.dtype, dot_f32), BK=BK, BN=BN, BR=BR, num_warps=warps, num_stages=stages)
+        PRECISION=_precision(x.dtype, dot_f32), BK=BK, BN=BN, BR=BR, num_warps=warps, num_stages=stages,
+        X_SORTED=x_sorted, G_SORTED=g_sorted)
     return gw
 
 
@@ -597,15 +612,16 @@ def _side_stream(x):
 
 
 def _mlp_fwd_impl(x, slot, offsets, w1, w2, sw):
-    """(y, h) with h = relu(x W1) [S, d_expert], kept for the backward."""
+    """(y, h) with h = relu(x W1) [S, d_expert], kept for the backward: in expert-sorted row order on the
+    Triton path, in slot order on the torch path (each backward reads its own forward's layout)."""
     with torch.autocast(x.device.type, enabled=False):
         if not _use_triton(x):
             sel = _sel(slot, offsets)
             h = torch.relu(cvmm_reference(x, sel, w1))
             return cvmm_reference(h, sel, w2, sw), h
         fan = slot.numel() // x.shape[0]
-        h = _gemm(x, fan, w1, False, slot, offsets, None, 1, relu=True)[0]
-        return _gemm(h, 1, w2, False, slot, offsets, sw, sw.shape[1])[0], h
+        h = _gemm(x, fan, w1, False, slot, offsets, None, 1, relu=True, hid_sorted=True)[0]
+        return _gemm(h, 1, w2, False, slot, offsets, sw, sw.shape[1], a_sorted=True)[0], h
 
 
 @torch.library.custom_op("nanomoeut::cvmm_mlp", mutates_args=())
@@ -629,7 +645,8 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
         else:
             hs = torch.empty_like(h) if need_w2 else None
             # grad wrt the up-projection's pre-activation (relu mask fused), grad_sw, and hs = sw * h
-            gpre, gsw = _gemm(grad, G, w2, True, slot, offsets, sw, 1, h, 1, relu_mask=True, hs=hs)
+            gpre, gsw = _gemm(grad, G, w2, True, slot, offsets, sw, 1, h, 1, relu_mask=True, hs=hs,
+                              hid_sorted=True)
             # grad_W2 is independent of the rest: run it beside them (see OVERLAP), into a tensor
             # allocated on this stream
             side = _side_stream(x) if need_w2 and (need_x or need_w1) else None
@@ -638,9 +655,9 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
                 side.wait_stream(torch.cuda.current_stream(x.device))
             if need_w2:
                 with torch.cuda.stream(side):   # None: the current stream
-                    _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2)
-            gx = _gemm(gpre, 1, w1, True, slot, offsets, None, fan)[0] if need_x else None
-            gw1 = _gradw(x, fan, gpre, 1, None, slot, offsets, w1) if need_w1 else None
+                    _gradw(hs, 1, grad, G, None, slot, offsets, w2, gw=gw2, x_sorted=True)
+            gx = _gemm(gpre, 1, w1, True, slot, offsets, None, fan, a_sorted=True)[0] if need_x else None
+            gw1 = _gradw(x, fan, gpre, 1, None, slot, offsets, w1, g_sorted=True) if need_w1 else None
             if side is not None:   # join before any tensor the side stream reads can be freed
                 torch.cuda.current_stream(x.device).wait_stream(side)
         e = x.new_empty   # fresh per unused output (no aliasing between custom-op outputs)

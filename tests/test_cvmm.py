@@ -245,6 +245,17 @@ def test_fused_mlp_deterministic_and_partial_grads(impl):
     assert all(torch.equal(t, u) for t, u in zip(a, b))
 
 
+
+def test_fused_mlp_hidden_in_sorted_order(impl):
+    """The Triton path keeps the saved hidden activation h in expert-sorted row order (row i is slot
+    sel.slot[i]), with ragged experts and one without rows: the layout its backward kernels assume."""
+    impl("triton")
+    x, ids, w1, w2, sw = mlp_inputs(N=37, K=3, E=6, d=40, de=24, ids=torch.randint(0, 5, (37, 3)), device=DEV)
+    sel = cvmm_prepare(ids, w1.shape[0])
+    _, h = C._mlp_fwd_impl(x, sel.slot, sel.offsets, w1, w2, sw)
+    want = torch.relu(cvmm_reference(x.cpu(), cvmm_prepare(ids.cpu(), 6), w1.cpu()))
+    assert rel(h.cpu(), want[sel.slot.long().cpu()]) < 2e-5
+
 def partial_grads(f, args, need):
     """Gradients of the inputs named in `need` (of x, w1, w2, sw) only; the others stay constants."""
     x, ids, w1, w2, sw = args
