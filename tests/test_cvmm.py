@@ -123,6 +123,23 @@ def test_triton_matches_reference(impl, case, dtype):
     compare(impl, usage(name, **kw), dtype)
 
 
+
+@pytest.mark.parametrize("case", ["up", "down", "V", "O", "ragged_rows", "big_tiles"])
+def test_triton_pointer_weight_loads(impl, case, monkeypatch):
+    """The kernels' pointer path for weight tiles (TMA off, as on GPUs before Hopper)."""
+    monkeypatch.setattr(C, "TMA", False)
+    name, kw = CASES[case]
+    compare(impl, usage(name, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["up", "down"])
+def test_triton_unaligned_bank_falls_back_to_pointers(impl, name):
+    """Bank rows of 7 or 5 fp16 values are not 16-byte aligned, so TMA cannot take them: the weight
+    tiles are loaded by pointer instead, with the same results."""
+    x, ids, w, sw = usage(name, d=7, de=5)
+    assert C._w_desc(w.half(), False, 16, 16) is None
+    compare(impl, (x, ids, w, sw), torch.float16)
+
 def test_triton_weight_grad_deterministic(impl):
     impl("triton")
     args = usage("down", N=200, K=4, E=3, d=40, de=24, device=DEV)
