@@ -41,7 +41,9 @@ with torch (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=atomic` instead adds i
 the GEMM epilogue: not deterministic, and measured ~2x slower on H100 (bench.py --what=cvmm).
 
 Tiles are picked by rule from static shapes (see `_gemm`, `_gradw`; measured with
-bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count.
+bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count. Plain tiles (weight
+tiles, and rows of cvmm_mlp's expert-sorted hidden tensors) are loaded by TMA on Hopper where their
+rows are 16-byte aligned (`CVMM_TMA=0` turns it off); gathered rows are loaded by pointer.
 Bad expert ids: cvmm_prepare raises on CPU; on CUDA (and under compile) it uses torch._assert_async, and
 the kernels never read out of bounds either way (ids outside [0, E) fall outside every expert's range).
 """
