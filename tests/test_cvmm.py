@@ -137,8 +137,24 @@ def test_triton_unaligned_bank_falls_back_to_pointers(impl, name):
     """Bank rows of 7 or 5 fp16 values are not 16-byte aligned, so TMA cannot take them: the weight
     tiles are loaded by pointer instead, with the same results."""
     x, ids, w, sw = usage(name, d=7, de=5)
-    assert C._w_desc(w.half(), False, 16, 16) is None
+    assert C._w_desc(w.half(), True, w.shape[2], 16, 16) is None
     compare(impl, (x, ids, w, sw), torch.float16)
+
+
+@pytest.mark.parametrize("name", ["up", "down"])
+def test_triton_overflow_stays_in_its_expert(impl, name):
+    """An expert whose weights overflowed (inf) poisons only the rows routed to it: no weight tile of
+    another expert reads into its rows (K = 40 or 24 is not a multiple of the K tile)."""
+    impl("triton")
+    x, ids, w, sw = usage(name, N=30, d=40, de=24, E=4)
+    w = w.clone()
+    w[2] = float("inf")
+    out = cvmm(x.to(DEV), cvmm_prepare(ids.to(DEV), 4), w.to(DEV), sw.to(DEV) if sw is not None else None).cpu()
+    impl("torch")
+    want = cvmm(x, cvmm_prepare(ids, 4), w, sw)
+    ok = want.isfinite().all(-1)          # rows that never touch expert 2
+    assert ok.any() and (~ok).any()
+    assert out[ok].isfinite().all() and rel(out[ok], want[ok]) < 2e-5
 
 def test_triton_weight_grad_deterministic(impl):
     impl("triton")
