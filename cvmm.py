@@ -239,7 +239,10 @@ if triton is not None:
             a_ptrs += BK
             w_ptrs += BK * stride_wk
         if HAS_DOTS:
-            tl.store(dots_ptr + pid_n * S + slot, tl.sum(acc * x2.to(tl.float32), 1), mask=rmask)
+            # columns past N are zero in x2 but, with a transposed TMA weight tile, hold the next
+            # expert's products: mask them so its overflow cannot reach this dot (0 * inf)
+            tl.store(dots_ptr + pid_n * S + slot,
+                     tl.sum(tl.where(nmask[None, :], acc, 0.0) * x2.to(tl.float32), 1), mask=rmask)
             if RELU_MASK:
                 acc = tl.where(x2 > 0, acc, 0.0)
         if HAS_SCALE:
@@ -373,7 +376,7 @@ def _rows_desc(t, block):
     """TMA descriptor of a contiguous 2-D tensor, or None (see _w_desc)."""
     if not (TMA and t.is_contiguous() and (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0):
         return None
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+    if t.is_cuda and (torch.version.hip or torch.cuda.get_device_capability(t.device)[0] < 9):
         return None
     return TensorDescriptor.from_tensor(t, block)
 
@@ -424,6 +427,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BN shrinks when there would be too few programs to fill the GPU. A plain product with K <= 128
     goes to _cvmm_smallk_kernel. relu / relu_mask / hs: the fused epilogues (see the kernel)."""
     assert x2 is not None or (hs is None and not relu_mask), "hs / relu_mask act on the X2 epilogue"
+    assert not hid_sorted or ((relu or x2 is not None) and group == 1), "sorted out: cvmm_mlp's h, grad_pre"
     S, E = slot.numel(), w.shape[0]
     K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
     swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
@@ -676,13 +680,14 @@ def _side_stream(x):
 
 
 def _mlp_fwd_impl(x, slot, offsets, w1, w2, sw):
-    """(y, h) with h = relu(x W1) [S, d_expert], kept for the backward: in expert-sorted row order on the
-    Triton path, in slot order on the torch path (each backward reads its own forward's layout)."""
+    """(y, h) with h = relu(x W1) [S, d_expert] in expert-sorted row order (row i is slot slot[i]),
+    kept for the backward. The torch path sorts its h too, so either backward can take either
+    forward's h."""
     with torch.autocast(x.device.type, enabled=False):
         if not _use_triton(x):
             sel = _sel(slot, offsets)
             h = torch.relu(cvmm_reference(x, sel, w1))
-            return cvmm_reference(h, sel, w2, sw), h
+            return cvmm_reference(h, sel, w2, sw), h.index_select(0, slot.long())
         fan = slot.numel() // x.shape[0]
         h = _gemm(x, fan, w1, False, slot, offsets, None, 1, relu=True, hid_sorted=True)[0]
         return _gemm(h, 1, w2, False, slot, offsets, sw, sw.shape[1], a_sorted=True)[0], h
@@ -704,6 +709,7 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
     with torch.autocast(x.device.type, enabled=False):
         fan, G = slot.numel() // x.shape[0], sw.shape[1]
         if not _use_triton(x):
+            h = torch.empty_like(h).index_copy_(0, slot.long(), h)   # back to slot order
             gh, gw2, gsw = _torch_bwd(grad, h, slot, offsets, w2, sw)
             gx, gw1, _ = _torch_bwd(gh * (h > 0), x, slot, offsets, w1, None)
         else:

@@ -279,15 +279,47 @@ def test_fused_mlp_deterministic_and_partial_grads(impl):
 
 
 
-def test_fused_mlp_hidden_in_sorted_order(impl):
-    """The Triton path keeps the saved hidden activation h in expert-sorted row order (row i is slot
-    sel.slot[i]), with ragged experts and one without rows: the layout its backward kernels assume."""
-    impl("triton")
-    x, ids, w1, w2, sw = mlp_inputs(N=37, K=3, E=6, d=40, de=24, ids=torch.randint(0, 5, (37, 3)), device=DEV)
+@pytest.mark.parametrize("fwd_impl,bwd_impl", [("triton", "triton"), ("torch", "torch"), ("torch", "triton"),
+                                               ("triton", "torch")])
+def test_fused_mlp_hidden_in_sorted_order(impl, fwd_impl, bwd_impl):
+    """Both paths save the hidden activation h in expert-sorted row order (row i is slot sel.slot[i]),
+    with ragged experts and one without rows, so either backward takes either forward's h."""
+    x, ids, w1, w2, sw = mlp_inputs(N=37, K=3, E=6, d=40, de=24, ids=torch.randint(0, 5, (37, 3)))
     sel = cvmm_prepare(ids, w1.shape[0])
-    _, h = C._mlp_fwd_impl(x, sel.slot, sel.offsets, w1, w2, sw)
-    want = torch.relu(cvmm_reference(x.cpu(), cvmm_prepare(ids.cpu(), 6), w1.cpu()))
-    assert rel(h.cpu(), want[sel.slot.long().cpu()]) < 2e-5
+    impl(fwd_impl)
+    dev = DEV if fwd_impl == "triton" else "cpu"
+    _, h = C._mlp_fwd_impl(*(t.to(dev) for t in (x, sel.slot, sel.offsets, w1, w2, sw)))
+    want = torch.relu(cvmm_reference(x, sel, w1))
+    assert rel(h.cpu(), want[sel.slot.long()]) < 2e-5
+    impl(bwd_impl)
+    dev = DEV if bwd_impl == "triton" else "cpu"
+    go = torch.randn(37, 40, generator=torch.Generator().manual_seed(1))
+    got = C._mlp_bwd_impl(*(t.to(dev) for t in (go, x, sel.slot, sel.offsets, w1, w2, sw, h)), True, True, True, True)
+    want = mlp_grads(mlp, x, ids, w1, w2, sw)[1:]   # by autograd through two reference calls
+    for name, a, b in zip(["grad_x", "grad_w1", "grad_w2", "grad_sw"], got, want):
+        assert rel(a.cpu(), b) < 2e-5, name
+
+
+@pytest.mark.parametrize("name", ["cvmm_up", "cvmm_down", "mlp"])
+def test_triton_overflow_gradients_stay_in_their_expert(impl, name):
+    """An expert with inf weights that no token uses leaves every output and gradient finite (weight
+    tiles reaching past an expert's rows, and the grad_sw dot over masked-off columns, would turn
+    0 * inf into NaN). Widths 40 / 24 are not multiples of the tiles."""
+    impl("triton")
+    if name == "mlp":
+        x, ids, w1, w2, sw = mlp_inputs(N=30, d=40, de=24, E=4, ids=torch.randint(0, 2, (30, 3)) * 3)
+        w1, w2 = w1.clone(), w2.clone()
+        w1[1], w2[1] = float("inf"), float("inf")
+        got = mlp_grads(fused_mlp, *(t.to(DEV) for t in (x, ids, w1, w2, sw)))
+        got = [got[0], got[1], got[2][[0, 3]], got[3][[0, 3]], got[4]]   # expert 1's own grads aside
+    else:
+        x, ids, w, sw = usage(name[5:], N=30, d=40, de=24, E=4, ids=torch.randint(0, 2, (30, 3)) * 3)
+        w = w.clone()
+        w[1] = float("inf")
+        got = run(x.to(DEV), ids.to(DEV), w.to(DEV), sw.to(DEV) if sw is not None else None)
+        got[2] = got[2][[0, 3]]
+    assert all(t.isfinite().all() for t in got), [t.isfinite().all().item() for t in got]
+
 
 def partial_grads(f, args, need):
     """Gradients of the inputs named in `need` (of x, w1, w2, sw) only; the others stay constants."""
