@@ -61,7 +61,7 @@ except ImportError:  # the torch path needs no triton
 
 IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
 CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
-TMA = os.environ.get("CVMM_TMA", "1") == "1"         # weight tiles by TMA where the bank allows it
+TMA = os.environ.get("CVMM_TMA", "1") == "1"         # plain tiles by TMA where allowed (see _w_desc)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -363,8 +363,8 @@ if triton is not None:
 def _w_desc(w, transpose, K, BK, BN):
     """A TMA descriptor for a bank's [BK, BN] weight tiles (see _w_tile), or None where TMA cannot take
     it (off: CVMM_TMA=0; GPUs before Hopper; rows not 16-byte aligned), and the kernels load by pointer.
-    Not either where a K tile would reach into the next expert's rows (K % BK != 0): those rows meet
-    zero A columns, but 0 * inf would let one expert's overflow poison another's output.
+    Nor where a K tile would reach into the next expert's rows (K % BK != 0): those rows would meet
+    zero A columns, and 0 * inf would let one expert's overflow poison another's output.
     Measured on an H100: the small-K kernel 6% faster."""
     E, D_in, D_out = w.shape
     if not w.is_contiguous() or (not transpose and K % BK):
