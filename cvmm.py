@@ -398,14 +398,20 @@ def _contract(out, group):
     return out.view(S // group, group, N).sum(1) if group > 1 else out
 
 
+def _row_block(S, E):
+    """BM, the rows of a tile: follows the mean rows per expert (small at decode, where a big tile would
+    be mostly padding), between 16 and 128."""
+    return min(128, max(16, _np2(S // E)))
+
+
 def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk, swn, cfg=None, a_sorted=False):
-    """Launch _cvmm_smallk_kernel for _gemm (K <= 128): out [S // group, N]. BM by _gemm's rule; BN 64
+    """Launch _cvmm_smallk_kernel for _gemm (K <= 128): out [S // group, N]. BM by _row_block; BN 64
     (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the tiles tried at the
     MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
     S, E = slot.numel(), w.shape[0]
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
-    c = dict(BM=min(128, max(16, _np2(S // E))), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
+    c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
     c.update(cfg or {})
     out = torch.empty(S, N, device=a.device, dtype=a.dtype)
     BK = max(16, _np2(K))
@@ -423,9 +429,9 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
           relu_mask=False, hs=None, a_sorted=False, hid_sorted=False):
     """Launch _cvmm_gemm_kernel; returns (out [S // group, N], dots [S] fp32 or None).
     Tiles are picked by rule from static shapes (no autotune, so nothing re-runs for a new row count):
-    BM follows the mean rows per expert (small at decode, where a big tile would be mostly padding),
-    BN shrinks when there would be too few programs to fill the GPU. A plain product with K <= 128
-    goes to _cvmm_smallk_kernel. relu / relu_mask / hs: the fused epilogues (see the kernel)."""
+    BM by _row_block, BN shrinks when there would be too few programs to fill the GPU. A plain product
+    with K <= 128 goes to _cvmm_smallk_kernel. relu / relu_mask / hs: the fused epilogues (see the
+    kernel)."""
     assert x2 is not None or (hs is None and not relu_mask), "hs / relu_mask act on the X2 epilogue"
     assert not hid_sorted or ((relu or x2 is not None) and group == 1), "sorted out: cvmm_mlp's h, grad_pre"
     S, E = slot.numel(), w.shape[0]
@@ -437,7 +443,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
                             a_sorted), None
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
-    BM = min(128, max(16, _np2(S // E)))
+    BM = _row_block(S, E)
     BK = min(32 if f32 else 64, max(16, _np2(K)))
     BN = min(128, max(16, _np2(N)))
     warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
@@ -769,7 +775,7 @@ class _MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, slot, offsets, w1, w2, sw):
         y, h = _mlp_fwd_impl(x, slot, offsets, w1, w2, sw)
-        ctx.save_for_backward(x, slot, offsets, w1, w2, sw, h)
+        _mlp_setup_context(ctx, (x, slot, offsets, w1, w2, sw), (y, h))
         return y
 
     @staticmethod
