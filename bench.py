@@ -81,6 +81,38 @@ def table(header, rows):
 
 
 # ----------------------------------------------------------------------------------------------------
+def mlp_kernels(C, x, K, w1, w2, sel, sw):
+    """The kernels of cvmm_mlp in order, on its MoEUT inputs and random gradients: (name, tuning kind,
+    fn(cfg)). Kinds: the tile sweep bench_cvmm_tune runs on that kernel (None: product + torch sum,
+    swept as the product)."""
+    dev, dt = x.device, x.dtype
+    slot, off = sel.slot, sel.offsets
+    with torch.no_grad():   # cvmm_mlp keeps h (and its gradient, hs) in expert-sorted row order
+        h = C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True)[0]
+    g_out, g_h = torch.randn(x.shape[0], w2.shape[2], device=dev, dtype=dt), torch.randn_like(h)
+    hs = torch.empty_like(h)
+    sw = sw.detach().contiguous()
+    return [
+        ("fwd up + relu (gather, fan K)", "big_k",
+         lambda c=None: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True, hid_sorted=True)),
+        ("fwd down (+ weights, contraction)", None,
+         lambda c=None: C._gemm(h, 1, w2, False, slot, off, sw, K, cfg=c, a_sorted=True)),
+        ("fwd down, product only (small-K kernel)", "small_k",
+         lambda c=None: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c, a_sorted=True)),
+        ("bwd grad_pre (relu mask) + grad_sw + hs", "grad_pre",
+         lambda c=None: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs,
+                                hid_sorted=True)),
+        ("bwd grad_W2 (from hs, unscaled)", "grad_w",
+         lambda c=None: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c, x_sorted=True)),
+        ("bwd grad_x (contraction over K)", None,
+         lambda c=None: C._gemm(g_h, 1, w1, True, slot, off, None, K, cfg=c, a_sorted=True)),
+        ("bwd grad_x, product only (small-K kernel)", "small_k",
+         lambda c=None: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c, a_sorted=True)),
+        ("bwd grad_W1", "grad_w",
+         lambda c=None: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c, g_sorted=True)),
+    ]
+
+
 def bench_cvmm():
     """σ-MoE MLP projections (up -> relu -> down with sigmoid weights), MoEUT-126M and -244M shapes, with
     random routing from a sigmoid router. Dense baseline of equal FLOPs: relu(X W1) W2 with
@@ -165,27 +197,11 @@ def bench_cvmm():
               f"cvmm_prepare {t_prep * 1e3:.0f} us (not included)\n")
         table(["implementation", "fwd ms", "fwd TFLOP/s", "fwd % dense", "fwd+bwd ms", "fwd+bwd TFLOP/s",
                "fwd+bwd % dense"], rows)
-        # where the cvmm time goes (deterministic contraction)
-        slot, off = sel.slot, sel.offsets
-        with torch.no_grad():   # cvmm_mlp keeps h (and its gradient, hs) in expert-sorted row order
-            h = C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True)[0]
-        g_out = torch.randn(tokens, d, device=dev, dtype=dt)
-        g_h = torch.randn_like(h)
-        hs = torch.empty_like(h)
-        swc = sw.detach().contiguous()
-        parts = [   # the kernels of cvmm_mlp, in order
-            ("fwd up + relu (gather, fan K)", lambda: C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True), S * d * de),
-            ("fwd down (+ weights, contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, K, a_sorted=True), S * d * de),
-            ("fwd down, product only (no contraction)", lambda: C._gemm(h, 1, w2, False, slot, off, swc, 1, a_sorted=True), S * d * de),
-            ("bwd grad_pre (relu mask) + grad_sw + hs", lambda: C._gemm(g_out, K, w2, True, slot, off, swc, 1, h, 1, relu_mask=True, hs=hs, hid_sorted=True), S * d * de),
-            ("bwd grad_W2 (from hs, unscaled)", lambda: C._gradw(hs, 1, g_out, K, None, slot, off, w2, x_sorted=True), S * d * de),
-            ("bwd grad_x (contraction over K)", lambda: C._gemm(g_h, 1, w1, True, slot, off, None, K, a_sorted=True), S * d * de),
-            ("bwd grad_W1", lambda: C._gradw(x, K, g_h, 1, None, slot, off, w1, g_sorted=True), S * d * de),
-        ]
+        # where the cvmm time goes (deterministic contraction); each kernel does S * d * de multiply-adds
         rows = []
-        for pname, f, macs in parts:
+        for pname, _, f in mlp_kernels(C, x.detach(), K, w1.detach(), w2.detach(), sel, sw):
             t = timeit(f)
-            rows.append([pname, f"{t:.3f}", f"{2 * macs / t / 1e9:.0f}"])
+            rows.append([pname, f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
         table([f"{name} kernel", "ms", "TFLOP/s"], rows)
 
     # decode: a few tokens, memory-bound (every active expert's weights are read once)
@@ -218,46 +234,39 @@ def bench_cvmm():
 
 
 def bench_cvmm_tune():
-    """Sweep tile configs of the cvmm kernels at the MoEUT-126M MLP shapes (to set the rules in cvmm.py)."""
+    """Sweep tile configs of the cvmm_mlp kernels at the MoEUT-126M and -244M MLP shapes (the measurements
+    behind the tile rules in cvmm.py)."""
     import cvmm as C
     dt, dev = getattr(torch, dtype), device
     torch.manual_seed(seed)
-    d, E, K, de = 768, 254, 12, 128
-    S = tokens * K
-    x = torch.randn(tokens, d, device=dev, dtype=dt)
-    w1 = torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5
-    w2 = torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5
-    sw, ids = torch.sigmoid(x @ (torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5)).float().topk(K, dim=-1)
-    sel = C.cvmm_prepare(ids, E)
-    slot, off = sel.slot, sel.offsets
-    h = C._gemm(x, K, w1, False, slot, off, None, 1, relu=True, hid_sorted=True)[0]   # as in cvmm_mlp
-    g_out, g_h = torch.randn(tokens, d, device=dev, dtype=dt), torch.randn_like(h)
-    hs = torch.empty_like(h)
-    # configs as measured for the rules in cvmm.py (first = the rule's pick, for reference)
-    small_k = [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, bn, w, st in [
-        (128, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4), (256, 64, 8, 3),
-        (128, 256, 8, 2), (64, 64, 4, 4)]]
-    big_k = [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
-        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 3)]]
-    gw = [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
-        (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]]
-    parts = [
-        ("fwd up + relu", big_k, lambda c: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True, hid_sorted=True)),
-        ("fwd down, product only (small-K kernel)", small_k, lambda c: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c, a_sorted=True)),
-        ("bwd grad_pre + grad_sw + hs", [dict(c, BM=64) for c in big_k[:3]] + big_k[:2],
-         lambda c: C._gemm(g_out, K, w2, True, slot, off, sw, 1, h, 1, cfg=c, relu_mask=True, hs=hs, hid_sorted=True)),
-        ("bwd grad_x, product only (small-K kernel)", small_k, lambda c: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c, a_sorted=True)),
-        ("grad_W1", gw, lambda c: C._gradw(x, K, g_h, 1, None, slot, off, w1, cfg=c, g_sorted=True)),
-        ("grad_W2 from hs", gw, lambda c: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c, x_sorted=True)),
-    ]
+    # configs as measured for the rules in cvmm.py; "rule" = what the rule picks
+    sweeps = {
+        "small_k": [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, bn, w, st in [
+            (128, 64, 4, 4), (128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
+            (256, 64, 8, 3), (128, 256, 8, 2), (64, 64, 4, 4), (64, 64, 4, 2)]],
+        "big_k": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
+            (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 3)]],
+        "grad_pre": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
+            (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 4)]],
+        "grad_w": [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]],
+    }
     rows = []
-    for pname, cfgs, f in parts:
-        for c in ([None] if cfgs[0] else []) + cfgs:
-            try:
-                t = timeit(lambda: f(c))
-                rows.append([pname, c or "rule", f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
-            except Exception as e:
-                rows.append([pname, c, f"n/a ({type(e).__name__})", ""])
+    for name, d, E, K in [("126M", 768, 254, 12), ("244M", 1024, 387, 16)]:
+        de, S = 128, tokens * K
+        x = torch.randn(tokens, d, device=dev, dtype=dt)
+        w1 = torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5
+        w2 = torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5
+        sw, ids = torch.sigmoid(x @ (torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5)).float().topk(K, dim=-1)
+        for pname, kind, f in mlp_kernels(C, x, K, w1, w2, C.cvmm_prepare(ids, E), sw):
+            if kind is None:   # a product + torch sum: the product is swept on its own
+                continue
+            for c in [None] + sweeps[kind]:
+                try:
+                    t = timeit(lambda: f(c))
+                    rows.append([f"{name} {pname}", c or "rule", f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
+                except Exception as e:
+                    rows.append([f"{name} {pname}", c, f"n/a ({type(e).__name__})", ""])
     table(["part", "config", "ms", "TFLOP/s"], rows)
 
 

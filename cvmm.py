@@ -221,17 +221,14 @@ if triton is not None:
                   + offs_n[None, :] * stride_wn)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                if not W_TMA:
-                    b = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                kmask = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-                if not W_TMA:
-                    b = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            kmask = offs_k < K - k0
+            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             if W_TMA:
                 b = _w_tile(w_desc, e, k0, pid_n * BN, K, N, TRANS_W)
+            elif EVEN_K:
+                b = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                b = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             if DOT_F32:  # bf16 under TRITON_INTERPRET (its bf16 tl.dot is broken)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -447,8 +444,9 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BK = min(32 if f32 else 64, max(16, _np2(K)))
     BN = min(128, max(16, _np2(N)))
     warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
-    if x2 is not None and BM == 128:   # the slot-weight dot epilogue: smaller tiles measured faster
-        BM, warps, stages = 64, 4, 4
+    if x2 is not None and BM == 128:   # the slot-weight dot epilogue: 4 warps, as measured fastest:
+        # cvmm_mlp's grad_pre (+ relu mask, hs) on 128-row tiles, the plain dot on 64-row tiles
+        BM, warps, stages = (128, 4, 3) if relu_mask else (64, 4, 4)
     if cfg:  # explicit tiles (bench.py --what=cvmm_tune)
         BM, BN, BK, warps, stages = (cfg.get(k, v) for k, v in
                                      dict(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages).items())
