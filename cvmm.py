@@ -375,6 +375,12 @@ def _rows_desc(t, block):
         return None
     if t.is_cuda and (torch.version.hip or torch.cuda.get_device_capability(t.device)[0] < 9):
         return None
+    if t.is_cuda:
+        # Triton encodes a host descriptor (driver API) before its launcher makes the CUDA context
+        # current. On a thread that has not used CUDA yet, for a kernel that another thread loaded (the
+        # autograd engine's thread, after a no-grad forward), that failed with "invalid device
+        # context". A runtime call binds the device's primary context to this thread first.
+        torch.cuda.current_stream(t.device).query()
     return TensorDescriptor.from_tensor(t, block)
 
 

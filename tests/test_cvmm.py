@@ -3,6 +3,7 @@ reference (on CPU through TRITON_INTERPRET=1, set by conftest.py; on CUDA for re
 errors, autocast and torch.compile."""
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -423,3 +424,30 @@ def test_cuda_large_deterministic(impl):
     for t, u in zip(a, b):
         assert torch.equal(t, u)
     compare(impl, (x, ids, w, sw), torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_thread_without_context(impl):
+    """Kernels another thread loaded, launched from a thread whose first CUDA call is that launch (the
+    autograd engine's thread after a no-grad forward). Triton builds TMA descriptors before its
+    launcher makes the CUDA context current, which failed there with "invalid device context"."""
+    impl("triton")
+    x, ids, w1, w2, sw = mlp_inputs(N=64, d=64, de=32, E=8, K=2, device="cuda", dtype=torch.bfloat16)
+    sel = cvmm_prepare(ids, 8)
+    args = (x, sel.slot, sel.offsets, w1, w2, sw)
+    y, h = C._mlp_fwd_impl(*args)                      # loads the kernels on this thread
+    go = torch.randn_like(y)
+    want = [y, h, *C._mlp_bwd_impl(go, *args, h, True, True, True, True)]
+    got = {}
+
+    def work():
+        try:
+            got["out"] = [*C._mlp_fwd_impl(*args), *C._mlp_bwd_impl(go, *args, h, True, True, True, True)]
+        except Exception as e:  # reported below, with its message
+            got["error"] = e
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in got, got.get("error")
+    for a, b in zip(got["out"], want):
+        assert torch.equal(a, b)
