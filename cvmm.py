@@ -379,8 +379,10 @@ def _rows_desc(t, block):
         # Triton encodes a host descriptor (driver API) before its launcher makes the CUDA context
         # current. On a thread that has not used CUDA yet, for a kernel that another thread loaded (the
         # autograd engine's thread, after a no-grad forward), that failed with "invalid device
-        # context". A runtime call binds the device's primary context to this thread first.
-        torch.cuda.current_stream(t.device).query()
+        # context". A runtime call binds the device's primary context to this thread first (a stream
+        # query, but not while a CUDA graph is being captured, where the thread is bound already).
+        if not torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream(t.device).query()
     return TensorDescriptor.from_tensor(t, block)
 
 
