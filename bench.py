@@ -1,6 +1,7 @@
 """
 Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm                  # CVMM kernels vs dense / reference / torch._grouped_mm
+    $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
     $ python bench.py --what=profile               # top CUDA kernels of a MoEUT-126M training step
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix
