@@ -10,6 +10,7 @@ Benchmarks (GPU). One function per section, picked with --what:
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
+import statistics
 import time
 
 import torch
@@ -202,12 +203,13 @@ def bench_cvmm():
                "fwd+bwd % dense"], rows)
         # the bar (fwd+bwd % of dense): the dense time alone moves by up to 5% between runs, so repeat
         # dense and cvmm_mlp in turn and compare medians
-        pair = [fbs[k] for k in list(runs)[:2]]
-        reps = [[timeit(f) for f in pair] for _ in range(cvmm_repeats)]
-        med = [sorted(r[i] for r in reps)[len(reps) // 2] for i in range(2)]
-        ratios = sorted(100 * r[0] / r[1] for r in reps)
-        print(f"fwd+bwd, {cvmm_repeats} interleaved repeats: dense {med[0]:.3f} ms, cvmm_mlp {med[1]:.3f} ms "
-              f"(medians) = {100 * med[0] / med[1]:.1f}% of dense; per repeat {ratios[0]:.1f}-{ratios[-1]:.1f}%\n")
+        pair = [fbs[k] for k in list(runs)[:2] if k in fbs]
+        reps = [[timeit(f) for f in pair] for _ in range(cvmm_repeats)] if len(pair) == 2 else []
+        if reps:
+            med = [statistics.median(r[i] for r in reps) for i in range(2)]
+            ratios = sorted(100 * r[0] / r[1] for r in reps)
+            print(f"fwd+bwd, {cvmm_repeats} interleaved repeats: dense {med[0]:.3f} ms, cvmm_mlp {med[1]:.3f} ms "
+                  f"(medians) = {100 * med[0] / med[1]:.1f}% of dense; per repeat {ratios[0]:.1f}-{ratios[-1]:.1f}%\n")
         # where the cvmm time goes (deterministic contraction); each kernel does S * d * de multiply-adds
         rows = []
         for pname, _, f in mlp_kernels(C, x.detach(), K, w1.detach(), w2.detach(), sel, sw):

@@ -379,10 +379,12 @@ def _rows_desc(t, block):
         # Triton encodes a host descriptor (driver API) before its launcher makes the CUDA context
         # current. On a thread that has not used CUDA yet, for a kernel that another thread loaded (the
         # autograd engine's thread, after a no-grad forward), that failed with "invalid device
-        # context". A runtime call binds the device's primary context to this thread first (a stream
-        # query, but not while a CUDA graph is being captured, where the thread is bound already).
-        if not torch.cuda.is_current_stream_capturing():
-            torch.cuda.current_stream(t.device).query()
+        # context". A runtime call binds the device's primary context to this thread first: a stream
+        # query, but not on a stream being captured into a CUDA graph (the capturing thread is bound
+        # already; a graph captured from another thread than the one launching here is not covered).
+        with torch.cuda.device(t.device):
+            if not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream().query()
     return TensorDescriptor.from_tensor(t, block)
 
 
@@ -453,8 +455,9 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     BN = min(128, max(16, _np2(N)))
     warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
     if x2 is not None and BM == 128:   # the slot-weight dot epilogue: 4 warps, as measured fastest:
-        # cvmm_mlp's grad_pre (+ relu mask, hs) on 128-row tiles, the plain dot on 64-row tiles
-        BM, warps, stages = (128, 4, 3) if relu_mask else (64, 4, 4)
+        # cvmm_mlp's grad_pre (+ relu mask, hs) on 128-row tiles in 16-bit (measured in bf16; fp32
+        # tiles are twice the registers), the plain dot on 64-row tiles
+        BM, warps, stages = (128, 4, 3) if relu_mask and not f32 else (64, 4, 4)
     if cfg:  # explicit tiles (bench.py --what=cvmm_tune)
         BM, BN, BK, warps, stages = (cfg.get(k, v) for k, v in
                                      dict(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages).items())
