@@ -84,6 +84,22 @@ def table(header, rows):
 
 
 # ----------------------------------------------------------------------------------------------------
+MLP_SHAPES = [("MoEUT-126M", 768, 254, 12), ("MoEUT-244M", 1024, 387, 16)]   # (name, d_model, E, K)
+
+
+def mlp_inputs(d, E, K, de=128):
+    """σ-MoE MLP inputs at one MLP_SHAPES entry, in `dtype` on `device`: x, w1, w2 and the slot weights sw
+    (all requiring grad), and the expert ids picked by a random sigmoid router."""
+    dt, dev = getattr(torch, dtype), device
+    x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
+    router = torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5
+    w1 = (torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5).requires_grad_()
+    w2 = (torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5).requires_grad_()
+    with torch.no_grad():
+        sw, ids = torch.sigmoid(x @ router).float().topk(K, dim=-1)
+    return x, w1, w2, sw.requires_grad_(), ids
+
+
 def mlp_kernels(C, x, K, w1, w2, sel, sw):
     """The kernels of cvmm_mlp in order, on its MoEUT inputs and random gradients: (name, tuning kind,
     fn(cfg)). Kinds: the tile sweep bench_cvmm_tune runs on that kernel (None: product + torch sum,
@@ -158,17 +174,11 @@ def bench_cvmm():
         "torch reference": cvmm_mlp(C.cvmm_reference),
         "torch._grouped_mm": grouped_mm_mlp,
     }
-    for name, d, E, K in [("MoEUT-126M", 768, 254, 12), ("MoEUT-244M", 1024, 387, 16)]:
+    for name, d, E, K in MLP_SHAPES:
         de = 128
         S = tokens * K
         flops = 2 * 2 * S * d * de                        # two projections, 2*S*D_in*D_out each
-        x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
-        router = torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5
-        w1 = (torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5).requires_grad_()
-        w2 = (torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5).requires_grad_()
-        with torch.no_grad():
-            sw, ids = torch.sigmoid(x @ router).float().topk(K, dim=-1)
-        sw.requires_grad_()
+        x, w1, w2, sw, ids = mlp_inputs(d, E, K, de)
         sel = C.cvmm_prepare(ids, E)
         t_prep = timeit(lambda: C.cvmm_prepare(ids, E))
         # the dense MLP doing the same FLOPs
@@ -250,7 +260,6 @@ def bench_cvmm_tune():
     """Sweep tile configs of the cvmm_mlp kernels at the MoEUT-126M and -244M MLP shapes (the measurements
     behind the tile rules in cvmm.py)."""
     import cvmm as C
-    dt, dev = getattr(torch, dtype), device
     torch.manual_seed(seed)
     # configs as measured for the rules in cvmm.py; "rule" = what the rule picks
     sweeps = {
@@ -265,12 +274,9 @@ def bench_cvmm_tune():
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]],
     }
     rows = []
-    for name, d, E, K in [("126M", 768, 254, 12), ("244M", 1024, 387, 16)]:
+    for name, d, E, K in MLP_SHAPES:
         de, S = 128, tokens * K
-        x = torch.randn(tokens, d, device=dev, dtype=dt)
-        w1 = torch.randn(E, d, de, device=dev, dtype=dt) / d ** 0.5
-        w2 = torch.randn(E, de, d, device=dev, dtype=dt) / (E * de) ** 0.5
-        sw, ids = torch.sigmoid(x @ (torch.randn(d, E, device=dev, dtype=dt) / d ** 0.5)).float().topk(K, dim=-1)
+        x, w1, w2, sw, ids = (t.detach() for t in mlp_inputs(d, E, K, de))
         for pname, kind, f in mlp_kernels(C, x, K, w1, w2, C.cvmm_prepare(ids, E), sw):
             if kind is None:   # a product + torch sum: the product is swept on its own
                 continue

@@ -373,9 +373,9 @@ def _rows_desc(t, block):
     """TMA descriptor of a contiguous 2-D tensor, or None (see _w_desc)."""
     if not (TMA and t.is_contiguous() and (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0):
         return None
-    if t.is_cuda and (torch.version.hip or torch.cuda.get_device_capability(t.device)[0] < 9):
-        return None
     if t.is_cuda:
+        if torch.version.hip or torch.cuda.get_device_capability(t.device)[0] < 9:
+            return None
         # Triton encodes a host descriptor (driver API) before its launcher makes the CUDA context
         # current. On a thread that has not used CUDA yet, for a kernel that another thread loaded (the
         # autograd engine's thread, after a no-grad forward), that failed with "invalid device
