@@ -48,6 +48,7 @@ Bad expert ids: cvmm_prepare raises on CPU; on CUDA (and under compile) it uses 
 the kernels never read out of bounds either way (ids outside [0, E) fall outside every expert's range).
 """
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -369,6 +370,9 @@ def _w_desc(w, transpose, K, BK, BN):
     return _rows_desc(w.view(E * D_in, D_out), [BN, BK] if transpose else [BK, BN])
 
 
+_BOUND = threading.local()   # .devices: the CUDA devices whose context this thread has bound
+
+
 def _rows_desc(t, block):
     """TMA descriptor of a contiguous 2-D tensor, or None (see _w_desc)."""
     if not (TMA and t.is_contiguous() and (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0):
@@ -380,11 +384,15 @@ def _rows_desc(t, block):
         # current. On a thread that has not used CUDA yet, for a kernel that another thread loaded (the
         # autograd engine's thread, after a no-grad forward), that failed with "invalid device
         # context". A runtime call binds the device's primary context to this thread first: a stream
-        # query, but not on a stream being captured into a CUDA graph (the capturing thread is bound
-        # already; a graph captured from another thread than the one launching here is not covered).
-        with torch.cuda.device(t.device):
-            if not torch.cuda.is_current_stream_capturing():
-                torch.cuda.current_stream().query()
+        # query, once per thread and device, but not on a stream being captured into a CUDA graph (the
+        # capturing thread is bound already; a graph captured from another thread than the one
+        # launching here is not covered).
+        bound = _BOUND.__dict__.setdefault("devices", set())
+        if t.device not in bound:
+            with torch.cuda.device(t.device):
+                if not torch.cuda.is_current_stream_capturing():
+                    torch.cuda.current_stream().query()
+                    bound.add(t.device)
     return TensorDescriptor.from_tensor(t, block)
 
 
