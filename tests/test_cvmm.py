@@ -124,7 +124,6 @@ def test_triton_matches_reference(impl, case, dtype):
     compare(impl, usage(name, **kw), dtype)
 
 
-
 @pytest.mark.parametrize("case", ["up", "down", "V", "O", "ragged_rows", "big_tiles"])
 def test_triton_pointer_weight_loads(impl, case, monkeypatch):
     """The kernels' pointer path for weight tiles (TMA off, as on GPUs before Hopper)."""
@@ -156,6 +155,7 @@ def test_triton_overflow_stays_in_its_expert(impl, name):
     ok = want.isfinite().all(-1)          # rows that never touch expert 2
     assert ok.any() and (~ok).any()
     assert out[ok].isfinite().all() and rel(out[ok], want[ok]) < 2e-5
+
 
 def test_triton_weight_grad_deterministic(impl):
     impl("triton")
@@ -277,7 +277,6 @@ def test_fused_mlp_deterministic_and_partial_grads(impl):
     x, ids, w1, w2, sw = mlp_inputs(N=200, K=4, E=3, d=40, de=24, device=DEV)
     a, b = mlp_grads(fused_mlp, x, ids, w1, w2, sw), mlp_grads(fused_mlp, x, ids, w1, w2, sw)
     assert all(torch.equal(t, u) for t, u in zip(a, b))
-
 
 
 @pytest.mark.parametrize("fwd_impl,bwd_impl", [("triton", "triton"), ("torch", "torch"), ("torch", "triton"),
