@@ -254,7 +254,11 @@ def wrap_model(model, run, cfg):
         ids = [torch.device(run['device']).index] if run['device_type'] == 'cuda' else None
         # broadcast_buffers=False: the only buffers are per-rank routing counters (diagnostics)
         return DDP(model, device_ids=ids, broadcast_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # an explicit mesh of this run's device type: fully_shard's default mesh is CUDA whenever CUDA is
+    # present, so --device=cpu on a GPU host would put rank r on cuda:r (and fail past the GPU count)
+    mesh = init_device_mesh(run['device_type'], (run['world'],))
     # bf16 (or fp16) parameters for compute on GPU, fp32 gradient reduction; fp32 throughout on CPU.
     pdt = getattr(torch, run['dtype']) if run['device_type'] == 'cuda' else torch.float32
     # cast_forward_inputs=False on the layers: FSDP's input cast rebuilds container arguments, and a
@@ -265,8 +269,8 @@ def wrap_model(model, run, cfg):
     # (reshard_after_forward=False) instead of re-gathering the same weights R times.
     reshard = model.cfg.model_type == 'dense'
     for layer in distinct_layers(model.core):
-        fully_shard(layer, reshard_after_forward=reshard, mp_policy=layer_mp)
-    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32))
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=layer_mp)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=torch.float32))
     return model
 
 
