@@ -81,8 +81,14 @@ def _run_config_file(path, config):
     scope = {k: config[k] for k in config_keys(config)}
     before = dict(scope)
     scope['__file__'] = path        # so a config can include a sibling relative to itself
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a Python config file (positional arguments are config files; "
+                          f"options are --key=value)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         exec(compile(source, path, 'exec'), scope)
     except Exception as e:

@@ -51,7 +51,14 @@ def load_checkpoint(init_from, out_dir, device):
         if not os.path.exists(path):
             fail(f"checkpoint not found: {path}")
     from train import load_checkpoint_meta
-    ckpt = load_checkpoint_meta(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
+        fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
+    try:
+        ckpt = load_checkpoint_meta(path)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
+        fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
     model = LM(ModelConfig(**ckpt['model_config']))
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
         import torch.distributed.checkpoint as dcp
@@ -72,13 +79,22 @@ def tokenizer(name):
         fail(f"tokenizer of the checkpoint is not available offline: {e}")
 
 
+def read_text(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+
+
 @torch.no_grad()
 def evaluate_file(model, enc, path, device, autocast):
     """Mean next-token loss over the whole file with a sliding window: every token after the first is
     predicted once, with up to block_size tokens of context (windows overlap by half a block, and
     only the second half of each later window is scored)."""
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
+    text = read_text(path)
     ids = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
     if ids.numel() < 2:
         fail(f"{path} has fewer than 2 tokens")
@@ -111,6 +127,10 @@ def main():
         dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
+    if dev.startswith('cuda'):      # the current device too: Triton kernels and CUDA graphs use it (cuda:1)
+        if (torch.device(dev).index or 0) >= torch.cuda.device_count():
+            fail(f"device={dev!r} but this process sees {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(torch.device(dev).index or 0)
     dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
     if dt not in ('float32', 'bfloat16', 'float16'):
         fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
@@ -124,6 +144,8 @@ def main():
     print(f"loaded {path} ({model.cfg.model_type}, tokenizer {tok_name})", file=sys.stderr)
 
     if cfg['export']:       # one self-contained file: model weights, model config, tokenizer meta
+        if not os.path.isdir(os.path.dirname(os.path.abspath(cfg['export']))):
+            fail(f"export: directory of {cfg['export']} does not exist")
         tmp = cfg['export'] + '.tmp'
         torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
                     'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
@@ -149,8 +171,7 @@ def main():
         p = prompt[5:]
         if not os.path.isfile(p):
             fail(f"prompt file not found: {p}")
-        with open(p, encoding='utf-8') as f:
-            prompt = f.read()
+        prompt = read_text(p)
     ids = enc.encode_ordinary(prompt) or [enc.eot_token]
     if len(ids) > model.cfg.block_size:
         fail(f"prompt is {len(ids)} tokens, longer than the model's context ({model.cfg.block_size})")
@@ -178,11 +199,18 @@ COLOURS = ['\033[34m', '\033[36m', '\033[32m', '\033[33m', '\033[35m', '\033[31m
 @torch.no_grad()
 def depth_view(model, enc, tokens, device, autocast, colour):
     """The text with every token marked by its depth (steps through the shared group), and a depth
-    histogram. Depths come from one full forward: cached decoding takes the same decisions (tested),
-    so they are the depths the tokens had while being generated."""
+    histogram. Within the context, depths come from one full forward: cached decoding takes the same
+    decisions (tested), so they are the depths the tokens had while being generated. Past it, generate()
+    slid its window, re-encoding the last block_size tokens for each new one: there a token's depth is
+    the one it had as the last token of its window, the forward that predicted the next token."""
+    block = model.cfg.block_size
     with autocast:
-        model(torch.tensor(tokens, device=device)[None])
+        model(torch.tensor(tokens[:block], device=device)[None])
     depth = model.core.trace['depth'][0].tolist()
+    for t in range(block, len(tokens)):
+        with autocast:
+            model(torch.tensor(tokens[t - block + 1:t + 1], device=device)[None])
+        depth.append(int(model.core.trace['depth'][0, -1]))
     parts = []
     for t, d in zip(tokens, depth):
         piece = enc.decode([t])

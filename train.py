@@ -127,6 +127,10 @@ def setup_distributed(cfg):
         dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
+    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+              'eval_iters'):
+        if not isinstance(cfg[k], int) or cfg[k] < 1:
+            fail(f"{k} must be a positive integer, got {cfg[k]!r}")
     rank, world, local = 0, 1, 0
     if dev.startswith('cuda'):     # TF32 for any fp32 matmuls left outside autocast (nanoGPT does the same)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -136,7 +140,12 @@ def setup_distributed(cfg):
         local = int(os.environ.get('LOCAL_RANK', 0))
         if dev.startswith('cuda'):
             dev = f'cuda:{local}'
-            torch.cuda.set_device(dev)
+    if dev.startswith('cuda'):     # make it the current device too: Triton kernels launch there (cuda:1)
+        index = torch.device(dev).index or 0
+        if index >= torch.cuda.device_count():
+            fail(f"device={dev!r} but this process sees {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(index)
+    if distributed:
         dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
         if cfg['parallelism'] not in ('ddp', 'fsdp'):
             fail(f"parallelism must be 'ddp' or 'fsdp', got {cfg['parallelism']!r}")
@@ -416,6 +425,8 @@ def model_and_optim_state(model, optimizer, run, cfg, full=True):
 
 def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    # a param group's 'fused' flag is restored with it: keep this run's (a CPU checkpoint resumed on a GPU)
+    fused = [g.get('fused') for g in optimizer.param_groups]
     if os.path.isdir(path):    # sharded: DCP reshards to this run's layout (any world size, or none)
         import torch.distributed.checkpoint as dcp
         m, o = model_and_optim_state(model, optimizer, run, cfg, full=False)
@@ -425,6 +436,9 @@ def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
     else:
         set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
                        options=StateDictOptions(full_state_dict=True))
+    for g, f in zip(optimizer.param_groups, fused):
+        if f is not None:
+            g['fused'] = f
 
 
 def save_checkpoint(path, state, keep):
@@ -464,18 +478,25 @@ def prune_checkpoints(out_dir, keep):
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def rng_state():
+def rng_state(run):
+    """This rank's RNG streams: CPU, numpy, and its own GPU's (only that one: a resume may see a
+    different number of GPUs, and a CPU run should not touch CUDA)."""
     st = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
-    if torch.cuda.is_available():
-        st['cuda'] = torch.cuda.get_rng_state_all()
+    if run['device_type'] == 'cuda':
+        st['cuda'] = torch.cuda.get_rng_state(run['device'])
     return st
 
 
-def set_rng_state(st):
+def set_rng_state(st, run):
     torch.set_rng_state(st['torch'])
     np.random.set_state(st['numpy'])
-    if 'cuda' in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st['cuda'])
+    if run['device_type'] == 'cuda' and st.get('cuda') is not None:
+        cuda = st['cuda']
+        if isinstance(cuda, (list, tuple)):   # checkpoints before this change saved every visible GPU's
+            i = torch.device(run['device']).index or 0
+            cuda = cuda[i] if i < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, run['device'])
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -492,16 +513,22 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
         dtype = np.dtype(meta['dtype'])
         n_win = (os.path.getsize(path) // dtype.itemsize - 1) // cfg['block_size']
         n = min(cfg['eval_iters'] * cfg['batch_size'], n_win)
-        starts = (np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size'])[run['rank']::run['world']]
+        all_starts = np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size']
+        starts = all_starts[run['rank']::run['world']]
         tot = torch.zeros(2, dtype=torch.float64, device=run['device'])
         hist = 0
-        for i in range(0, len(starts), cfg['batch_size']):
-            x, y = read_windows(path, dtype, starts[i:i + cfg['batch_size']], cfg['block_size'])
+        # every rank runs the same number of forwards (FSDP's all-gathers must pair up): a rank short of
+        # windows runs its last ones on the first window, counted with weight 0
+        n_batches = math.ceil(math.ceil(n / run['world']) / cfg['batch_size'])
+        for b in range(n_batches):
+            chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
+            w = 1.0 if len(chunk) else 0.0
+            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'])
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
-            tot += torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
+            tot += w * torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
             if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
-                hist = hist + core.stats['depth_hist'].double() * y.numel()   # halting: tokens per depth
+                hist = hist + w * core.stats['depth_hist'].double() * y.numel()   # halting: tokens per depth
         if run['distributed']:
             dist.all_reduce(tot)
             if torch.is_tensor(hist):
@@ -534,6 +561,10 @@ def train(cfg, run):
         if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
             fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "
                  f"{cfg['batch_size'] * cfg['gradient_accumulation_steps']}: its data position would not carry over")
+        for k in ('dataset', 'seed'):         # the data position counts windows of this stream
+            if ckpt['config'].get(k) != cfg[k]:
+                fail(f"checkpoint {path} was trained with {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}: "
+                     f"its data position would not carry over")
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
@@ -544,14 +575,16 @@ def train(cfg, run):
     model, mcfg = build_model(cfg, run, meta['vocab_size'])
     wrapped = wrap_model(model, run, cfg)
     optimizer = make_optimizer(wrapped, cfg, run)
-    iter_num, best_val, resumed_at = 0, float('inf'), -1
+    iter_num, best_val, resumed_at, scaler_state = 0, float('inf'), -1, None
     if ckpt is not None:
         load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
         iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
-        resumed_at = iter_num
-        set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0])
+        resumed_at = iter_num if ckpt.get('evaluated', True) else -1   # see the eval below
+        scaler_state = ckpt.get('scaler')
+        set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0], run)
         if master:
             print(f"resumed from {path} at iter {iter_num}")
+            trim_log(cfg['out_dir'], iter_num)
         del ckpt
     else:
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
@@ -564,6 +597,8 @@ def train(cfg, run):
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()
     scaler = torch.amp.GradScaler(run['device_type'], enabled=run['dtype'] == 'float16')
+    if scaler_state and scaler.is_enabled():   # fp16 resume: keep the calibrated loss scale
+        scaler.load_state_dict(scaler_state)
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
@@ -585,15 +620,17 @@ def train(cfg, run):
     if fmt not in ('file', 'sharded'):
         fail(f"checkpoint_format must be 'auto', 'file' or 'sharded', got {fmt!r}")
 
-    def checkpoint():
+    def checkpoint(evaluated=True):
+        """evaluated: the eval of iter_num ran before this save (a resume does not repeat it)."""
         m_state, o_state = model_and_optim_state(wrapped, optimizer, run, cfg, full=fmt == 'file')
         rngs = [None] * run['world']
         if run['distributed']:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(run))
         else:
-            rngs = [rng_state()]
+            rngs = [rng_state(run)]
         state = {'config': cfg, 'model_config': asdict(mcfg), 'iter_num': iter_num, 'best_val_loss': best_val,
-                 'data_pos': batches.pos, 'rng': rngs, 'meta': meta}
+                 'data_pos': batches.pos, 'rng': rngs, 'meta': meta, 'evaluated': evaluated,
+                 'scaler': scaler.state_dict() if scaler.is_enabled() else None}
         path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:07d}')
         if fmt == 'sharded':
             save_sharded_checkpoint(path, {'model': m_state, 'optimizer': o_state}, state, run, cfg['keep_last'])
@@ -663,7 +700,10 @@ def train(cfg, run):
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg['grad_clip'] or float('inf'))
         if scaler.is_enabled():     # fp16: GradScaler skips overflowing steps itself (expected while it calibrates)
             scaler.step(optimizer)
-            bad = not bool(torch.isfinite(out.loss))
+            finite = torch.isfinite(out.loss.detach()).float()
+            if run['distributed']:  # one verdict for all ranks, so the fail() below fires on every one
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            bad = not bool(finite)
         else:                       # one small sync per step buys safety against a poisoned update
             bad = not bool(torch.isfinite(norm))
             if not bad:
@@ -727,7 +767,7 @@ def train(cfg, run):
         if stopping:
             if master:
                 print(f"signal received: checkpointing at iter {iter_num} and exiting")
-            checkpoint()
+            checkpoint(evaluated=False)
             break
     for s, h in old_handlers.items():
         signal.signal(s, h)
@@ -850,6 +890,25 @@ def show_example(xy, meta):
     x, y = xy
     print(f"input : {enc.decode(x[0, :64].tolist())!r}")
     print(f"target: {enc.decode(y[0, :64].tolist())!r}")
+
+
+def trim_log(out_dir, iter_num):
+    """On resume: drop the log.jsonl records written after the checkpoint, which the resumed run logs
+    again (rewritten to a temp file, then renamed)."""
+    import json
+    path = os.path.join(out_dir, 'log.jsonl')
+    if not os.path.exists(path):
+        return
+    def keep(line):
+        try:
+            return json.loads(line).get('iter', 0) <= iter_num
+        except ValueError:      # a line cut short when the run was killed
+            return False
+    with open(path) as f:
+        lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip() and keep(line)]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(lines)
+    os.replace(path + '.tmp', path)
 
 
 def append_log(out_dir, record):

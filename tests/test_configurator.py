@@ -154,6 +154,13 @@ def test_missing_config_file(tmp_path):
     assert error([path]) == f'config file not found: {path}'
 
 
+def test_binary_file_as_config_is_one_line(tmp_path):
+    path = tmp_path / 'ckpt_0000001.pt'         # e.g. `python sample.py out/ckpt_0000001.pt`
+    path.write_bytes(bytes(range(256)) * 4)
+    msg = error([str(path)])
+    assert str(path) in msg and 'not a Python config file' in msg and '--key=value' in msg
+
+
 def test_not_key_value():
     assert 'expected --key=value' in error(['--learning_rate', '0.1'])
     assert 'expected --key=value' in error(['-max_iters=3'])

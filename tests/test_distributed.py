@@ -197,3 +197,21 @@ def test_sharded_checkpoint_exports_to_one_file_that_samples(root, runs, tmp_pat
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={out}', '--max_new_tokens=5',
                         '--num_samples=1', '--device=cpu'], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize('name, extra', [
+    # dense layers reshard after forward, so each extra forward is an all-gather: 2 + 1 batches
+    ('fsdp_dense_uneven', FSDP + ['--model_type=dense', '--eval_iters=3', '--batch_size=1']),
+    # halting models all-reduce a depth histogram, which a rank without windows skipped: 1 + 0 batches
+    ('ddp_halting_one', ['--parallelism=ddp', '--halting=act', '--eval_iters=1', '--batch_size=1']),
+])
+def test_eval_with_windows_split_unevenly_over_ranks(root, name, extra):
+    """Eval windows that do not split evenly over the ranks: every rank runs the same number of forwards
+    (FSDP's all-gathers and the halting histogram's all-reduce must pair up, else a hang) and the
+    all-reduced losses equal one process's."""
+    model_args = [a for a in extra if not a.startswith('--parallelism') and a not in FSDP]
+    one = train(root, *ARGS, f'--out_dir={name}_1', '--eval_only=True', *model_args)
+    two = train(root, *ARGS, f'--out_dir={name}_2', '--eval_only=True', *extra, nproc=2)
+    e1, e2 = evals(one.stdout), evals(two.stdout)
+    assert sorted(e1) == sorted(e2) == [0]
+    assert e2[0] == pytest.approx(e1[0], abs=1e-5)

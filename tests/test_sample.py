@@ -141,6 +141,24 @@ def test_errors_are_one_line(checkpoint, args, msg):
     assert msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize('kind', ['directory', 'binary', 'eval_file', 'export'])
+def test_bad_files_are_one_line_errors(checkpoint, tmp_path, kind):
+    """A directory that is not a sharded checkpoint, a file that is not a checkpoint, a non-UTF-8
+    eval_file and an export into a missing directory: one line naming the path, no traceback."""
+    out_dir, _ = checkpoint
+    junk = tmp_path / 'junk.bin'
+    junk.write_bytes(bytes(range(256)) * 4)
+    args, msg = {'directory': ([f'--init_from={tmp_path}'], 'not a sharded checkpoint'),
+                 'binary': ([f'--init_from={junk}'], 'cannot read checkpoint'),
+                 'eval_file': ([f'--out_dir={out_dir}', f'--eval_file={junk}'], 'not UTF-8 text'),
+                 'export': ([f'--out_dir={out_dir}', f'--export={tmp_path}/no/such/dir/m.pt'],
+                            'does not exist')}[kind]
+    r = run_sample('--device=cpu', *args)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith('error:')]
+    assert errors and msg in errors[0] and 'Traceback' not in r.stderr, r.stderr
+
+
 def test_show_depth_marks_every_token_when_piped(tmp_path):
     """A halting model: each token gets '[depth]' (plain brackets when not a terminal), and the
     histogram counts every token; the depths equal those of the model's own full forward."""
@@ -164,3 +182,26 @@ def test_show_depth_marks_every_token_when_piped(tmp_path):
         model(torch.tensor(ids)[None])
     assert marks[:3] == model.core.trace['depth'][0].tolist()
 
+
+
+def test_show_depth_past_the_context_uses_the_sliding_window():
+    """Past block_size, generate() re-encodes the last block_size tokens for each new token; the depth
+    shown for such a token is the one it had as the last token of that window."""
+    from sample import depth_view
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=8, d_model=32, n_layers=3, group_size=1, n_heads=2, d_head=16,
+                      att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act', act_bias_init=0.0)
+    model = LM(cfg).eval()
+    tokens = list(b'the quick brown fox')            # 19 tokens, context 8
+    enc = type('Bytes', (), {'decode': staticmethod(lambda ids: bytes(ids).decode('latin-1'))})()
+    text = depth_view(model, enc, tokens, 'cpu', torch.autocast('cpu', enabled=False), colour=False)
+    import re
+    marks = [int(d) for d in re.findall(r'\[(\d)\]', text.split('depth histogram')[0])]
+    want = []
+    with torch.no_grad():
+        model(torch.tensor(tokens[:8])[None])
+        want += model.core.trace['depth'][0].tolist()
+        for t in range(8, len(tokens)):
+            model(torch.tensor(tokens[t - 7:t + 1])[None])
+            want.append(int(model.core.trace['depth'][0, -1]))
+    assert marks == want and len(marks) == len(tokens)

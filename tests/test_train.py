@@ -235,6 +235,9 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(root):
     p = train(root, *args[:-1], f'--max_iters={n + 1}', '--init_from=resume')
     assert f'resumed from {os.path.join("crash", latest)} at iter {n}' in p.stdout
     assert log(out)[-1]['iter'] == n + 1
+    # records the killed runs logged after their last checkpoint were dropped, not logged twice
+    iters = [r['iter'] for r in log(out)]
+    assert iters == sorted(set(iters)), iters
     assert ckpts(out)[-1] == f'ckpt_{n + 1:07d}.pt'
 
 
@@ -252,6 +255,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
     assert ckpts(out) == [f'ckpt_{n:07d}.pt']
     ck = load(os.path.join(out, ckpts(out)[0]))
     assert ck['iter_num'] == n and ck['data_pos'] == n
+    assert ck['evaluated'] is False     # saved mid-interval: a resume still runs the eval of iter n
     p = train(root, *args[:-1], '--out_dir=term', f'--max_iters={n + 2}', '--init_from=resume')
     assert f'at iter {n}' in p.stdout
     # the resumed run continues exactly as an uninterrupted run would have
@@ -342,9 +346,47 @@ def test_resume_of_a_sharded_checkpoint_at_an_eval_boundary(root):
     assert 'eval 4:' not in again.stdout and 'eval 6:' in again.stdout
 
 
+def test_resume_of_a_signal_checkpoint_runs_its_eval(root):
+    """A checkpoint saved on a signal at an eval iteration (before that eval ran) is evaluated on resume,
+    so a signal on the last step cannot lose the final eval."""
+    base = TINY + ['--out_dir=sig', '--eval_interval=2']
+    train(root, *base, '--max_iters=2')
+    path = os.path.join(root, 'sig', 'ckpt_0000002.pt')
+    ck = load(path)
+    assert ck['evaluated'] is True
+    ck['evaluated'] = False              # as the signal path writes it
+    torch.save(ck, path)
+    again = train(root, *base, '--max_iters=2', '--init_from=resume')
+    assert 'eval 2:' in again.stdout
+
+
+def test_fp16_checkpoint_keeps_the_loss_scale(root):
+    """float16 (GradScaler) runs save the scaler's state, and a resume continues from that scale
+    instead of recalibrating from 65536."""
+    base = TINY + ['--out_dir=f16', '--dtype=float16', '--eval_interval=2', '--diagnostics=False']
+    train(root, *base, '--max_iters=2')
+    path = os.path.join(root, 'f16', 'ckpt_0000002.pt')
+    ck = load(path)
+    assert ck['scaler'] is not None and ck['scaler']['scale'] > 0
+    ck['scaler']['scale'] = 4096.0
+    torch.save(ck, path)
+    train(root, *base, '--max_iters=3', '--init_from=resume')
+    # one step later: unchanged, or halved on an overflow (a fresh scaler would say 65536 or 32768)
+    assert load(os.path.join(root, 'f16', 'ckpt_0000003.pt'))['scaler']['scale'] in (4096.0, 2048.0)
+
+
 def test_too_short_val_split_and_changed_batch_are_clear_errors(root):
     r = train(root, *TINY, '--block_size=100000', '--out_dir=short', check=False)
     assert r.returncode != 0 and 'fewer than block_size+1' in r.stderr and 'Traceback' not in r.stderr
     train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=gb')
     r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--batch_size=8', check=False)
     assert r.returncode != 0 and 'global batch' in r.stderr and 'Traceback' not in r.stderr
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--seed=7', check=False)
+    assert_one_line_error(r, 'seed=1337', '7', 'data position')
+
+
+@pytest.mark.parametrize('arg', ['--eval_interval=0', '--log_interval=0', '--batch_size=0',
+                                 '--gradient_accumulation_steps=0'])
+def test_error_non_positive_intervals_and_sizes(root, arg):
+    p = train(root, *TINY, '--out_dir=e7', arg, check=False)
+    assert_one_line_error(p, arg[2:].split('=')[0], 'positive integer')
