@@ -190,7 +190,10 @@ class CompactAttention:
         if cache is not None:
             k, v, kpos, kvalid = _cache_append(cache, k, v, kpos, kvalid)
         causal_base = ctx.mask is None and (ctx.is_causal or rows.T == 1)
-        if n_past == 0 and rows.all:             # nobody halted yet: exactly model.attend
+        # ctx.mask spans the model's whole cache, this (step, layer) may hold fewer keys: a chunk after
+        # a prompt whose tokens all halted before this step (active-only). Then only _mask fits.
+        mask_fits = ctx.mask is None or ctx.mask.shape[-1] == k.shape[-2]
+        if n_past == 0 and rows.all and mask_fits:   # nobody halted yet: exactly model.attend
             mask, is_causal = ctx.mask, ctx.is_causal
         elif n_past == 0 and self.kv == 'active-only' and causal_base:
             # compacted slots are in time order with the valid ones first: causal in slot order is
@@ -296,9 +299,15 @@ class HaltingMoEUT(nn.Module):
             bad("n_prelude and n_coda must be >= 0")
         self.cfg, G = cfg, cfg.group_size
         self.n_repeats = R = cfg.n_layers // G     # with halting, n_layers counts the looped part only
-        cap = tuple(cfg.mor_capacity) or tuple((R - r) / R for r in range(R))
-        if len(cap) != R or not all(0 < c <= 1 for c in cap):
-            bad(f"mor_capacity needs {R} fractions in (0, 1] (one per step), got {cfg.mor_capacity}")
+        if cfg.halting == 'act' and not 0 < cfg.act_eps < 1:
+            bad(f"act_eps must be in (0, 1) (a token halts once its halting sum reaches 1 - act_eps), "
+                f"got {cfg.act_eps}")
+        cap = cfg.mor_capacity
+        if cfg.halting == 'mor' and not (isinstance(cap, (tuple, list)) and (
+                not cap or (len(cap) == R and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in cap)))):
+            bad(f"mor_capacity needs {R} fractions in (0, 1] (one per step), or () for the default, "
+                f"got {cap!r}")
+        cap = tuple(cap) if isinstance(cap, (tuple, list)) and cap else tuple((R - r) / R for r in range(R))
         self.capacity = cap
         self.kv = cfg.halt_kv
         self.output = cfg.halt_output if cfg.halt_output != 'auto' else \

@@ -72,11 +72,16 @@ class ModelConfig:
         for k in ('vocab_size', 'block_size', 'd_model', 'n_layers', 'n_heads', 'd_head'):
             if getattr(self, k) < 1:
                 bad(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.model_type == 'dense' and self.d_ff < 1:
+            bad(f"d_ff must be >= 1, got {self.d_ff}")
         if self.model_type == 'dense' and self.halting != 'none':
             bad(f"halting={self.halting!r} needs model_type='moeut' (the dense baseline has no looped group)")
         if self.halting == 'none' and (self.n_prelude or self.n_coda):
             bad("n_prelude/n_coda (unique layers around the looped group) need halting='act' or 'mor'")
         if self.model_type == 'moeut':
+            for k in ('group_size', 'd_expert', 'ff_n_experts', 'att_n_experts'):
+                if getattr(self, k) < 1:
+                    bad(f"{k} must be >= 1, got {getattr(self, k)}")
             if self.n_layers % self.group_size != 0:
                 bad(f"n_layers ({self.n_layers}) must be a multiple of group_size ({self.group_size})")
             if not 1 <= self.ff_k <= self.ff_n_experts:
@@ -512,6 +517,9 @@ class LM(nn.Module):
             raise ValueError(f"prompt of {idx.shape[1]} tokens is longer than block_size {block}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"generate: need top_k >= 1 (or None) and 0 < top_p <= 1 (or None), got "
+                             f"top_k={top_k}, top_p={top_p}")
         static = self.cfg.halting == 'none'
         if cuda_graph is None:
             cuda_graph = static and idx.is_cuda

@@ -305,6 +305,20 @@ def test_5_decode_equals_full_forward(mech, kv):
         assert cache['n_past'] == T
 
 
+@pytest.mark.parametrize('kv', KV)
+def test_5_chunk_after_a_prompt_that_halted_early(kv):
+    """A chunk whose tokens reach a step that every earlier token skipped: that (step, layer) cache is
+    still empty while the model's causal mask spans the whole past (active-only used to crash)."""
+    lm = make_lm(**MECHS['forced'], halt_kv=kv).eval()
+    idx = torch.randint(0, BASE['vocab_size'], (2, 7))
+    depths = torch.tensor([[1, 1, 1, R, R, 2, R], [1, 1, 1, 2, R, R, 2]])
+    full = run(lm, depths, idx).logits
+    cache = {}
+    a = run(lm, depths[:, :3], idx[:, :3], kv_cache=cache).logits
+    b = run(lm, depths[:, 3:], idx[:, 3:], kv_cache=cache).logits
+    close(torch.cat([a, b], 1), full, atol=1e-5)
+
+
 def test_5_generate_runs_with_halting():
     lm = make_lm(**MECHS['act']).eval()
     out = lm.generate(torch.zeros(2, 1, dtype=torch.long), 6, temperature=0)
@@ -509,6 +523,11 @@ def test_bad_config_is_one_clear_error():
         LM(ModelConfig(**BASE, halting='mor', mor_capacity=(1.0, 0.5)))
     with pytest.raises(ValueError, match='weighted'):
         LM(ModelConfig(**BASE, halting='mor', halt_output='weighted'))
+    with pytest.raises(ValueError, match='mor_capacity'):     # a scalar, not one fraction per step
+        LM(ModelConfig(**BASE, halting='mor', mor_capacity=0.5))
+    with pytest.raises(ValueError, match=r'act_eps must be in \(0, 1\)'):
+        LM(ModelConfig(**BASE, halting='act', act_eps=1.0))
+    LM(ModelConfig(**BASE, halting='act', mor_capacity=(1.0, 0.5)))   # unused by ACT: no error
 
 
 @pytest.mark.parametrize('spread', [True, False])

@@ -194,6 +194,13 @@ def test_generate_rejects_negative_max_new_tokens():
         make('moeut').generate(torch.zeros(1, 2, dtype=torch.long), -1)
 
 
+
+@pytest.mark.parametrize('kw', [dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_generate_rejects_bad_top_k_top_p(kw):
+    with pytest.raises(ValueError, match='need top_k >= 1'):
+        make('moeut').generate(torch.zeros(1, 2, dtype=torch.long), 2, **kw)
+
+
 def test_generate_greedy_is_deterministic_and_matches_argmax():
     model = make('moeut').eval()
     prompt = torch.randint(0, 61, (2, 5))
@@ -369,6 +376,11 @@ def test_model_py_prints_counts():
     (dict(n_layers=5, group_size=2), 'n_layers (5) must be a multiple of group_size (2)'),
     (dict(model_type='moe'), "model_type must be 'moeut' or 'dense'"),
     (dict(ff_k=9, ff_n_experts=6), 'ff_k (9) must be in 1..ff_n_experts (6)'),
+    (dict(group_size=0), 'group_size must be >= 1, got 0'),
+    (dict(group_size=-2, n_layers=4), 'group_size must be >= 1, got -2'),    # 4 % -2 == 0: zero layers
+    (dict(d_expert=0), 'd_expert must be >= 1'),
+    (dict(att_n_experts=0), 'att_n_experts must be >= 1'),
+    (dict(model_type='dense', d_ff=0), 'd_ff must be >= 1'),
 ])
 def test_config_errors_are_one_clear_line(kw, msg):
     with pytest.raises(ValueError) as e:
