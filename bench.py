@@ -3,8 +3,9 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm                  # CVMM kernels vs dense / reference / torch._grouped_mm
     $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
-    $ python bench.py --what=profile               # top CUDA kernels of a MoEUT-126M training step
-    $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix
+    $ python bench.py --what=profile               # top CUDA kernels of a training step (train_models' first)
+    $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
+      (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
     $ python bench.py --what=halting               # forced-depth halting step times
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they

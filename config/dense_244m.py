@@ -8,5 +8,3 @@ d_ff = 4110
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'paper_recipe.py')).read())   # spec §8
 out_dir = 'out/dense_244m'
-warmup_iters = 0                   # the 44M runs had no warmup
-grad_clip = 0.1

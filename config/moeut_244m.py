@@ -16,5 +16,3 @@ att_entropy_reg = 0.001
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'paper_recipe.py')).read())   # spec §8
 out_dir = 'out/moeut_244m'
-warmup_iters = 0                   # the 44M runs had no warmup
-grad_clip = 0.1
