@@ -372,6 +372,25 @@ class _TokenFile:
         self.f.close()
 
 
+def _remove_stale_temporaries(out_dir):
+    """Delete the <name>.<pid>.tmp files of earlier runs that were killed (their process is gone), so
+    a SIGKILL or OOM mid-run does not leave gigabytes behind for good. A live run's are kept."""
+    for name in os.listdir(out_dir):
+        parts = name.split(".")
+        if len(parts) < 4 or parts[-1] != "tmp" or not parts[-2].isdigit():
+            continue
+        pid = int(parts[-2])
+        try:
+            os.kill(pid, 0)      # signal 0: only asks whether the process exists
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except OSError:          # exists, but not ours to signal
+            alive = True
+        if not alive:
+            os.remove(os.path.join(out_dir, name))
+
+
 def _move_tail(train_path, val_path, dtype, n_tokens):
     """Move the last n_tokens of train_path to (empty) val_path, in slices to keep memory flat."""
     train = np.memmap(train_path, dtype=dtype, mode="r")
@@ -453,6 +472,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, k) for k in ("train.bin", "val.bin", "meta.json")}
     tmp = {k: f"{p}.{os.getpid()}.tmp" for k, p in paths.items()}   # two runs at once never share one
+    _remove_stale_temporaries(out_dir)
     out, ok = {}, False
     try:
         for k in ("train", "val"):

@@ -362,6 +362,25 @@ def test_no_temporaries_left_and_failures_keep_old_dataset(tmp_path):
     assert load_meta(out) == meta
 
 
+def test_temporaries_of_killed_runs_are_removed(tmp_path):
+    """A run killed with SIGKILL leaves its <name>.<pid>.tmp files; the next run into the same
+    out_dir removes those of dead processes and keeps those of a live one."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()               # a pid that has exited
+    (out / f"train.bin.{dead}.tmp").write_bytes(b"x" * 100)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / f"val.bin.{live.pid}.tmp").write_bytes(b"y")
+        (tmp_path / "a.txt").write_text("hello world\n")
+        run([tmp_path / "a.txt"], out)
+        assert set(os.listdir(out)) == {"meta.json", "train.bin", "val.bin", f"val.bin.{live.pid}.tmp"}
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_load_meta_detects_missing_or_mismatched(tmp_path):
     with pytest.raises(PrepareError, match="meta.json missing"):
         load_meta(tmp_path)
