@@ -273,7 +273,10 @@ class RouteLog:
         count = w.new_zeros(self.B, *[1] * (p.dim() - 1)).index_add(0, b, w)
         p = p_sum / count.clamp(min=1)                         # per-sequence marginal over experts
         entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
-        return -entropy.mean()
+        # mean over the sequences that ran this layer at all: one with no rows has no marginal (its
+        # entropy would read 0 and pull the mean)
+        ran = (count.squeeze(-1) > 0).expand_as(entropy)
+        return -(entropy * ran).sum() / ran.sum().clamp(min=1)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -478,6 +478,18 @@ def test_9_edge_cases_finite(case, kv):
     close(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_9_a_sequence_that_never_runs_leaves_the_entropy_regulariser_alone():
+    """The entropy regulariser averages per-sequence expert marginals over the sequences that ran the
+    layer: a sequence whose tokens all exit at depth 0 must not pull it (it has no marginal)."""
+    lm = make_lm(**MECHS['forced'], act_tau=0.0)
+    idx = torch.randint(0, BASE['vocab_size'], (2, 6))
+    d = torch.tensor([[1, 2, 3, 4, 2, 1], [0, 0, 0, 0, 0, 0]])
+    both = run(lm, d, idx).reg_loss
+    alone = run(lm, d[:1], idx[:1]).reg_loss
+    assert alone.abs() > 0
+    close(both, alone, atol=1e-6)
+
+
 @pytest.mark.parametrize('mech', ['act', 'mor_expert', 'mor_token'])
 def test_9_T1_and_zero_depth_tokens_keep_their_state(mech):
     lm = make_lm(**MECHS[mech])
