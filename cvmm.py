@@ -79,10 +79,13 @@ def cvmm_prepare(expert_ids: torch.Tensor, n_experts: int) -> CVMMSel:
     expert in slot order, which makes every gradient deterministic.
     Ids outside [0, n_experts) raise on CPU (the sorted ends give min and max for free); on CUDA and
     under torch.compile they trigger torch._assert_async (a device-side assert, no host sync)."""
-    if expert_ids.is_floating_point() or expert_ids.is_complex():
+    if expert_ids.is_floating_point() or expert_ids.is_complex() or expert_ids.dtype == torch.bool:
         raise TypeError(f"cvmm_prepare: expert ids must be integers, got {expert_ids.dtype}")
+    if expert_ids.numel() >= 2 ** 31:
+        raise ValueError(f"cvmm_prepare: {expert_ids.numel()} slots; slots and offsets are int32 (< 2**31)")
     flat = expert_ids.flatten()
-    expert, slot = torch.sort(flat.int(), stable=True)
+    # sorted in their own dtype, range-checked, then int32: casting first would wrap ids >= 2**32 into range
+    expert, slot = torch.sort(flat, stable=True)
     if flat.numel():
         bad = (expert[0] < 0) | (expert[-1] >= n_experts)
         if flat.is_cuda or torch.compiler.is_compiling():
@@ -90,6 +93,7 @@ def cvmm_prepare(expert_ids: torch.Tensor, n_experts: int) -> CVMMSel:
         elif bad:
             raise ValueError(f"cvmm_prepare: expert ids must lie in [0, {n_experts}), got min "
                              f"{expert[0].item()} max {expert[-1].item()}")
+    expert = expert.int()
     # searchsorted (not bincount) so the shape is static for torch.compile
     bounds = torch.arange(n_experts + 1, device=flat.device, dtype=torch.int32)
     offsets = torch.searchsorted(expert, bounds).int()
@@ -104,12 +108,16 @@ def _check(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor, slot_weights: Optiona
     if sel.offsets.numel() != w.shape[0] + 1:
         raise ValueError(f"cvmm: routing was prepared for {sel.offsets.numel() - 1} experts, "
                          f"bank has {w.shape[0]}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"cvmm: x must be [..., D_in] with D_in >= 1, got shape {tuple(x.shape)}")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"cvmm: x has {x.shape[-1]} features, bank expects D_in={w.shape[1]}")
-    R = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if R == 0 or S % R != 0:
-        raise ValueError(f"cvmm: {S} slots cannot be spread over {R} rows of x (need S % rows == 0)")
-    if slot_weights is not None and (slot_weights.numel() != S or S % slot_weights.shape[-1] != 0):
+    R = x.numel() // x.shape[-1]
+    if R == 0 or S == 0 or S % R != 0:
+        raise ValueError(f"cvmm: {S} slots cannot be spread over {R} rows of x (need rows >= 1 and "
+                         f"slots a positive multiple of rows)")
+    if slot_weights is not None and (slot_weights.dim() == 0 or slot_weights.numel() != S
+                                     or S % slot_weights.shape[-1] != 0):
         raise ValueError(f"cvmm: slot_weights {tuple(slot_weights.shape)} must hold one weight per slot "
                          f"({S}), grouped along the last dim")
 
@@ -129,9 +137,10 @@ def cvmm_reference(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
     out = ys.new_zeros(S, w.shape[2]).index_copy(0, slot, ys)              # back to slot order
     if slot_weights is None:
         return out
-    G = slot_weights.shape[-1]
-    sw = slot_weights.reshape(-1, G).to(out.dtype)
-    return torch.bmm(sw.unsqueeze(1), out.view(-1, G, w.shape[2])).squeeze(1)
+    G = slot_weights.shape[-1]   # contracted in (at least) fp32, as the Triton path scales its fp32 accumulator
+    acc = torch.promote_types(out.dtype, torch.float32)
+    sw = slot_weights.reshape(-1, G).to(acc)
+    return torch.bmm(sw.unsqueeze(1), out.view(-1, G, w.shape[2]).to(acc)).squeeze(1).to(out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,6 +514,8 @@ def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None, x_sor
     if cfg:
         BK, BN, BR, warps, stages, scale_x = (cfg.get(k, v) for k, v in dict(
             BK=BK, BN=BN, BR=BR, warps=warps, stages=stages, scale_x=scale_x).items())
+    if E > 65535:   # the grid's second axis
+        raise ValueError(f"cvmm: the Triton weight gradient takes at most 65535 experts, got {E}")
     gw = torch.empty(E, K, N, device=x.device, dtype=w.dtype) if gw is None else gw
     grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
     # TMA for the sorted operand only when the other one is gathered (its masked rows zero the extras)
@@ -648,6 +659,9 @@ def _checked_inputs(name, x, sel, banks: dict, slot_weights):
         raise TypeError(f"{name}: sel must come from cvmm_prepare (int32 slot and offsets)")
     if slot_weights is not None and not slot_weights.is_floating_point():
         raise TypeError(f"{name}: slot_weights must be floating point, got {slot_weights.dtype}")
+    if not all(t.is_floating_point() for t in [x, *banks.values()]):
+        raise TypeError(f"{name}: x and {' and '.join(banks)} must be floating point, got "
+                        f"{' and '.join(str(t.dtype) for t in [x, *banks.values()])}")
     ws = list(banks.values())
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
@@ -804,6 +818,8 @@ def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
              slot_weights: torch.Tensor) -> torch.Tensor:
     """The σ-MoE MLP: cvmm(relu(cvmm(x, sel, w1)), sel, w2, slot_weights) in one op, [N, D_out].
     x [..., D_in] (N rows), w1 [E, D_in, d_expert], w2 [E, d_expert, D_out], slot_weights [N, K]."""
+    if slot_weights is None:
+        raise TypeError("cvmm_mlp: slot_weights (the [rows, K] expert scores) are required")
     if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0] or w1.shape[2] != w2.shape[1]:
         raise ValueError(f"cvmm_mlp: banks must be [E, D_in, d_expert] and [E, d_expert, D_out], got "
                          f"{tuple(w1.shape)} and {tuple(w2.shape)}")

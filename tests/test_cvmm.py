@@ -200,6 +200,10 @@ def test_errors(impl):
         cvmm_prepare(ids - 1, 5)
     with pytest.raises(TypeError, match="must be integers"):
         cvmm_prepare(ids.float(), 5)
+    with pytest.raises(TypeError, match="must be integers"):
+        cvmm_prepare(ids > 0, 5)
+    with pytest.raises(ValueError, match="must lie in"):        # not truncated into range by an int32 cast
+        cvmm_prepare(ids.long() + 2 ** 32, 5)
     for mode in ("torch", "triton"):
         impl(mode)
         with pytest.raises(ValueError, match="prepared for 5 experts, bank has 4"):
@@ -216,6 +220,13 @@ def test_errors(impl):
             cvmm(x.half(), sel, w, sw)
         with pytest.raises(TypeError, match="int32"):
             cvmm(x, C.CVMMSel(sel.expert, sel.slot.long(), sel.offsets), w, sw)
+        with pytest.raises(TypeError, match="must be floating point"):
+            cvmm(x.long(), sel, w.long())
+        empty = cvmm_prepare(ids[:, :0], w.shape[0])                 # top-0: no slots at all
+        with pytest.raises(ValueError, match="0 slots cannot be spread"):
+            cvmm(x, empty, w, sw[:, :0])
+        with pytest.raises(ValueError, match="D_in >= 1"):
+            cvmm(x[0, 0], sel, w)
     with pytest.raises(TypeError, match="Triton path takes"):
         cvmm(x.double(), sel, w.double(), sw)
 
@@ -368,6 +379,8 @@ def test_fused_mlp_errors(impl):
             cvmm_mlp(x, sel, w1, w2, sw.reshape(-1, 1))
         with pytest.raises(ValueError, match="bank expects D_in"):
             cvmm_mlp(x[:, :-1], sel, w1, w2, sw)
+        with pytest.raises(TypeError, match="slot_weights .* are required"):
+            cvmm_mlp(x, sel, w1, w2, None)
 
 
 def check_compiled(device, dtype, tol, fn=mlp):
