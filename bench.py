@@ -370,7 +370,7 @@ def bench_train():
                      f"{mem / base[1]:.2f}", f"{tflops:.0f}", mfu])
         print(rows[-1], flush=True)
     print(f"\n{name}, {dtype}, batch {train_batch} x {train_block}, vocab {train_vocab}, "
-          f"MFU vs {peak} TFLOP/s (active FLOPs: 6 x forward FLOPs/token incl. attention and LM head)\n")
+          f"MFU vs {peak} TFLOP/s (active FLOPs: 3 x forward FLOPs/token, 2 per multiply-add, incl. attention and LM head)\n")
     table(["model", "ms/step", "tokens/s", "x first", "peak GiB", "x first", "TFLOP/s", "MFU"], rows)
 
 
