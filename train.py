@@ -402,6 +402,16 @@ def checkpoint_paths(out_dir):
     return [os.path.join(out_dir, f) for f in names]
 
 
+def remove_partial_saves(out_dir):
+    """Delete ckpt_*.tmp files and directories: saves killed mid-way (never listed, never loadable, and
+    as big as a checkpoint). Called by rank 0 at start, before this run saves anything."""
+    import shutil
+    for f in os.listdir(out_dir):
+        if f.startswith('ckpt_') and f.endswith('.tmp'):
+            p = os.path.join(out_dir, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
 def latest_checkpoint(out_dir):
     paths = checkpoint_paths(out_dir)
     return paths[-1] if paths else None
@@ -602,6 +612,7 @@ def train(cfg, run):
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
+        remove_partial_saves(cfg['out_dir'])
         print(describe(mcfg))
         print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {tokens_per_step} tokens/step")
     wandb = None

@@ -235,6 +235,7 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(root):
     p = train(root, *args[:-1], f'--max_iters={n + 1}', '--init_from=resume')
     assert f'resumed from {os.path.join("crash", latest)} at iter {n}' in p.stdout
     assert log(out)[-1]['iter'] == n + 1
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]     # killed saves were cleaned up
     # records the killed runs logged after their last checkpoint were dropped, not logged twice
     iters = [r['iter'] for r in log(out)]
     assert iters == sorted(set(iters)), iters
