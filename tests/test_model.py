@@ -40,11 +40,20 @@ def make(kind, seed=0, **kw):
 
 # ---- golden vectors: the direct proof that this is MoEUT (spec §10) ----------------------------
 
+@pytest.mark.parametrize('impl', ['auto', 'triton'])
 @pytest.mark.parametrize('case', ['tiny_g2', 'tiny_att1', 'tiny_g3_r2'])
-def test_golden_official_outputs(case):
+def test_golden_official_outputs(case, impl, monkeypatch):
+    """impl='triton': the same model through the Triton CVMM kernels (the interpreter on CPU), so the
+    kernels are checked inside the whole model, not only op by op."""
     path = os.path.join(GOLDEN, f'golden_{case}.pt')
     if not os.path.exists(path):
         pytest.skip(f'{path} not present')
+    if impl == 'triton':
+        import cvmm
+        if cvmm.triton is None or torch.cuda.is_available():
+            pytest.skip('the Triton path on CPU tensors needs TRITON_INTERPRET (a machine without CUDA)')
+        monkeypatch.setattr(cvmm, 'IMPL', 'triton')
+        monkeypatch.setattr(cvmm, 'cvmm_reference', None)     # a silent fallback would fail loudly
     g = torch.load(path, weights_only=True)
     o = g['config']
     cfg = ModelConfig(vocab_size=o['n_tokens'], d_model=o['d_model'], n_layers=o['n_layers'],
@@ -212,11 +221,38 @@ def test_generate_greedy_is_deterministic_and_matches_argmax():
         assert torch.equal(model(a[:, :t]).logits[:, -1].argmax(-1), a[:, t])
 
 
+def test_generate_eos_ends_rows_and_stops_early():
+    """A row that emitted eos keeps emitting it; generation stops once every row has."""
+    model = make('moeut').eval()
+    prompt = torch.randint(0, 61, (2, 5))
+    free = model.generate(prompt, 12, temperature=0)
+    eos = int(free[0, 7])                                   # row 0's third generated token
+    out = model.generate(prompt, 12, temperature=0, eos_token=eos)
+    first = [int((row[5:] == eos).nonzero()[0]) + 5 if (row[5:] == eos).any() else None for row in free]
+    for r in range(2):
+        stop = first[r]
+        end = out.shape[1] if stop is None else stop + 1
+        assert torch.equal(out[r, :end], free[r, :end])     # unchanged up to and including its eos
+        assert stop is None or (out[r, stop:] == eos).all()
+    if all(f is not None for f in first):                   # both rows done: no step past the later eos
+        assert out.shape[1] == max(first) + 1
+
+
+def test_generate_sampling_follows_the_generator_seed():
+    model = make('moeut').eval()
+    prompt = torch.randint(0, 61, (2, 5))
+    gen = lambda seed: model.generate(prompt, 12, temperature=1.0, top_k=20,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(seed))
+    a, b, c = gen(1), gen(1), gen(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_generate_past_block_size_slides_the_window():
     model = make('moeut', block_size=8).eval()
     out = model.generate(torch.randint(0, 61, (1, 6)), 10, temperature=0)
     assert out.shape == (1, 16)
-    assert torch.equal(model(out[:, 7:15]).logits[:, -1].argmax(-1), out[:, 15])
+    for t in range(8, 16):       # every token past the context: argmax over the last block_size tokens
+        assert torch.equal(model(out[:, t - 8:t]).logits[:, -1].argmax(-1), out[:, t]), t
     with pytest.raises(ValueError, match='longer than block_size'):
         model.generate(torch.zeros(1, 9, dtype=torch.long), 1)
 

@@ -391,3 +391,17 @@ def test_too_short_val_split_and_changed_batch_are_clear_errors(root):
 def test_error_non_positive_intervals_and_sizes(root, arg):
     p = train(root, *TINY, '--out_dir=e7', arg, check=False)
     assert_one_line_error(p, arg[2:].split('=')[0], 'positive integer')
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    """Linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, min_lr after."""
+    sys.path.insert(0, ROOT)
+    from train import lr_at
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)                                   # peak after warmup
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))              # halfway: the mean
+    assert lr_at(110, cfg) == lr_at(10_000, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))                               # monotone decay
