@@ -124,6 +124,15 @@ def test_triton_matches_reference(impl, case, dtype):
     compare(impl, usage(name, **kw), dtype)
 
 
+@pytest.mark.parametrize("case", ["down", "O"])
+def test_triton_atomic_contraction(impl, case, monkeypatch):
+    """CVMM_CONTRACT=atomic (fp32 atomics into the output instead of the product and a sum): the same
+    results as the reference, to fp32 rounding (its summation order is not fixed)."""
+    monkeypatch.setattr(C, "CONTRACT", "atomic")
+    name, kw = CASES[case]
+    compare(impl, usage(name, **kw), torch.float32)
+
+
 @pytest.mark.parametrize("case", ["up", "down", "V", "O", "ragged_rows", "big_tiles"])
 def test_triton_pointer_weight_loads(impl, case, monkeypatch):
     """The kernels' pointer path for weight tiles (TMA off, as on GPUs before Hopper)."""
