@@ -319,10 +319,19 @@ def test_5_chunk_after_a_prompt_that_halted_early(kv):
     close(torch.cat([a, b], 1), full, atol=1e-5)
 
 
-def test_5_generate_runs_with_halting():
-    lm = make_lm(**MECHS['act']).eval()
-    out = lm.generate(torch.zeros(2, 1, dtype=torch.long), 6, temperature=0)
-    assert out.shape == (2, 7)
+@pytest.mark.parametrize('kv', KV)
+@pytest.mark.parametrize('mech', ['act', 'mor_token', 'mor_expert'])
+def test_5_generate_with_halting_is_the_argmax_of_full_forwards(mech, kv):
+    """Halting models decode through their own growing (step, layer) cache: every greedy token equals
+    the argmax of a full forward over its prefix, within the context and past it (sliding window)."""
+    lm = make_lm(**MECHS[mech], halt_kv=kv, block_size=12).eval()
+    prompt = torch.randint(0, BASE['vocab_size'], (2, 5))
+    out = lm.generate(prompt, 12, temperature=0)
+    assert out.shape == (2, 17)
+    with torch.no_grad():
+        for t in range(5, 17):
+            ctx = out[:, max(0, t - 12):t]
+            assert torch.equal(lm(ctx).logits[:, -1].argmax(-1), out[:, t]), t
 
 
 # -------------------------------------------------------------------------------------------------
