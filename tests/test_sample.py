@@ -90,6 +90,28 @@ def test_eval_file_equals_direct_mean_ce(checkpoint, tmp_path):
     assert abs(ppl - math.exp(loss)) / ppl < 1e-3
 
 
+def test_eval_file_windows_are_exact(checkpoint, tmp_path):
+    """evaluate_file scores every target t >= 1 exactly once, with the context the window schedule
+    gives it: the window starting at 0 for t <= block, else the first window (starts at multiples of
+    block // 2) that reaches t. Compared target by target with a forward over exactly that context."""
+    from sample import evaluate_file
+    _, model = checkpoint
+    text = 'Now is the winter of our discontent made glorious summer by this sun of York.' * 2
+    (tmp_path / 'e.txt').write_text(text)
+    enc = type('Bytes', (), {'encode_ordinary': staticmethod(lambda t: list(t.encode()))})()
+    got = evaluate_file(model, enc, tmp_path / 'e.txt', 'cpu', torch.autocast('cpu', enabled=False))
+    ids = torch.tensor(list(text.encode()))
+    block, stride = model.cfg.block_size, model.cfg.block_size // 2
+    nll = []
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            begin = 0 if t <= block else math.ceil((t - block) / stride) * stride
+            nll.append(F.cross_entropy(model(ids[begin:t][None]).logits[0, -1], ids[t]).item())
+    assert got['tokens'] == len(ids)
+    assert got['loss'] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
+    assert got['bits_per_byte'] == pytest.approx(sum(nll) / math.log(2) / len(text.encode()), abs=1e-5)
+
+
 def test_eval_file_short_text_is_exact(checkpoint, tmp_path):
     """A file shorter than the context is one window: the loss is exactly the mean CE."""
     out_dir, model = checkpoint
