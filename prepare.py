@@ -210,8 +210,13 @@ def _input_files(inputs):
             files.append(inp)
         else:
             raise PrepareError(f"unsupported input {inp}: expected a .txt or .jsonl file or a directory")
-    seen = set()
-    return [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    unique, seen = [], set()
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            unique.append(f)
+    return unique
 
 
 def _is_jsonl(path):

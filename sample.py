@@ -127,10 +127,9 @@ def main():
         dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
-    if dev.startswith('cuda'):      # the current device too: Triton kernels and CUDA graphs use it (cuda:1)
-        if (torch.device(dev).index or 0) >= torch.cuda.device_count():
-            fail(f"device={dev!r} but this process sees {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(torch.device(dev).index or 0)
+    if dev.startswith('cuda'):
+        from train import set_current_cuda_device
+        set_current_cuda_device(dev)
     dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
     if dt not in ('float32', 'bfloat16', 'float16'):
         fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")

@@ -114,6 +114,15 @@ def main():
 
 # ---- distributed / device ---------------------------------------------------------------------
 
+def set_current_cuda_device(dev):
+    """Make CUDA device `dev` ('cuda', 'cuda:1') the current one: Triton kernels and CUDA graphs run on
+    the current device, whatever device their tensors name. Used by sample.py too."""
+    index = torch.device(dev).index or 0
+    if index >= torch.cuda.device_count():
+        fail(f"device={dev!r} but this process sees {torch.cuda.device_count()} GPU(s)")
+    torch.cuda.set_device(index)
+
+
 def fail(msg):
     """One clear line and a non-zero exit; raised on every rank so none hangs waiting for the others."""
     raise SystemExit(f"error: {msg}")
@@ -140,11 +149,8 @@ def setup_distributed(cfg):
         local = int(os.environ.get('LOCAL_RANK', 0))
         if dev.startswith('cuda'):
             dev = f'cuda:{local}'
-    if dev.startswith('cuda'):     # make it the current device too: Triton kernels launch there (cuda:1)
-        index = torch.device(dev).index or 0
-        if index >= torch.cuda.device_count():
-            fail(f"device={dev!r} but this process sees {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(index)
+    if dev.startswith('cuda'):
+        set_current_cuda_device(dev)
     if distributed:
         dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
         if cfg['parallelism'] not in ('ddp', 'fsdp'):

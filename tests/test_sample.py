@@ -183,17 +183,24 @@ def test_bad_files_are_one_line_errors(checkpoint, tmp_path, kind):
     assert errors and msg in errors[0] and 'Traceback' not in r.stderr, r.stderr
 
 
+def halting_lm(block_size):
+    """A tiny untrained ACT model (bytes vocabulary) whose halting unit gives tokens different depths."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=block_size, d_model=32, n_layers=3, group_size=1, n_heads=2,
+                      d_head=16, att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act',
+                      act_bias_init=0.0)
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        model.core.halt.weight.normal_(0, 1.5)
+    return model
+
+
 def test_show_depth_marks_every_token_when_piped(tmp_path):
     """A halting model: each token gets '[depth]' (plain brackets when not a terminal), and the
     histogram counts every token; the depths equal those of the model's own full forward."""
     import re
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=257, block_size=32, d_model=32, n_layers=3, group_size=1, n_heads=2, d_head=16,
-                      att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act', act_bias_init=0.0)
-    model = LM(cfg).eval()
-    with torch.no_grad():          # a halting unit that gives tokens different depths
-        model.core.halt.weight.normal_(0, 1.5)
-    torch.save({'model': model.state_dict(), 'model_config': asdict(cfg), 'meta': {'tokenizer': 'bytes'}},
+    model = halting_lm(32)
+    torch.save({'model': model.state_dict(), 'model_config': asdict(model.cfg), 'meta': {'tokenizer': 'bytes'}},
                tmp_path / 'ckpt_0000001.pt')
     r = run_sample(f'--out_dir={tmp_path}', '--show_depth=True', '--num_samples=1', '--max_new_tokens=6',
                    '--start=abc', '--temperature=0', '--device=cpu')
@@ -209,17 +216,11 @@ def test_show_depth_marks_every_token_when_piped(tmp_path):
     assert marks[:3] == model.core.trace['depth'][0].tolist()
 
 
-
 def test_show_depth_past_the_context_uses_the_sliding_window():
     """Past block_size, generate() re-encodes the last block_size tokens for each new token; the depth
     shown for such a token is the one it had as the last token of that window."""
     from sample import depth_view
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=257, block_size=8, d_model=32, n_layers=3, group_size=1, n_heads=2, d_head=16,
-                      att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act', act_bias_init=0.0)
-    model = LM(cfg).eval()
-    with torch.no_grad():          # a halting unit that gives tokens different depths
-        model.core.halt.weight.normal_(0, 1.5)
+    model = halting_lm(8)
     tokens = list(b'the quick brown fox')            # 19 tokens, context 8
     enc = type('Bytes', (), {'decode': staticmethod(lambda ids: bytes(ids).decode('latin-1'))})()
     text = depth_view(model, enc, tokens, 'cpu', torch.autocast('cpu', enabled=False), colour=False)
