@@ -628,6 +628,10 @@ def train(cfg, run):
 
     stop = {'signal': None}                  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     def on_signal(signum, frame):
+        if signum == signal.SIGINT and stop['signal'] is not None:
+            # a second Ctrl-C means "now": skip the checkpoint. A save cut short is only a ckpt_*.tmp,
+            # which the next start removes, so the last complete checkpoint stays the one to resume.
+            raise SystemExit("interrupted twice: exiting without a checkpoint")
         stop['signal'] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 

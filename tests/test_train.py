@@ -267,6 +267,22 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
         assert rg['iter'] == rr['iter'] and rg['train/loss'] == pytest.approx(rr['train/loss'], abs=1e-6)
 
 
+def test_second_ctrl_c_exits_at_once_without_a_checkpoint(root):
+    # 400 micro-batches make a step last long enough that both signals land inside the same one
+    proc = Proc(root, *TINY, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=400',
+                '--out_dir=int2')
+    proc.wait_for(r'^iter \d+:')
+    proc.p.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.p.send_signal(signal.SIGINT)
+    rc, output = proc.finish()
+    assert rc != 0, output[-3000:]
+    assert 'interrupted twice: exiting without a checkpoint' in output, output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    assert 'signal received' not in output            # the first Ctrl-C's checkpoint never started
+    assert not [f for f in os.listdir(os.path.join(root, 'int2')) if f.startswith('ckpt_')]
+
+
 # ---- errors: one clear line, no traceback --------------------------------------------------------
 
 def assert_one_line_error(p, *needles):
