@@ -436,7 +436,8 @@ class LM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         cfg = self.cfg
-        s = math.sqrt(2 / cfg.n_layers)        # total depth, not G
+        # total depth, not G (spec §7): the deepest path a token can take, unique prelude/coda included
+        s = math.sqrt(2 / (cfg.n_layers + cfg.n_prelude + cfg.n_coda))
         d, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
         nn.init.kaiming_normal_(self.embedding.weight, mode='fan_in', nonlinearity='linear')
         for m in self.modules():

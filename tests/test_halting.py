@@ -2,6 +2,7 @@
 ACT, MoR expert-choice (top-k and causal threshold mode), MoR token-choice and forced depths, under both
 attention semantics (active-only, last-kv). Tiny models on CPU."""
 import copy
+import math
 import os
 import sys
 
@@ -485,6 +486,19 @@ def test_9_edge_cases_finite(case, kv):
     cache = {}
     steps = [run(lm, d[:, t:t + 1], idx[:, t:t + 1], kv_cache=cache).logits for t in range(T)]
     close(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_9_init_depth_counts_prelude_and_coda():
+    """Spec §7 scales the init by s = sqrt(2 / total depth): with middle-cycle sharing that is the looped
+    layers plus the unique prelude and coda layers every token runs through."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**BASE, 'd_model': 256, 'ff_n_experts': 32, 'd_expert': 64}, halting='act',
+                      n_prelude=2, n_coda=2)
+    lm = LM(cfg)
+    s = math.sqrt(2 / (cfg.n_layers + 4))
+    for layer in (lm.core.prelude[0], lm.core.layers[0], lm.core.coda[1]):
+        std = layer.ffn.keys.std().item()
+        assert abs(std / (s / math.sqrt(cfg.d_model)) - 1) < 0.03, std
 
 
 def test_9_a_sequence_that_never_runs_leaves_the_entropy_regulariser_alone():
