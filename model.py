@@ -76,6 +76,11 @@ class ModelConfig:
             bad(f"d_ff must be >= 1, got {self.d_ff}")
         if self.model_type == 'dense' and self.halting != 'none':
             bad(f"halting={self.halting!r} needs model_type='moeut' (the dense baseline has no looped group)")
+        if not 0 <= self.dropout <= 1:
+            bad(f"dropout must be in [0, 1], got {self.dropout}")
+        for k in ('ff_expert_dropout', 'att_expert_dropout'):
+            if not 0 <= getattr(self, k) < 1:    # 1 would hide every expert from the top-k
+                bad(f"{k} must be in [0, 1), got {getattr(self, k)}")
         if self.halting == 'none' and (self.n_prelude or self.n_coda):
             bad("n_prelude/n_coda (unique layers around the looped group) need halting='act' or 'mor'")
         if self.model_type == 'moeut':
@@ -307,8 +312,8 @@ class MoEUTLayer(nn.Module):
         # the experts see raw x, so signal magnitude can grow across the shared, repeated layers.
         a = self.ln_att(x)
         x = x + self.drop(self.attention(a, x, ctx, cache, routes))
-        x = x + self.drop(self.ffn(x, self.ln_ff(x), routes['ff'] if routes else None))
-        return x
+        # no dropout on the σ-MoE branch (spec §2, as the official layer)
+        return x + self.ffn(x, self.ln_ff(x), routes['ff'] if routes else None)
 
 
 class Routes:

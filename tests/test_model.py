@@ -257,6 +257,45 @@ def test_generate_past_block_size_slides_the_window():
         model.generate(torch.zeros(1, 9, dtype=torch.long), 1)
 
 
+def test_generate_with_a_full_context_prompt_and_zero_new_tokens():
+    """On the CPU (the growing cache): a prompt of exactly block_size tokens is allowed, and
+    max_new_tokens=0 returns the prompt."""
+    model = make('moeut', block_size=8).eval()
+    prompt = torch.randint(0, 61, (2, 8))
+    out = model.generate(prompt, 3, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :8], prompt)
+    assert torch.equal(out[:, 8], model(prompt).logits[:, -1].argmax(-1))
+    assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+def test_sample_next_temperature_top_k_top_p():
+    """The distribution sample_next draws from, checked by frequency against softmax(logits / T)
+    restricted to the top-k / nucleus set."""
+    from model import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 40000
+    gen = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        draws = sample_next(logits.expand(n, -1), generator=gen, **kw)
+        return torch.bincount(draws, minlength=6).float() / n
+
+    for T in (0.5, 2.0):
+        torch.testing.assert_close(freq(temperature=T, top_k=None, top_p=None),
+                                   (logits[0] / T).softmax(-1), atol=0.01, rtol=0)
+    keep = torch.tensor([True, True, True, False, False, False])
+    want = torch.where(keep, logits[0] / 0.7, torch.tensor(float('-inf'))).softmax(-1)
+    torch.testing.assert_close(freq(temperature=0.7, top_k=3, top_p=None), want, atol=0.01, rtol=0)
+    # nucleus: the smallest set of most likely tokens whose probability reaches top_p
+    p = logits[0].softmax(-1)                                  # 0.56, 0.21, 0.13, ...: 0.56 + 0.21 >= 0.7
+    want = torch.where(torch.arange(6) < 2, p, torch.tensor(0.0))
+    torch.testing.assert_close(freq(temperature=1.0, top_k=None, top_p=0.7), want / want.sum(),
+                               atol=0.01, rtol=0)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, 1.0, 1, None, gen), greedy)     # top_k=1 is greedy
+    assert torch.equal(sample_next(logits, 0, None, None), greedy)
+
+
 # ---- masks (spec §4) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kind', ['moeut', 'dense'])
@@ -288,6 +327,84 @@ def test_src_length_mask_hides_padding():
     torch.testing.assert_close(a[:, :7], b[:, :7])        # positions < 7 never see the padded keys
     c = model(idx, mask=AttentionMask(pad, causal)).logits
     torch.testing.assert_close(c[:, :7], model(idx[:, :7]).logits)
+
+
+
+@pytest.mark.parametrize('kind', ['moeut', 'dense'])
+def test_masks_with_a_kv_cache_equal_the_full_forward(kind):
+    """A chunk's [T, T] position mask covers its own tokens (the cached past stays visible), and a
+    [B, T_past + T] padding mask covers every key: chunked prefill with masks equals one masked forward."""
+    model = make(kind).eval()
+    idx = torch.randint(0, 61, (2, 12))
+    causal = lambda n: torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)  # noqa: E731
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 3] = True                                 # one key hidden from row 1 only
+    full = model(idx, mask=AttentionMask(pad, causal(12))).logits
+    cache, got = {}, []
+    for a, b in ((0, 5), (5, 6), (6, 12)):
+        got.append(model(idx[:, a:b], mask=AttentionMask(pad[:, :b], causal(b - a)), kv_cache=cache).logits)
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, model(idx).logits)      # the padding mask did something
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+def test_dropout_on_the_attention_branch_only():
+    """Spec §2 (and the official layer): dropout on the SwitchHead branch, none on the σ-MoE branch.
+    With p=1 the attention branch vanishes in training and the layer is x + σ-MoE(x, LN_ff(x))."""
+    model = make('moeut', dropout=1.0).train()
+    layer = model.core.layers[0]
+    x = torch.randn(2, 5, 32)
+    ctx = __import__('model').make_attn_context(5, 0, None, x.device)
+    torch.manual_seed(0)
+    got = layer(x, ctx)
+    torch.manual_seed(0)
+    want = x + layer.ffn(x, layer.ln_ff(x))
+    torch.testing.assert_close(got, want)
+    layer.eval()      # eval: no dropout at all, the attention branch is back
+    assert not torch.allclose(layer(x, ctx), want)
+
+
+def test_expert_dropout_is_training_only():
+    idx = torch.randint(0, 61, (2, 9))
+    plain = make('moeut').eval()(idx).logits
+    model = make('moeut', ff_expert_dropout=0.5, att_expert_dropout=0.5)
+    torch.testing.assert_close(model.eval()(idx).logits, plain)      # eval: same as no dropout
+    model.train()
+    torch.manual_seed(0)
+    a = model(idx).logits
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(idx).logits)                    # training: the choice varies
+
+
+def test_dense_block_is_pre_ln_relu_mlp():
+    """The dense baseline (spec §8): x + attn(LN1 x), then x + W_out relu(W_in LN2 x + b) + b."""
+    model = make('dense').eval()
+    block = model.core.layers[0]
+    x = torch.randn(2, 5, 32)
+    ctx = __import__('model').make_attn_context(5, 0, None, x.device)
+    h = x + block.attn(block.ln1(x), ctx)
+    want = h + F.linear(F.relu(F.linear(block.ln2(h), block.fc.weight, block.fc.bias)),
+                        block.fc_out.weight, block.fc_out.bias)
+    torch.testing.assert_close(block(x, ctx), want)
+
+
+def test_forward_flops_match_the_spec():
+    """Spec §8: MACs per 1024-token sequence, forward, at vocabulary 8000: MoEUT-126M ≈ 95G, and from
+    244M up MoEUT ≈ 0.6× its dense baseline."""
+    from configurator import configure
+    from model import flops_per_token
+
+    def cfg(name):
+        settings = {f.name: f.default for f in __import__('dataclasses').fields(ModelConfig)}
+        configure(settings, [os.path.join(ROOT, 'config', f'{name}.py'), '--vocab_size=8000'],
+                  ignore_unknown_file_keys=True)
+        return ModelConfig.from_dict(settings)
+
+    macs = lambda name: flops_per_token(cfg(name), 1024) / 2 * 1024    # noqa: E731
+    assert macs('moeut_126m') == pytest.approx(95e9, rel=0.02)
+    for size in ('244m', '1b'):
+        assert 0.55 < macs(f'moeut_{size}') / macs(f'dense_{size}') < 0.65, size
 
 
 # ---- entropy regulariser (spec §6) -------------------------------------------------------------
@@ -373,6 +490,13 @@ def test_init_stds_follow_spec():
         norms = w.norm(dim=-1)
         torch.testing.assert_close(norms, norms.mean().expand_as(norms), rtol=1e-5, atol=0)
     assert torch.all(layer.ln_att.weight == 1) and torch.all(layer.ln_att.bias == 0)
+    # the dense baseline: the same fan-in scheme, so a comparison is about the architecture
+    torch.manual_seed(0)
+    block = LM(tiny(model_type='dense', d_model=256, n_layers=8, n_heads=4, d_head=32, d_ff=1024,
+                    vocab_size=500)).core.layers[0]
+    for lin in (block.attn.qkv, block.attn.proj, block.fc, block.fc_out):
+        std = s / math.sqrt(lin.in_features)
+        assert abs(lin.weight.std().item() / std - 1) < 0.05, (lin, lin.weight.std().item(), std)
 
 
 # ---- configs: parameter counts (spec §8) and config errors --------------------------------------
@@ -417,6 +541,10 @@ def test_model_py_prints_counts():
     (dict(d_expert=0), 'd_expert must be >= 1'),
     (dict(att_n_experts=0), 'att_n_experts must be >= 1'),
     (dict(model_type='dense', d_ff=0), 'd_ff must be >= 1'),
+    (dict(att_k=5, att_n_experts=4), 'att_k (5) must be in 1..att_n_experts (4)'),
+    (dict(dropout=1.5), 'dropout must be in [0, 1], got 1.5'),
+    (dict(ff_expert_dropout=1.0), 'ff_expert_dropout must be in [0, 1), got 1.0'),
+    (dict(att_expert_dropout=-0.1), 'att_expert_dropout must be in [0, 1)'),
 ])
 def test_config_errors_are_one_clear_line(kw, msg):
     with pytest.raises(ValueError) as e:
