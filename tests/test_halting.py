@@ -606,3 +606,436 @@ def test_compiled_layers_equal_eager(kv):
         assert out['eager'][1].keys() == out['compiled'][1].keys()
         for n in out['eager'][1]:
             close(out['eager'][1][n], out['compiled'][1][n])
+
+
+# =================================================================================================
+# 10. The decision rules against an INDEPENDENT per-token reference
+#
+# Test 3 checks the gather/scatter plumbing against a dense torch.where variant of the same model, so
+# both sides share HaltingMoEUT's decision code (_start, _decide, _mor_expert, the gate, the output mix)
+# and a wrong ACT or MoR rule passes on both. The reference below shares none of it: it re-derives,
+# from spec/halting.md and the model's own parameters only, token by token in plain Python loops, the
+# depths, the output state, the halting loss and (through autograd on the same parameters) every
+# gradient. It calls nothing of halting.py: a step is the shared MoEUTLayers (model.py, unchanged) on
+# the whole [B, T] sequence with an attention written here from the spec's semantics; the outputs of
+# tokens that do not run the step are computed but thrown away. Tiny sizes, float64 weights (the model
+# keeps its halting sums and router logits in fp32, hence tolerances ~1e-5), and every decision is
+# asserted to be far from its threshold, so float noise cannot flip one.
+# =================================================================================================
+
+REF_B = 2
+NO_REG = dict(entropy_reg=0.0, att_entropy_reg=0.0)     # the model's loss is then the halting loss alone
+
+
+def ref_core(seed=0, **kw):
+    """A float64 HaltingMoEUT with BASE's shapes (R = 4 steps of G = 2 layers), regularisers off."""
+    torch.manual_seed(seed)
+    return LM(ModelConfig(**{**BASE, **NO_REG, **kw})).core.double()
+
+
+def ref_input(T, seed=3):
+    return torch.randn(REF_B, T, BASE['d_model'], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+class RefAttention:
+    """Stands in for AttnContext inside model.attend (a context with .attend handles attention itself)
+    for one shared layer at one step, from the spec's two semantics, no cache, position = index:
+      active-only: query i of a running token sees key j <= i iff token j runs this step;
+      last-kv:     query i of a running token sees key j <= i iff token j ran this layer at least once,
+                   with the K/V of its latest run (frozen: (b, t) -> (k, v) of this layer).
+    A query of a token that does not run sees only itself; its output is discarded by the caller."""
+
+    def __init__(self, run, kv, frozen):
+        self.run, self.kv, self.frozen = run, kv, frozen
+        self.pos = torch.arange(len(run[0]))
+
+    def attend(self, q, k, v, cache, n_rot, base):
+        assert cache is None
+        B, H, T, dh = q.shape
+        q, k = rope(q, self.pos, n_rot, base), rope(k, self.pos, n_rot, base)
+        run, allowed = self.run, torch.zeros(B, 1, T, T, dtype=torch.bool)
+        ks, vs = [], []
+        for b in range(B):
+            kb, vb = [], []
+            for t in range(T):
+                if self.kv == 'last-kv':
+                    if run[b][t]:
+                        self.frozen[b, t] = (k[b, :, t], v[b, :, t])
+                    kt, vt = self.frozen.get((b, t), (k[b, :, t], v[b, :, t]))
+                else:
+                    kt, vt = k[b, :, t], v[b, :, t]
+                kb.append(kt)
+                vb.append(vt)
+            ks.append(torch.stack(kb, 1))
+            vs.append(torch.stack(vb, 1))
+            for i in range(T):
+                for j in range(T):
+                    if not run[b][i]:
+                        allowed[b, 0, i, j] = i == j
+                    elif self.kv == 'active-only':
+                        allowed[b, 0, i, j] = j <= i and run[b][j]
+                    else:
+                        allowed[b, 0, i, j] = j <= i and (b, j) in self.frozen
+        k, v = torch.stack(ks), torch.stack(vs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+
+
+def ref_step(core, state, run, kv='active-only', frozen=None):
+    """One step: the G shared MoEUTLayers on the whole sequence; returns the new state of every token
+    with run[b][t] (None for the others). state: per-token [d] tensors, state[b][t]."""
+    frozen = frozen if frozen is not None else [{} for _ in core.layers]
+    x = torch.stack([torch.stack(row) for row in state])
+    for layer, fr in zip(core.layers, frozen):
+        x = layer(x, RefAttention(run, kv, fr))
+    return [[x[b, t] if run[b][t] else None for t in range(len(run[b]))] for b in range(len(run))]
+
+
+def ref_norm_linear(norm, lin, s):
+    """lin(LayerNorm(s)) for one token's state s [d], from the parameters (the model's peri-LN in front
+    of its halting unit / router; the spec's formula is lin(s))."""
+    return F.linear(F.layer_norm(s, s.shape, norm.weight, norm.bias, norm.eps), lin.weight, lin.bias)
+
+
+def stack2(rows):
+    return torch.stack([torch.stack(r) for r in rows])
+
+
+MARGIN = 1e-4     # every decision of the reference must clear its threshold by this much
+
+
+def val(t):
+    return float(t.detach())
+
+
+def ref_act(core, x0, kv):
+    """ACT (spec "ACT"): after each step h = sigmoid(w·LN(state) + b) of the NEW state; a token halts
+    once its Σh reaches 1 - eps (or at step R) and its last step gets the remainder 1 - Σ previous h.
+    Output Σ p_n·state_n ('auto'/'weighted') or the mean of its step states ('mean'); loss τ·mean(N + R).
+    Returns out [B, T, d], loss, depth [B, T], p [B, T, R]."""
+    cfg, R = core.cfg, core.n_repeats
+    B, T, _ = x0.shape
+    state = [[x0[b, t] for t in range(T)] for b in range(B)]
+    run = [[True] * T for _ in range(B)]
+    zero = x0.new_zeros(())
+    cum = [[zero] * T for _ in range(B)]
+    rem = [[zero] * T for _ in range(B)]
+    depth = [[0] * T for _ in range(B)]
+    p = [[[zero] * R for _ in range(T)] for _ in range(B)]
+    seen = [[[] for _ in range(T)] for _ in range(B)]         # the states after each of the token's steps
+    frozen = [{} for _ in core.layers]
+    for n in range(R):
+        if not any(map(any, run)):
+            break
+        y = ref_step(core, state, run, kv, frozen)
+        nxt = [[False] * T for _ in range(B)]
+        for b in range(B):
+            for t in range(T):
+                if not run[b][t]:
+                    continue
+                state[b][t] = y[b][t]
+                seen[b][t].append(y[b][t])
+                depth[b][t] += 1
+                h = torch.sigmoid(ref_norm_linear(core.halt_norm, core.halt, y[b][t]))[0]
+                total = val(cum[b][t] + h)
+                if n < R - 1:
+                    assert abs(total - (1 - cfg.act_eps)) > MARGIN, 'decision too close to call'
+                if total >= 1 - cfg.act_eps or n == R - 1:
+                    p[b][t][n] = rem[b][t] = 1 - cum[b][t]
+                else:
+                    p[b][t][n] = h
+                    cum[b][t] = cum[b][t] + h
+                    nxt[b][t] = True
+        run = nxt
+    if cfg.halt_output == 'mean':
+        out = stack2([[sum(seen[b][t]) / len(seen[b][t]) for t in range(T)] for b in range(B)])
+    else:
+        out = stack2([[sum(p[b][t][n] * seen[b][t][n] for n in range(len(seen[b][t]))) for t in range(T)]
+                      for b in range(B)])
+    loss = cfg.act_tau * stack2([[depth[b][t] + rem[b][t] for t in range(T)] for b in range(B)]).mean()
+    p = stack2([[torch.stack(p[b][t]) for t in range(T)] for b in range(B)])
+    return out, loss, torch.tensor(depth), p
+
+
+def ref_mor_expert(core, x0, topk):
+    """MoR expert-choice (spec "MoR router"). Before step r the router scores the tokens still alive
+    (those that ran step r-1; all before step 0) from their current state; capacity_r (default (R-r)/R,
+    derived here, not read from the model) of T continue, but never more than are alive: top-k by score
+    (topk, training) or sigmoid(score) > 0.5 (causal eval); capacity 1 keeps every alive token. A chosen
+    token's update is gated: state + alpha·sigmoid(score)·(step(state) - state). The aux loss is, summed
+    over the steps, the mean over the alive tokens of BCE(score, chosen). Output: the last state."""
+    cfg, R = core.cfg, core.n_repeats
+    B, T, _ = x0.shape
+    cap = tuple(cfg.mor_capacity) or tuple((R - r) / R for r in range(R))
+    state = [[x0[b, t] for t in range(T)] for b in range(B)]
+    alive = [[True] * T for _ in range(B)]
+    depth = [[0] * T for _ in range(B)]
+    aux = x0.new_zeros(())
+    for r in range(R):
+        score = [[ref_norm_linear(core.router_norm, core.router, state[b][t])[r] if alive[b][t] else None
+                  for t in range(T)] for b in range(B)]
+        chosen = [[False] * T for _ in range(B)]
+        for b in range(B):
+            cand = [t for t in range(T) if alive[b][t]]
+            if cap[r] >= 1:
+                keep = cand
+            elif topk:
+                k = min(max(1, math.floor(cap[r] * T)), len(cand))    # T chosen so cap·T is whole
+                ranked = sorted(cand, key=lambda t: -val(score[b][t]))
+                if k < len(ranked):
+                    assert val(score[b][ranked[k - 1]] - score[b][ranked[k]]) > MARGIN, 'top-k tie'
+                keep = ranked[:k]
+            else:
+                assert all(abs(val(score[b][t])) > MARGIN for t in cand), 'threshold tie'
+                keep = [t for t in cand if val(score[b][t]) > 0]      # sigmoid(score) > 0.5
+            for t in keep:
+                chosen[b][t] = True
+        if core.training and topk:
+            bce = [F.softplus(score[b][t]) - float(chosen[b][t]) * score[b][t]     # BCE with logits
+                   for b in range(B) for t in range(T) if alive[b][t]]
+            aux = aux + sum(bce) / len(bce)
+        if not any(map(any, chosen)):
+            break
+        y = ref_step(core, state, chosen)
+        for b in range(B):
+            for t in range(T):
+                if chosen[b][t]:
+                    g = cfg.mor_alpha * torch.sigmoid(score[b][t]) if cfg.mor_gate == 'router' else 1.0
+                    state[b][t] = state[b][t] + g * (y[b][t] - state[b][t])
+                    depth[b][t] += 1
+        alive = chosen
+    loss = cfg.mor_aux_coef * aux if core.training and topk else x0.new_zeros(())
+    return stack2(state), loss, torch.tensor(depth)
+
+
+def ref_mor_token(core, x0):
+    """MoR token-choice (spec "MoR router", halting.py's docstring for the gate): at entry
+    p = softmax(router(LN(x))) over R depths, depth = argmax + 1; every step runs ungated except the
+    token's last one, whose update is scaled by alpha·p[argmax]. Balancing loss R·Σ_i f_i·P_i (f_i =
+    fraction of tokens choosing depth i+1, a constant; P_i = mean p_i, with gradient). Output: last state."""
+    cfg, R = core.cfg, core.n_repeats
+    B, T, _ = x0.shape
+    probs = [[torch.softmax(ref_norm_linear(core.router_norm, core.router, x0[b, t]), 0) for t in range(T)]
+             for b in range(B)]
+    depth, gate = [[0] * T for _ in range(B)], [[None] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            top2 = probs[b][t].topk(2).values
+            assert val(top2[0] - top2[1]) > MARGIN, 'argmax tie'
+            c = int(probs[b][t].detach().argmax())
+            depth[b][t], gate[b][t] = c + 1, cfg.mor_alpha * probs[b][t][c]
+    state = [[x0[b, t] for t in range(T)] for b in range(B)]
+    for r in range(R):
+        run = [[depth[b][t] > r for t in range(T)] for b in range(B)]
+        if not any(map(any, run)):
+            break
+        y = ref_step(core, state, run)
+        for b in range(B):
+            for t in range(T):
+                if run[b][t]:
+                    g = gate[b][t] if (cfg.mor_gate == 'router' and r == depth[b][t] - 1) else 1.0
+                    state[b][t] = state[b][t] + g * (y[b][t] - state[b][t])
+    loss = x0.new_zeros(())
+    if core.training:
+        n = B * T
+        f = [sum(depth[b][t] == i + 1 for b in range(B) for t in range(T)) / n for i in range(R)]
+        P = sum(probs[b][t] for b in range(B) for t in range(T)) / n
+        loss = cfg.mor_balance_coef * R * sum(f[i] * P[i] for i in range(R))
+    return stack2(state), loss, torch.tensor(depth)
+
+
+def model_vs_ref(core, x0, ref_fn, train=True, loss_only=False):
+    """Forward + backward of the model and of the reference on the same parameters: returns
+    {name: (model value, reference value)} for out, loss, the input gradient and every parameter
+    gradient, and the model's depths. Backward of (out·w).sum() + loss (or of the loss alone)."""
+    core.train(train)
+    T = x0.shape[1]
+    w = torch.randn(x0.shape, dtype=x0.dtype, generator=torch.Generator().manual_seed(7))
+    res, depths = [], None
+    for side in ('model', 'ref'):
+        core.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        if side == 'model':
+            out, loss = core(x, make_attn_context(T, 0, None, 'cpu'))
+            extra = (core.trace['depth'].clone(), dict(core.trace))
+        else:
+            out, loss, *extra = ref_fn(core, x)
+        obj = loss if loss_only else (out * w).sum() + loss
+        if obj.requires_grad:
+            obj.backward()
+        g = {n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None}
+        res.append(dict(out=out.detach(), loss=loss.detach(), x_grad=x.grad, grads=g, extra=extra))
+    return res
+
+
+def assert_model_matches_ref(m, r, atol=1e-5, rtol=1e-4):
+    close(m['out'], r['out'], atol=atol, rtol=rtol)
+    close(m['loss'].double(), r['loss'].double(), atol=1e-7, rtol=1e-5)
+    if r['x_grad'] is not None or m['x_grad'] is not None:
+        close(m['x_grad'], r['x_grad'], atol=atol, rtol=rtol)
+    assert m['grads'].keys() >= r['grads'].keys()
+    for n, g in m['grads'].items():          # a parameter the reference leaves untouched gets 0
+        torch.testing.assert_close(g, r['grads'].get(n, torch.zeros_like(g)), atol=atol, rtol=rtol, msg=n)
+
+
+# ---- ACT ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('output,kv', [('auto', 'active-only'), ('auto', 'last-kv'), ('mean', 'active-only')])
+def test_10_act_matches_per_token_reference(output, kv):
+    """Pins: the halting unit reads the state AFTER the step; threshold 1 - eps; remainder at the last
+    step (and at step R); p sums to 1; output Σ p_n·state_n of the states after each step ('auto'), or
+    their plain mean ('mean', divided by the token's depth); ponder loss τ·mean(N + R) and its gradient
+    through R and p; both KV semantics; every parameter and input gradient."""
+    core = ref_core(halting='act', halt_output=output, halt_kv=kv, act_tau=0.1)
+    with torch.no_grad():
+        core.halt.weight.normal_(0, 1.5, generator=torch.Generator().manual_seed(11))
+        core.halt.bias.fill_(-0.3)
+    m, r = model_vs_ref(core, ref_input(6), lambda c, x: ref_act(c, x, kv))
+    r_depth, r_p = r['extra']
+    assert torch.equal(m['extra'][0], r_depth)
+    assert r_depth.unique().numel() >= 3                 # depths really differ from token to token
+    close(m['extra'][1]['act_p'].double(), r_p.detach(), atol=1e-6, rtol=0)
+    assert_model_matches_ref(m, r)
+
+
+def test_10_act_hand_set_bias():
+    """Halting weight 0, bias b: h = sigmoid(b) for every token at every step, so the decisions are
+    known by hand, and since every token runs the same steps, state_n is the plain MoEUT loop after n
+    steps (exact: no halting code involved). Pins depth and p for:
+      h = 0.6, eps 0.01:  0.6 < 0.99, 1.2 >= 0.99          -> depth 2, p = (0.6, 0.4)
+      h = 0.497, eps 0.01: 0.994 in [1 - eps, 1 + eps)      -> depth 2, p = (0.497, 0.503)
+      h = 0.46, eps 0.1:  0.92 in [0.9, 1.1)                -> depth 2, p = (0.46, 0.54)
+      h = 0.2, eps 0.01:  Σh never reaches 0.99 before R    -> depth R, p = (.2, .2, .2, .4)
+    and the output Σ p_n·state_n, the 'mean' output (state_1 + state_2)/2, the ponder loss τ(N + R)."""
+    T = 5
+    x0 = ref_input(T)
+    ctx = make_attn_context(T, 0, None, 'cpu')
+    for h, eps, p_want in ((0.6, 0.01, (0.6, 0.4)), (0.497, 0.01, (0.497, 0.503)),
+                           (0.46, 0.1, (0.46, 0.54)), (0.2, 0.01, (0.2, 0.2, 0.2, 0.4))):
+        for output in ('auto', 'mean'):
+            core = ref_core(halting='act', act_eps=eps, halt_output=output, act_tau=0.1).train()
+            with torch.no_grad():
+                core.halt.weight.zero_()
+                core.halt.bias.fill_(math.log(h / (1 - h)))
+                plain, s = [], x0
+                for _ in p_want:                         # the plain loop, step by step
+                    for layer in core.layers:
+                        s = layer(s, ctx)
+                    plain.append(s)
+                out, loss = core(x0, ctx)
+            N = len(p_want)
+            assert (core.trace['depth'] == N).all(), (h, eps)
+            p = core.trace['act_p'].double()
+            want_p = torch.tensor(p_want + (0.0,) * (R - N), dtype=torch.float64)
+            close(p, want_p.expand_as(p), atol=1e-6, rtol=0)
+            want = sum(pn * sn for pn, sn in zip(p_want, plain)) if output == 'auto' else sum(plain) / N
+            close(out, want, atol=1e-6, rtol=1e-5)
+            close(loss.double(), torch.tensor(0.1 * (N + p_want[-1]), dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+# ---- MoR expert-choice ----------------------------------------------------------------------------
+
+MOR_EXPERT_REF = {
+    # default capacities (derived by the reference from the spec: (R-r)/R) with T = 8: 8, 6, 4, 2 tokens
+    'topk_default_capacity': (dict(mor_aux_coef=0.1), True),
+    # capacity rises after a drop: at most the alive tokens continue (4, not 6), a halted token never
+    # comes back; router biases of steps 1..3 pushed negative, so alive tokens with scores below 0 must
+    # still beat every halted one
+    'topk_capacity_rises': (dict(mor_aux_coef=0.1, mor_capacity=(1.0, 0.5, 0.75, 0.25)), True),
+    # no aux loss, alpha 0.5: the router's whole gradient comes through the gate alpha·sigmoid(score)
+    'topk_gate_grad_alpha_half': (dict(mor_aux_coef=0.0, mor_alpha=0.5), True),
+    # causal eval: sigmoid(score) > 0.5 among the alive replaces top-k; no loss
+    'threshold_eval': (dict(mor_capacity=(1.0, 0.7, 0.5, 0.3)), False),
+}
+
+
+@pytest.mark.parametrize('case', list(MOR_EXPERT_REF))
+def test_10_mor_expert_matches_per_token_reference(case):
+    """Pins: who continues before each step (top capacity_r·T of the alive by the router score of the
+    state AFTER the previous step, never more than are alive, never a halted token; or the causal
+    threshold), the gate alpha·sigmoid(score) on the UPDATE (not the whole state), the BCE aux target
+    (1 = chosen), the loss, and every gradient (the router's through the gate and the BCE)."""
+    kw, train = MOR_EXPERT_REF[case]
+    core = ref_core(halting='mor', **kw)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(12)
+        core.router.weight.normal_(0, 1.0, generator=gen)
+        core.router.bias.normal_(0, 0.5, generator=gen)
+        if case == 'topk_capacity_rises':
+            core.router.bias[1:] -= 1.5
+    T = 8
+    m, r = model_vs_ref(core, ref_input(T), lambda c, x: ref_mor_expert(c, x, topk=train), train=train)
+    r_depth = r['extra'][0]
+    assert torch.equal(m['extra'][0], r_depth)
+    if train:      # the capacities' combinatorics, per sequence: tokens running step r = min(cap_r·T, alive)
+        cap = kw.get('mor_capacity', (1.0, 0.75, 0.5, 0.25))
+        counts = [T]
+        for c in cap[1:]:
+            counts.append(min(int(c * T), counts[-1]))
+        for b in range(REF_B):
+            assert [int((r_depth[b] > s).sum()) for s in range(R)] == counts
+    else:
+        assert r_depth.unique().numel() >= 3
+    if case == 'topk_gate_grad_alpha_half':
+        g = m['grads'].get('router.weight')
+        assert float(m['loss']) == 0
+        assert g is not None and g.abs().sum() > 0, 'no gradient reaches the router through the gate'
+    assert_model_matches_ref(m, r)
+
+
+def test_10_mor_default_capacity_schedule():
+    """Spec: capacities like (R-r)/R: for R = 4, (1, .75, .5, .25) of T."""
+    core = ref_core(halting='mor')
+    assert core.capacity == (1.0, 0.75, 0.5, 0.25)
+
+
+def test_10_mor_alpha_hand_formula():
+    """Capacity 1 at every step, router weight 0 and bias b_r: every token runs every step with the gate
+    g_r = alpha·sigmoid(b_r), so state_{r+1} = state_r + g_r·(f(state_r) - state_r) with f the plain
+    G-layer pass (every token active: exact). alpha = 0.5 differs from alpha = 1 and each matches the
+    formula; the aux loss is Σ_r BCE(b_r, 1) = Σ_r softplus(-b_r) times its coefficient."""
+    T = 5
+    x0 = ref_input(T)
+    ctx = make_attn_context(T, 0, None, 'cpu')
+    bias = torch.tensor([0.3, -0.8, 1.2, -0.2], dtype=torch.float64)
+    outs = {}
+    for alpha in (1.0, 0.5):
+        core = ref_core(halting='mor', mor_capacity=(1.0,) * R, mor_alpha=alpha, mor_aux_coef=0.1).train()
+        with torch.no_grad():
+            core.router.weight.zero_()
+            core.router.bias.copy_(bias)
+            s = x0
+            for r in range(R):
+                f = s
+                for layer in core.layers:
+                    f = layer(f, ctx)
+                s = s + alpha * torch.sigmoid(bias[r]) * (f - s)
+            out, loss = core(x0, ctx)
+        assert (core.trace['depth'] == R).all()
+        close(out, s, atol=1e-6, rtol=1e-5)
+        close(loss.double(), 0.1 * F.softplus(-bias).sum(), atol=1e-6, rtol=0)
+        outs[alpha] = out
+    assert (outs[1.0] - outs[0.5]).abs().max() > 1e-2
+
+
+# ---- MoR token-choice -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('gate', ['router', 'none'])
+def test_10_mor_token_matches_per_token_reference(gate):
+    """Pins: depth = argmax + 1 of the entry softmax (1..R), the gate alpha·p[argmax] on the update of
+    the token's LAST step only, the balancing loss R·Σ f_i·P_i (f from the argmax, a constant) and every
+    gradient. With mor_gate='none' the router's only gradient is the balancing loss's: it is checked
+    from a backward of the loss alone, and must be non-zero."""
+    core = ref_core(halting='mor', mor_routing='token', mor_gate=gate, mor_alpha=0.7, mor_balance_coef=0.5)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(13)
+        core.router.weight.normal_(0, 1.0, generator=gen)
+        core.router.bias.normal_(0, 0.5, generator=gen)
+    m, r = model_vs_ref(core, ref_input(6), ref_mor_token, loss_only=gate == 'none')
+    r_depth = r['extra'][0]
+    assert torch.equal(m['extra'][0], r_depth)
+    assert r_depth.unique().numel() >= 3
+    if gate == 'none':
+        g = m['grads'].get('router.weight')
+        assert g is not None and g.abs().sum() > 0, 'no gradient reaches the router from the balancing loss'
+    assert_model_matches_ref(m, r)
