@@ -64,6 +64,14 @@ def test_str_key_keeps_raw_text_of_numbers():
     assert c['out_dir'] == '123' and c['init_from'] == 'quoted'
 
 
+@pytest.mark.parametrize('raw', ['1e3', '0x10', '1_000', '1.50', '007', '-0'])
+def test_str_key_keeps_the_exact_text_of_number_like_values(raw):
+    # the directory named '1e3' is not '1000.0', '0x10' is not '16' and '1_000' is not '1000'
+    c = make_config()
+    apply_overrides(c, [f'--out_dir={raw}'])
+    assert c['out_dir'] == raw
+
+
 def test_none_default_accepts_anything():
     c = make_config()
     apply_overrides(c, ['--seed=1337'])
@@ -132,6 +140,20 @@ def test_non_config_globals_are_not_settable(key):
 def test_unknown_key_in_file_names_the_file(tmp_path):
     path = write(tmp_path, 'max_iter = 5\n')
     assert error([path]) == f"unknown config key 'max_iter' in {path} (did you mean 'max_iters'?)"
+
+
+def test_ignore_unknown_file_keys_skips_only_config_file_keys(tmp_path):
+    """model.py reads a training config for its model keys only: the file's other keys are skipped, but an
+    unknown --key on the command line is still a (one-line) error."""
+    path = write(tmp_path, 'max_iters = 7\nbatch_size = 32\n')
+    c = make_config()
+    assert apply_overrides(c, [path], ignore_unknown_file_keys=True) == {'max_iters': 7}
+    assert 'batch_size' not in c
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(make_config(), [path, '--batch_size=8'], ignore_unknown_file_keys=True)
+    assert str(e.value) == "unknown config key 'batch_size'"
+    with pytest.raises(ConfigError, match="unknown config key 'max_iter'"):    # a typo, too
+        apply_overrides(make_config(), ['--max_iter=8'], ignore_unknown_file_keys=True)
 
 
 def test_wrong_type():

@@ -172,6 +172,25 @@ def test_single_document_falls_back_to_tail(tmp_path):
     assert all_tokens(tmp_path / "out").tolist() == expected  # nothing lost, order kept
 
 
+@pytest.mark.parametrize("val_fraction", [0.02, 0.1, 10 / 61])
+def test_tail_split_document_counts_match_the_bins(tmp_path, val_fraction):
+    """In a tail split a document counts in each split it has tokens in: val_documents is the number of
+    end-of-text tokens in val.bin, train_documents those in train.bin plus 1 when the cut falls inside a
+    document (its first part is in train). Three documents (too few for a document split at these
+    fractions), bytes tokenizer: 0.02 puts only the last end-of-text in val; 0.1 cuts inside the second
+    document, val holds two documents' ends; 10/61 cuts exactly after the first document."""
+    src = write_jsonl(tmp_path / "d.jsonl", ["a" * 50, "b" * 4, "c" * 4])      # 51 + 5 + 5 = 61 tokens
+    meta = run([src], tmp_path / "out", tokenizer="bytes", val_fraction=val_fraction)
+    assert meta["split"]["method"] == "tail_tokens"
+    train, val = bin_tokens(tmp_path / "out", "train"), bin_tokens(tmp_path / "out", "val")
+    eot = meta["eot_token"]
+    cut_inside = int(train[-1] != eot)
+    assert meta["val_documents"] == int((val == eot).sum())
+    assert meta["train_documents"] == int((train == eot).sum()) + cut_inside
+    expected = {0.02: (3, 1, 1), 0.1: (2, 2, 1), 10 / 61: (1, 2, 0)}[val_fraction]
+    assert (meta["train_documents"], meta["val_documents"], cut_inside) == expected
+
+
 def test_document_split_never_leaves_train_empty(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", ["", "only this one has text"])
     for seed in range(6):  # whichever document is drawn for val, both splits end up non-empty
@@ -197,6 +216,30 @@ def test_jsonl_input(tmp_path):
     assert all_tokens(tmp_path / "out").tolist() == [t for x in texts for t in enc.encode_ordinary(x) + [50256]]
     assert meta["source"] == [str(src)]
     assert meta["train_documents"] + meta["val_documents"] >= 3
+
+
+def test_blank_jsonl_lines_do_not_change_the_split(tmp_path):
+    """Blank lines of a .jsonl are not documents: they change neither the number of validation documents
+    drawn nor which ones, so the output is byte-identical to the file without them."""
+    texts = [f"document {i}: " + "some words " * (1 + i % 5) for i in range(40)]
+    plain = write_jsonl(tmp_path / "plain.jsonl", texts)
+    gappy = tmp_path / "gappy.jsonl"
+    gappy.write_text("\n\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n" * 200)
+    a = run([plain], tmp_path / "a", val_fraction=0.1)
+    b = run([gappy], tmp_path / "b", val_fraction=0.1)
+    assert a["split"]["method"] == b["split"]["method"] == "documents"
+    assert a["val_documents"] == b["val_documents"] == 4 and b["train_documents"] == 36
+    for f in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_utf8_byte_order_mark_is_not_text(tmp_path):
+    """A .txt saved with a UTF-8 BOM (as some Windows editors do) tokenizes as the text without it."""
+    enc = get_tokenizer("gpt2")
+    doc = tmp_path / "bom.txt"
+    doc.write_bytes("\ufeffHello world\nsecond line".encode("utf-8"))
+    run([doc], tmp_path / "out")
+    assert all_tokens(tmp_path / "out").tolist() == enc.encode_ordinary("Hello world\nsecond line") + [50256]
 
 
 @pytest.mark.parametrize("line,message", [
@@ -360,6 +403,35 @@ def test_no_temporaries_left_and_failures_keep_old_dataset(tmp_path):
         run([good, bad], out)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # untouched, no .tmp
     assert load_meta(out) == meta
+
+
+def test_crash_while_publishing_never_mixes_new_meta_with_old_arrays(tmp_path, monkeypatch):
+    """A failure between the renames that publish a dataset (here: the 2nd os.replace) leaves either the
+    old dataset, intact, or no loadable dataset: never the new meta.json over old .bin files. The two
+    datasets have the same sizes, so load_meta's size check alone could not tell them apart."""
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("abcdefgh ijkl")
+    new.write_text("mnopqrst uvwx")
+    out = tmp_path / "out"
+    old_meta = run([old], out, tokenizer="bytes")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    calls, real_replace = [], os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk on fire")
+        real_replace(src, dst)
+    monkeypatch.setattr(prepare.os, "replace", replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        run([new], out, tokenizer="bytes")
+    monkeypatch.undo()
+    assert len(calls) == 2
+    try:
+        meta = load_meta(out)
+    except PrepareError:
+        return                                     # no complete-looking dataset: fine
+    assert meta == old_meta and {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_temporaries_of_killed_runs_are_removed(tmp_path):

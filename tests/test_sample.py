@@ -237,3 +237,124 @@ def test_show_depth_past_the_context_uses_the_sliding_window():
     with torch.no_grad():          # and past the context they differ from one long forward's
         model(torch.tensor(tokens)[None])
     assert marks[8:] != model.core.trace['depth'][0, 8:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- main() in-process
+
+
+def sample_main(monkeypatch, capsys, *args):
+    """sample.py's main() run in this process with `args` as its command line: (exit code, the printed
+    samples without the config echo, stderr)."""
+    import sample
+    monkeypatch.setattr(sys, 'argv', ['sample.py', '--device=cpu', *args])
+    code, msg = 0, ''
+    try:
+        sample.main()
+    except SystemExit as e:          # fail() exits with its message, configure() with status 2
+        code, msg = (e.code, '') if isinstance(e.code, int) else (1, str(e.code))
+    out, err = capsys.readouterr()
+    return code, [line for line in out.splitlines() if not line.startswith('config:')], err + msg
+
+
+def samples_of(lines):
+    """The printed samples: the text before each '---------------' line (a sample may span lines)."""
+    samples, cur = [], []
+    for line in lines:
+        if line == '---------------':
+            samples.append('\n'.join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    return samples
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(checkpoint, monkeypatch, capsys):
+    """top_k=1 (or a top_p that keeps only the most likely token) at temperature 1 is greedy decoding."""
+    out_dir, _ = checkpoint
+    base = [f'--out_dir={out_dir}', '--start=ab', '--num_samples=2', '--max_new_tokens=10']
+    code, greedy, err = sample_main(monkeypatch, capsys, *base, '--temperature=0')
+    assert code == 0, err
+    assert len(samples_of(greedy)) == 2 and samples_of(greedy)[0] != 'ab'
+    for flag in ('--top_k=1', '--top_p=1e-6'):
+        code, got, err = sample_main(monkeypatch, capsys, *base, '--temperature=1', flag)
+        assert code == 0, err
+        assert got == greedy, flag
+
+
+def test_seed_makes_sampling_reproducible(checkpoint, monkeypatch, capsys):
+    """At temperature 1 the same --seed gives the same samples, another seed other samples."""
+    out_dir, _ = checkpoint
+    base = [f'--out_dir={out_dir}', '--start=ab', '--num_samples=2', '--max_new_tokens=12', '--temperature=1',
+            '--top_k=0']
+    runs = [sample_main(monkeypatch, capsys, *base, f'--seed={s}') for s in (5, 5, 6)]
+    assert all(code == 0 for code, _, _ in runs), runs
+    a, b, c = (samples_of(lines) for _, lines, _ in runs)
+    assert len(a) == 2 and a == b and a != c
+
+
+def test_empty_prompt_starts_from_end_of_text(checkpoint, monkeypatch, capsys):
+    """--start= (nothing) is a valid prompt: generation starts from the end-of-text token."""
+    out_dir, _ = checkpoint
+    code, lines, err = sample_main(monkeypatch, capsys, f'--out_dir={out_dir}', '--start=', '--num_samples=2',
+                                   '--max_new_tokens=5', '--temperature=0')
+    assert code == 0, err
+    assert len(samples_of(lines)) == 2 and samples_of(lines)[0] != ''
+
+
+def test_prompt_of_exactly_block_size_tokens_is_accepted(checkpoint, monkeypatch, capsys):
+    out_dir, model = checkpoint
+    prompt = 'x' * model.cfg.block_size                      # the bytes tokenizer: one token per byte
+    code, lines, err = sample_main(monkeypatch, capsys, f'--out_dir={out_dir}', f'--start={prompt}',
+                                   '--num_samples=1', '--max_new_tokens=3', '--temperature=0')
+    assert code == 0, err
+    assert samples_of(lines)[0].startswith(prompt)
+    code, _, err = sample_main(monkeypatch, capsys, f'--out_dir={out_dir}', f'--start={prompt}x')
+    assert code != 0 and 'longer than the model' in err
+
+
+def test_sample_stops_at_the_first_end_of_text(checkpoint, tmp_path, monkeypatch, capsys):
+    """A model that always predicts end-of-text: each printed sample is just the prompt (the end-of-text
+    token and whatever follows it is not printed)."""
+    _, model = checkpoint
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state['lm_head.bias'][256] = 1e4                           # 256 = <|endoftext|> of the bytes tokenizer
+    torch.save({'model': state, 'model_config': asdict(model.cfg), 'meta': {'tokenizer': 'bytes'}},
+               tmp_path / 'ckpt_0000001.pt')
+    for temp in ('0', '1'):
+        code, lines, err = sample_main(monkeypatch, capsys, f'--out_dir={tmp_path}', '--start=hello',
+                                       '--num_samples=2', '--max_new_tokens=8', f'--temperature={temp}')
+        assert code == 0, err
+        assert samples_of(lines) == ['hello', 'hello'], lines
+
+
+def test_bits_per_byte_counts_utf8_bytes_not_characters(checkpoint, tmp_path):
+    """bits per byte divides the summed loss (in bits) by the file's UTF-8 bytes, which for accented or
+    CJK text are more than its characters."""
+    from sample import evaluate_file
+    import prepare
+    _, model = checkpoint
+    text = 'café naïve résumé 日本語のテキスト über'
+    (tmp_path / 'u.txt').write_text(text, encoding='utf-8')
+    got = evaluate_file(model, prepare.get_tokenizer('bytes'), tmp_path / 'u.txt', 'cpu',
+                        torch.autocast('cpu', enabled=False))
+    n_bytes = len(text.encode('utf-8'))
+    assert got['tokens'] == n_bytes > len(text)
+    total_bits = got['loss'] * (n_bytes - 1) / math.log(2)   # every token after the first is scored once
+    assert got['bits_per_byte'] == pytest.approx(total_bits / n_bytes, rel=1e-6)
+
+
+def test_loaded_model_is_in_eval_mode(checkpoint, tmp_path):
+    """load_checkpoint returns the model in eval mode: with dropout in the checkpoint's config, measuring
+    the same file twice gives the same loss."""
+    from sample import evaluate_file, load_checkpoint
+    _, model = checkpoint
+    cfg = asdict(model.cfg) | {'dropout': 0.5}
+    torch.save({'model': model.state_dict(), 'model_config': cfg, 'meta': {'tokenizer': 'bytes'}},
+               tmp_path / 'drop.pt')
+    loaded, tok, _ = load_checkpoint(str(tmp_path / 'drop.pt'), str(tmp_path), 'cpu')
+    assert tok == 'bytes' and not loaded.training and not any(m.training for m in loaded.modules())
+    (tmp_path / 'e.txt').write_text('To be, or not to be, that is the question.')
+    import prepare
+    losses = [evaluate_file(loaded, prepare.get_tokenizer('bytes'), tmp_path / 'e.txt', 'cpu',
+                            torch.autocast('cpu', enabled=False))['loss'] for _ in range(2)]
+    assert losses[0] == losses[1]
