@@ -1,6 +1,7 @@
 """train.py end to end on CPU: loss goes down, exact resume, overfit_batch, atomic/pruned checkpoints,
-crash and SIGTERM safety, one-line errors. Every test runs train.py as a subprocess (it reads
-data/<dataset>/ relative to its working directory) on a tiny model and a tiny byte-level dataset."""
+crash and SIGTERM safety, one-line errors. Most tests run train.py as a subprocess (it reads
+data/<dataset>/ relative to its working directory) on a tiny model and a tiny byte-level dataset; the
+ones at the end call train.train() (train_here) and its parts in-process, which takes well under a second each."""
 import ast
 import json
 import os
@@ -268,18 +269,23 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
 
 
 def test_second_ctrl_c_exits_at_once_without_a_checkpoint(root):
-    # 400 micro-batches make a step last long enough that both signals land inside the same one
+    # train.py checks for a signal right after it prints a step's log line, so both signals are sent
+    # a third of a step later, into the middle of the next step (400 micro-batches make it long), and
+    # 50 ms apart, so the first one's Python handler has run before the second arrives (signals of
+    # one kind do not queue)
     proc = Proc(root, *TINY, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=400',
                 '--out_dir=int2')
     proc.wait_for(r'^iter \d+:')
+    step_ms = float(re.search(r'(\d+) ms/iter', proc.wait_for(r'^iter \d+:'))[1])
+    time.sleep(step_ms / 3e3)
     proc.p.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    time.sleep(0.05)
     proc.p.send_signal(signal.SIGINT)
     rc, output = proc.finish()
     assert rc != 0, output[-3000:]
     assert 'interrupted twice: exiting without a checkpoint' in output, output[-3000:]
     assert 'Traceback' not in output, output[-3000:]
-    assert 'signal received' not in output            # the first Ctrl-C's checkpoint never started
+    assert 'signal received' not in output, (step_ms, output[-3000:])   # no checkpoint was started
     assert not [f for f in os.listdir(os.path.join(root, 'int2')) if f.startswith('ckpt_')]
 
 
@@ -421,3 +427,298 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lr_at(110, cfg) == lr_at(10_000, cfg) == pytest.approx(1e-4)
     lrs = [lr_at(i, cfg) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))                               # monotone decay
+
+
+# ---- in-process: train.train() and its parts called directly (no subprocess, no torch import per run) ---
+
+def train_here(root, *args, run=None):
+    """train.train(cfg, run) in this process, as `python train.py TINY... args` would run it in root
+    (one thread: torch's default of one per core thrashes on a busy 2-core machine). Returns out_dir."""
+    import train as train_py
+    from configurator import config_keys, configure
+    cfg = {k: getattr(train_py, k) for k in config_keys(vars(train_py))}
+    configure(cfg, [*TINY, '--diagnostics=False', *map(str, args)])
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    os.chdir(root)
+    torch.set_num_threads(1)
+    try:
+        train_py.train(cfg, run or train_py.setup_distributed(cfg))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return os.path.join(root, cfg['out_dir'])
+
+
+def write_data(data_dir, train_tokens, val_tokens, vocab_size=257):
+    """A dataset as prepare.py lays it out (uint16 train.bin / val.bin + meta.json), from given tokens."""
+    import numpy as np
+    os.makedirs(data_dir, exist_ok=True)
+    for split, toks in (('train', train_tokens), ('val', val_tokens)):
+        np.asarray(toks, dtype=np.uint16).tofile(os.path.join(data_dir, f'{split}.bin'))
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump({'tokenizer': 'bytes', 'vocab_size': vocab_size, 'dtype': 'uint16',
+                   'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens)}, f)
+
+
+def hook_model(monkeypatch, hook, pre=False):
+    """Make train.build_model register `hook` (forward hook, or forward pre-hook) on the model it builds."""
+    import train as train_py
+    build = train_py.build_model
+
+    def build_hooked(*a, **k):
+        model, mcfg = build(*a, **k)
+        (model.register_forward_pre_hook if pre else model.register_forward_hook)(hook)
+        return model, mcfg
+    monkeypatch.setattr(train_py, 'build_model', build_hooked)
+
+
+def same_weights(a, b):
+    """Bit-identical state dicts."""
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+LR_ARGS = ['--learning_rate=3e-3', '--warmup_iters=2', '--lr_decay_iters=100', '--min_lr=3e-4',
+           '--weight_decay=0', '--eval_interval=1', '--eval_iters=1', '--keep_last=10', '--max_iters=3']
+
+
+@pytest.fixture(scope='module')
+def lr_run(root):
+    """3 AdamW steps, warmup 2: lr 1e-3, 2e-3, 3e-3 (learning_rate * (it+1) / (warmup+1), then the peak).
+    Returns out_dir and the initial weights."""
+    init = {}
+
+    def keep_first(module, args):        # the first forward (eval at iter 0) sees the initial weights
+        if not init:
+            init.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+    with pytest.MonkeyPatch.context() as mp:
+        hook_model(mp, keep_first, pre=True)
+        out = train_here(root, *LR_ARGS, '--out_dir=lr_adamw')
+    return out, init
+
+
+def test_logged_lr_follows_the_warmup_from_the_first_step(lr_run):
+    lr_run = lr_run[0]
+    # the step that ends at iter i runs at iter i-1: lr_at(0) = learning_rate / (warmup_iters + 1)
+    assert [r['iter'] for r in log(lr_run)] == [1, 2, 3]
+    assert [r['lr'] for r in log(lr_run)] == pytest.approx([1e-3, 2e-3, 3e-3], rel=1e-9)
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_optimizer_steps_with_the_scheduled_lr(root, lr_run, optimizer):
+    """The lr the optimizer itself holds (every param group, Muon's too) is the schedule's, and for AdamW
+    the first update really has that size: step 1 of Adam moves each weight by lr * g / (|g| + eps)."""
+    out = lr_run[0] if optimizer == 'adamw' else train_here(root, *LR_ARGS, '--max_iters=2', '--optimizer=muon',
+                                                         '--out_dir=lr_muon')
+    for it, lr in [(1, 1e-3), (2, 2e-3)]:
+        groups = load(os.path.join(out, f'ckpt_{it:07d}.pt'))['optimizer']['param_groups']
+        assert len(groups) == (1 if optimizer == 'adamw' else 3)
+        assert [g['lr'] for g in groups] == pytest.approx([lr] * len(groups), rel=1e-9)
+    if optimizer == 'adamw':
+        init, first = lr_run[1], load(os.path.join(out, 'ckpt_0000001.pt'))['model']
+        assert set(init) == set(first)
+        step = max((first[k] - v).abs().max().item() for k, v in init.items())
+        assert step == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize('grad_clip', [0.0, 0.05])
+def test_grad_clip_bounds_the_gradient_the_optimizer_applies(root, monkeypatch, grad_clip):
+    """What AdamW steps with has a global norm of at most grad_clip (exactly grad_clip when clipped);
+    grad_clip=0 leaves the (larger) gradient alone."""
+    import train as train_py
+    norms, make = [], train_py.make_optimizer
+
+    def make_spied(*a, **k):
+        opt = make(*a, **k)
+        opt.register_step_pre_hook(lambda o, args, kwargs: norms.append(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for g in o.param_groups for p in g['params']
+                         if p.grad is not None])).item()))
+        return opt
+    monkeypatch.setattr(train_py, 'make_optimizer', make_spied)
+    train_here(root, '--max_iters=3', '--eval_interval=1000', f'--grad_clip={grad_clip}', f'--out_dir=clip{grad_clip}')
+    assert len(norms) == 3
+    if grad_clip:
+        assert norms == pytest.approx([grad_clip] * 3, rel=1e-4)
+    else:
+        assert min(norms) > 0.1           # the raw gradients are larger: the clipped run had work to do
+
+
+def test_each_epoch_is_a_new_seeded_permutation_of_all_windows(tmp_path):
+    """Token i of the file is i, so a window is identified by its first token. Every epoch visits each
+    window once; epochs differ; the order depends on the seed, and the same seed gives the same order."""
+    import numpy as np
+    from train import Batches
+    block, n_win = 4, 24
+    write_data(str(tmp_path), np.arange(n_win * block + 1), np.arange(block + 1))
+
+    def epochs(seed, n=2):
+        b = Batches(str(tmp_path / 'train.bin'), block, 2, 2, 0, 1, seed)    # global batch 4: 6 steps an epoch
+        seen = []
+        for _ in range(n * n_win // 4):
+            for x, y in b.next_step():
+                assert x.shape == y.shape == (2, block)
+                assert torch.equal(x, x[:, :1] + torch.arange(block)) and torch.equal(y, x + 1)
+                assert (x[:, 0] % block == 0).all()
+                seen += (x[:, 0] // block).tolist()
+        return [seen[i * n_win:(i + 1) * n_win] for i in range(n)]
+    e0, e1 = epochs(1337)
+    assert sorted(e0) == sorted(e1) == list(range(n_win))
+    assert e0 != e1 and e0 != sorted(e0)
+    assert epochs(1337) == [e0, e1]
+    assert epochs(7)[0] != e0 and epochs(7)[1] != e1
+
+
+def test_windows_of_a_file_of_whole_blocks_stay_in_bounds(tmp_path):
+    """k*block tokens hold k-1 windows of block+1 tokens (input and shifted target), not k: the last
+    block has no token after it to predict."""
+    import numpy as np
+    from train import Batches
+    block, k = 8, 12
+    write_data(str(tmp_path), np.arange(k * block), np.arange(block + 1))
+    b = Batches(str(tmp_path / 'train.bin'), block, 1, 1, 0, 1, 1337)
+    starts = []
+    for _ in range(2 * (k - 1)):
+        (x, y), = b.next_step()
+        assert x.shape == y.shape == (1, block) and torch.equal(y, x + 1)
+        assert y.max().item() < k * block
+        starts.append(x[0, 0].item())
+    assert sorted(starts[:k - 1]) == sorted(starts[k - 1:]) == list(range(0, (k - 1) * block, block))
+
+
+def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
+    """7 val windows with batch_size 4 (batches of 4 and 3): the eval loss is the mean CE over all 7x32
+    target tokens, not the mean of the two batch means."""
+    import numpy as np
+    from contextlib import nullcontext
+    from model import LM, ModelConfig
+    from train import evaluate, read_windows
+    block, n_win = 32, 7
+    rng = np.random.default_rng(0)
+    val = np.concatenate([np.zeros(4 * block, int), rng.integers(1, 257, 3 * block + 1)])  # easy, then hard
+    write_data(str(tmp_path), rng.integers(0, 257, 4 * block + 1), val)
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=257, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
+                           ff_n_experts=4, ff_k=2, d_expert=16, att_n_experts=2))
+    with torch.no_grad():
+        model.lm_head.bias[0] = 8.0           # token 0 is cheap to predict: the two batches differ a lot
+    cfg = dict(block_size=block, batch_size=4, eval_iters=10)
+    run = dict(rank=0, world=1, device='cpu', distributed=False)
+    got = evaluate(model, str(tmp_path), cfg, run, nullcontext())['val']
+    x, y = read_windows(str(tmp_path / 'val.bin'), np.uint16, np.arange(n_win) * block, block)
+    model.eval()
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction='none')
+    assert got == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert abs(got - (ce[:4 * block].mean() + ce[4 * block:].mean()).item() / 2) > 0.1   # the test can tell
+
+
+def fake_val_losses(monkeypatch, losses):
+    """train.evaluate returns these losses, one per eval, in order."""
+    import train as train_py
+    it = iter(losses)
+    monkeypatch.setattr(train_py, 'evaluate', lambda *a, **k: dict(train=(v := next(it)), val=v))
+
+
+def test_only_improving_evals_checkpoint_without_always_save(root, monkeypatch):
+    fake_val_losses(monkeypatch, [5.0, 3.0, 4.0, 2.0, 2.5])      # evals at iters 0..4
+    out = train_here(root, '--always_save_checkpoint=False', '--eval_interval=1', '--max_iters=4',
+                     '--keep_last=10', '--out_dir=best')
+    assert ckpts(out) == ['ckpt_0000001.pt', 'ckpt_0000003.pt']
+    assert [load(os.path.join(out, n))['best_val_loss'] for n in ckpts(out)] == [3.0, 2.0]
+
+
+def test_resume_keeps_the_best_val_loss_of_the_evals_before_it(root, monkeypatch):
+    args = ['--always_save_checkpoint=False', '--eval_interval=1', '--keep_last=10', '--out_dir=best_resume']
+    fake_val_losses(monkeypatch, [5.0, 3.0])                     # iters 0, 1: ckpt 1, best 3.0
+    out = train_here(root, *args, '--max_iters=1')
+    fake_val_losses(monkeypatch, [4.0, 2.0])                     # iters 2, 3: 4.0 is no better than 3.0
+    train_here(root, *args, '--max_iters=3', '--init_from=resume')
+    assert ckpts(out) == ['ckpt_0000001.pt', 'ckpt_0000003.pt']
+
+
+def test_failed_save_leaves_previous_checkpoints_and_no_new_one(tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, killed) must not leave a truncated ckpt_N.pt that resume
+    would pick, nor prune the complete ones."""
+    import train as train_py
+    out = str(tmp_path)
+    train_py.save_checkpoint(os.path.join(out, 'ckpt_0000001.pt'), {'iter_num': 1, 'w': torch.ones(3)}, 1)
+
+    def save_half(obj, f, *a, **k):
+        with open(f, 'wb') as fh:
+            fh.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', save_half)
+    with pytest.raises(OSError):
+        train_py.save_checkpoint(os.path.join(out, 'ckpt_0000002.pt'), {'iter_num': 2, 'w': torch.zeros(3)}, 1)
+    monkeypatch.undo()
+    assert ckpts(out) == ['ckpt_0000001.pt']
+    assert train_py.latest_checkpoint(out) == os.path.join(out, 'ckpt_0000001.pt')
+    assert load(train_py.latest_checkpoint(out))['iter_num'] == 1
+
+
+def nan_loss_at(monkeypatch, steps):
+    """The training forwards numbered `steps` (1 = the first step's) return a NaN loss."""
+    calls = [0]
+
+    def hook(module, args, out):
+        if module.training:
+            calls[0] += 1
+            if calls[0] in steps:
+                return out._replace(loss=out.loss * float('nan'))
+    hook_model(monkeypatch, hook)
+
+
+def test_non_finite_step_is_skipped_and_training_goes_on(root, monkeypatch, capsys):
+    nan_loss_at(monkeypatch, {2, 4})        # the steps at iters 1 and 3; never two in a row
+    out = train_here(root, '--max_iters=4', '--eval_interval=1', '--eval_iters=1', '--keep_last=10',
+                     '--max_bad_steps=2', '--out_dir=nan_skip')
+    stdout = capsys.readouterr().out
+    assert 'warning: non-finite loss/grad at iter 1, step skipped (1 in a row)' in stdout
+    assert 'warning: non-finite loss/grad at iter 3, step skipped (1 in a row)' in stdout
+    ck = [load(os.path.join(out, f'ckpt_{i:07d}.pt')) for i in range(1, 5)]
+    assert same_weights(ck[1]['model'], ck[0]['model']) and same_weights(ck[3]['model'], ck[2]['model'])
+    assert not same_weights(ck[2]['model'], ck[1]['model'])     # the good step in between did train
+    assert all(torch.isfinite(v).all() for v in ck[3]['model'].values())
+    for a, b in ((ck[0], ck[1]), (ck[2], ck[3])):             # nor did the skipped step touch Adam's state
+        for p, st in a['optimizer']['state'].items():
+            assert all(torch.equal(st[k], b['optimizer']['state'][p][k]) for k in st)
+
+
+def test_non_finite_steps_in_a_row_stop_with_one_line(root, monkeypatch):
+    nan_loss_at(monkeypatch, set(range(2, 100)))
+    with pytest.raises(SystemExit) as e:
+        train_here(root, '--max_iters=20', '--eval_interval=1000', '--max_bad_steps=3', '--out_dir=nan_stop')
+    msg = str(e.value.code)
+    assert msg.startswith('error: 3 non-finite steps in a row at iter 3') and '\n' not in msg, msg
+
+
+def test_error_resume_with_another_dataset(root):
+    """The data position counts windows of the checkpoint's dataset: resuming on another one is an error."""
+    out = train_here(root, '--max_iters=1', '--eval_interval=1', '--eval_iters=1', '--out_dir=other_data')
+    path = os.path.join(out, 'ckpt_0000001.pt')
+    ck = load(path)
+    ck['config']['dataset'] = 'wikitext'
+    torch.save(ck, path)
+    with pytest.raises(SystemExit) as e:
+        train_here(root, '--max_iters=2', '--eval_interval=1', '--out_dir=other_data', '--init_from=resume')
+    msg = str(e.value.code)
+    assert msg.startswith('error:') and '\n' not in msg, msg
+    assert "dataset='wikitext'" in msg and "'tiny'" in msg, msg
+
+
+def test_ranks_draw_different_dropout_streams(root, monkeypatch):
+    """Same initial weights on every rank, but each rank's dropout / expert-dropout masks come from its
+    own stream. (rank r of a world of 2, run without a process group: nothing here needs one.)"""
+    states = []
+    hook_model(monkeypatch, lambda module, args: states.append(torch.get_rng_state()) if module.training else None,
+               pre=True)
+    for rank in (0, 1, 1):
+        run = dict(distributed=False, rank=rank, world=2, device='cpu', dtype='float32', master=rank == 0,
+                   device_type='cpu')
+        train_here(root, '--max_iters=1', '--eval_interval=1000', '--eval_iters=1', '--gradient_accumulation_steps=2',
+                   '--dropout=0.1', f'--out_dir=ranks{rank}', run=run)
+    assert len(states) == 3           # the first training forward of each run
+    assert not torch.equal(states[0], states[1])
+    assert torch.equal(states[1], states[2])
