@@ -140,7 +140,9 @@ def cvmm_reference(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
     G = slot_weights.shape[-1]   # contracted in (at least) fp32, as the Triton path scales its fp32 accumulator
     acc = torch.promote_types(out.dtype, torch.float32)
     sw = slot_weights.reshape(-1, G).to(acc)
-    return torch.bmm(sw.unsqueeze(1), out.view(-1, G, w.shape[2]).to(acc)).squeeze(1).to(out.dtype)
+    with torch.autocast(out.device.type, enabled=False):     # autocast would run the bmm in bf16/fp16
+        y = torch.bmm(sw.unsqueeze(1), out.view(-1, G, w.shape[2]).to(acc)).squeeze(1)
+    return y.to(out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
