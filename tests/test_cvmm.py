@@ -76,6 +76,41 @@ def test_reference_gradcheck(name):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), sw.requires_grad_()))
 
 
+def test_prepare_keeps_slot_order_within_an_expert():
+    """The sort is stable: the entries of one expert stay in slot order (what makes the weight gradient's
+    row loop, and so every gradient, run-to-run deterministic, and h's row order in cvmm_mlp defined)."""
+    ids = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(0))
+    sel = cvmm_prepare(ids, 5)
+    key = sel.expert.long() * ids.numel() + sel.slot.long()   # sorted by (expert, slot), strictly
+    assert (key[1:] > key[:-1]).all()
+    assert torch.equal(ids[sel.slot.long()], sel.expert.long())
+
+
+@pytest.mark.parametrize("mode", ["fp16", "autocast_bf16"])
+def test_reference_contracts_slot_weights_in_fp32(impl, mode):
+    """The reference scales the per-slot products by fp32 slot weights (an fp32 contraction, as the Triton
+    path scales its fp32 accumulator): weights 1 + 2**-11 / 1 + 2**-9 are not rounded to the 16-bit dtype of
+    x and w, in fp16 and under CPU autocast bf16 (whose bmm would run in bf16) alike."""
+    impl("torch")
+    N, K, E, de, d = 64, 4, 5, 16, 64
+    dt = torch.float16 if mode == "fp16" else torch.bfloat16
+    x, ids, w, _ = usage("down", N=N, K=K, E=E, de=de, d=d, dtype=dt)
+    sw = torch.full((N, K), 1 + (2 ** -11 if mode == "fp16" else 2 ** -9))   # exact in fp32, not in dt
+    sel = cvmm_prepare(ids, E)
+    want = (sw.double()[..., None] * cvmm(x, sel, w).double().view(N, K, d)).sum(1)   # the 16-bit products
+    if mode == "fp16":
+        out = cvmm(x, sel, w, sw)
+        assert (out != want.to(dt)).float().mean() < 0.02   # (rounded once, but for the last fp32 bits)
+    else:
+        with torch.autocast("cpu", dtype=dt):
+            out = cvmm(x, sel, w, sw)
+        plain = cvmm(x, sel, w, sw)
+        assert out.dtype == dt and torch.equal(out, plain)
+        exact = torch.stack([sum(sw[n, k].double() * x[n * K + k].double() @ w[ids[n, k]].double()
+                                 for k in range(K)) for n in range(N)])
+        assert rel(out, exact) < 1e-2 and rel(plain, exact) < 1e-2
+
+
 def run(x, ids, w, sw, E=None):
     """Forward + backward with a fixed random output gradient: [out, grad_x, grad_w, (grad_sw)]."""
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -83,6 +118,15 @@ def run(x, ids, w, sw, E=None):
     out = cvmm(x, cvmm_prepare(ids, E or w.shape[0]), w, sw)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     return [out] + list(torch.autograd.grad(out, [x, w] + ([sw] if sw is not None else []), go))
+
+
+def grads_for(f, args, go, need=None):
+    """f(*args) and the gradients, for the output gradient go, of the args flagged in need (default
+    all); the others are constants."""
+    need = need or [True] * len(args)
+    ps = [t.detach().requires_grad_(n) for t, n in zip(args, need)]
+    y = f(*ps)
+    return [y] + list(torch.autograd.grad(y, [p for p, n in zip(ps, need) if n], go))
 
 
 def compare(impl, args, dtype, device=DEV):
@@ -114,6 +158,8 @@ CASES = {  # awkward shapes: (usage, kwargs)
     "one_row": ("down", dict(N=1)),
     "one_row_up": ("up", dict(N=1)),
     "big_tiles": ("down", dict(N=300, K=4, E=3, d=72, de=40)),      # BM 128, several tiles per expert
+    "E17": ("down", dict(N=40, K=2, E=17, ids=torch.arange(80).reshape(40, 2) % 17)),  # 2**4 + 1, all used:
+    # the last expert's rows lie past a power-of-two block of experts
 }
 
 
@@ -174,6 +220,78 @@ def test_triton_weight_grad_deterministic(impl):
         assert torch.equal(t, u)
 
 
+def test_triton_default_contraction_is_sum_of_slot_products(impl):
+    """CVMM_CONTRACT=sum (the default, deterministic): the contracted output is the [S, D] product of
+    the scaled slots, each rounded to the output dtype, summed by torch in slot order; bit for bit."""
+    impl("triton")
+    x, ids, w, sw = usage("down", N=64, K=4, E=3, de=16, d=32, dtype=torch.float16, device=DEV)
+    sw = sw.float()
+    sel = cvmm_prepare(ids, 3)
+    out = cvmm(x, sel, w, sw)
+    per_slot = cvmm(x, sel, w, sw.reshape(-1, 1))      # G = 1: the same scaled products, uncontracted
+    assert torch.equal(out, per_slot.view(64, 4, 32).sum(1))
+
+
+def test_triton_fp16_weight_grad_accumulates_in_fp32(impl):
+    """The weight gradient of an expert with many rows (2048, many row chunks) accumulates in fp32: an
+    fp16 running sum would lose the small terms once it grows."""
+    impl("triton")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2048, 16, generator=g).half().to(DEV)
+    w = (torch.randn(1, 16, 24, generator=g) / 4).half().to(DEV)
+    go = torch.rand(2048, 24, generator=g).half().to(DEV)
+    sel = cvmm_prepare(torch.zeros(2048, 1, dtype=torch.long, device=DEV), 1)
+    gw = grads_for(lambda w: cvmm(x, sel, w), [w], go)[1]
+    assert rel(gw[0].cpu(), x.cpu().double().T @ go.cpu().double()) < 1e-3
+
+
+@pytest.mark.parametrize("view", ["x", "sw", "grad"])
+@pytest.mark.parametrize("op", ["cvmm", "mlp"])
+def test_triton_transposed_views(impl, op, view):
+    """A non-contiguous 2-D x, slot-weight tensor or upstream gradient (a transpose somewhere upstream or
+    downstream) gives the reference's output and gradients: nothing reads it as if contiguous."""
+    T = lambda t: t.T.contiguous().T  # noqa: E731  the same values, transposed strides
+    if op == "cvmm":   # σ-MoE down: x [N*K, d_expert], slot weights [N, K]
+        x, ids, w, sw = usage("down", N=20, K=3, E=5)
+        f = lambda sel: lambda x, w, sw: cvmm(x, sel, w, sw)  # noqa: E731
+        args = [x, w, sw]
+    else:
+        x, ids, w1, w2, sw = mlp_inputs(N=20, K=3, E=5)
+        f = lambda sel: lambda x, w1, w2, sw: cvmm_mlp(x, sel, w1, w2, sw)  # noqa: E731
+        args = [x, w1, w2, sw]
+    go = torch.randn(20, 24, generator=torch.Generator().manual_seed(1))
+    if view == "x":
+        args[0] = T(args[0])
+    elif view == "sw":
+        args[-1] = T(args[-1])
+    else:
+        go = T(go)
+    assert not (args[0] if view == "x" else args[-1] if view == "sw" else go).is_contiguous()
+    impl("torch")
+    want = grads_for(f(cvmm_prepare(ids, 5)), args, go)
+    impl("triton")   # .to(DEV) keeps the strides
+    got = grads_for(f(cvmm_prepare(ids.to(DEV), 5)), [t.to(DEV) for t in args], go.to(DEV))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel(a.cpu(), b) < 2e-5, i
+
+
+@pytest.mark.parametrize("need", [("x",), ("w",), ("sw",), ("w", "sw"), ("x", "sw")], ids="+".join)
+def test_triton_partial_grads(impl, need):
+    """σ-MoE down-projection (slot weights, fan 1) with only some inputs needing grad (frozen experts,
+    detached scores, a frozen input): the gradients asked for are the reference's."""
+    x, ids, w, sw = usage("down", N=20, K=3, E=5)
+    go = torch.randn(20, 24, generator=torch.Generator().manual_seed(1))
+    flags = [n in need for n in ("x", "w", "sw")]
+    f = lambda sel: lambda x, w, sw: cvmm(x, sel, w, sw)  # noqa: E731
+    impl("torch")
+    want = grads_for(f(cvmm_prepare(ids, 5)), [x, w, sw], go, flags)
+    impl("triton")
+    got = grads_for(f(cvmm_prepare(ids.to(DEV), 5)), [t.to(DEV) for t in (x, w, sw)], go.to(DEV), flags)
+    assert len(got) == len(want) == 1 + len(need)
+    for name, a, b in zip(("out",) + need, got, want):
+        assert rel(a.cpu(), b) < 2e-5, name
+
+
 def test_triton_noncontiguous_and_batched_x(impl):
     impl("triton")
     x, ids, w, sw = usage("up", N=12, device=DEV)
@@ -200,7 +318,7 @@ def test_autocast(impl):
         assert rel(a.cpu(), b) < 3e-2
 
 
-def test_errors(impl):
+def test_errors(impl, monkeypatch):
     x, ids, w, sw = usage("down")
     sel = cvmm_prepare(ids, w.shape[0])
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 5\)"):
@@ -236,8 +354,28 @@ def test_errors(impl):
             cvmm(x, empty, w, sw[:, :0])
         with pytest.raises(ValueError, match="D_in >= 1"):
             cvmm(x[0, 0], sel, w)
+        with pytest.raises(ValueError, match="D_in >= 1"):                  # zero features
+            cvmm(torch.zeros(4, 0), cvmm_prepare(torch.zeros(4, 1, dtype=torch.long), 2),
+                 torch.zeros(2, 0, 3))
+        x1, ids1, w1, sw1 = usage("down", N=1, K=1)                          # one slot, one weight
+        with pytest.raises(ValueError, match="one weight per slot"):       # but 0-dim: no group dim
+            cvmm(x1, cvmm_prepare(ids1, 5), w1, sw1.reshape(()))
+        with pytest.raises(TypeError, match="slot_weights must be floating point"):
+            cvmm(x, sel, w, (sw * 10).long())
+        with pytest.raises(TypeError, match="int32"):
+            cvmm(x, C.CVMMSel(sel.expert, sel.slot, sel.offsets.long()), w, sw)
+        with pytest.raises(ValueError, match="one device"):                # meta stands in for a GPU
+            cvmm(x.to("meta"), sel, w, sw)
     with pytest.raises(TypeError, match="Triton path takes"):
         cvmm(x.double(), sel, w.double(), sw)
+    # the weight gradient's grid has one program column per expert (CUDA caps that axis at 65535):
+    # refused before any launch (the kernel is stubbed out; 65536 interpreted programs take minutes)
+    monkeypatch.setattr(C, "_cvmm_gradw_kernel", None)
+    E = 65536
+    sel = cvmm_prepare(torch.tensor([[0], [1], [E - 1], [5]]), E)
+    with pytest.raises(ValueError, match="at most 65535 experts"):
+        C._gradw(torch.randn(4, 16), 1, torch.randn(4, 16), 1, None, sel.slot, sel.offsets,
+                 torch.zeros(E, 16, 16))
 
 
 def mlp(x, ids, w1, w2, sw):
@@ -365,6 +503,20 @@ def test_fused_mlp_partial_grads(impl, need):
     assert all(rel(a.cpu(), b) < 2e-5 for a, b in zip(got, want))
 
 
+def test_fused_mlp_autocast(impl):
+    """Under autocast both banks run in the autocast dtype, as x does; gradients keep their inputs' fp32."""
+    x, ids, w1, w2, sw = mlp_inputs(N=30, K=3, E=4, device=DEV)
+    impl("torch")
+    want = mlp_grads(mlp, *(t.cpu() for t in (x, ids, w1, w2, sw)))
+    impl("triton")
+    dt = torch.bfloat16
+    with torch.autocast(DEV, dtype=dt):
+        got = mlp_grads(fused_mlp, x, ids, w1, w2, sw)
+    assert got[0].dtype == dt and all(t.dtype == torch.float32 for t in got[1:])
+    for name, a, b in zip(["y", "grad_x", "grad_w1", "grad_w2", "grad_sw"], got, want):
+        assert rel(a.cpu(), b) < 3e-2, (name, rel(a.cpu(), b))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="the CUDA compile tests cover this; CPU compiles are slow on the GPU host")
 def test_fused_mlp_partial_grads_compiled(impl):
@@ -390,6 +542,8 @@ def test_fused_mlp_errors(impl):
             cvmm_mlp(x[:, :-1], sel, w1, w2, sw)
         with pytest.raises(TypeError, match="slot_weights .* are required"):
             cvmm_mlp(x, sel, w1, w2, None)
+        with pytest.raises(ValueError, match="banks must be"):   # 5 and 6 experts: not one routing
+            cvmm_mlp(x, sel, w1, torch.cat([w2, w2[:1]]), sw)
 
 
 def check_compiled(device, dtype, tol, fn=mlp):
