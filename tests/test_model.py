@@ -11,11 +11,21 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import (LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, param_counts,  # noqa: E402
-                   static_kv_cache)
+from model import (LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, flops_per_token,  # noqa: E402
+                   make_attn_context, param_counts, static_kv_cache)
 
 GOLDEN = os.path.join(ROOT, '..', 'shared', 'golden')
 OFFICIAL_RENAMES = {'transformer.': 'core.', '.ln1.': '.ln_att.', '.ln2.': '.ln_ff.'}
+
+
+def paper_config(name):
+    """The model config of config/<name>.py at the spec's vocabulary 8000."""
+    from configurator import apply_overrides
+    from dataclasses import fields
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    apply_overrides(settings, [os.path.join(ROOT, 'config', f'{name}.py'), '--vocab_size=8000'],
+                    ignore_unknown_file_keys=True)
+    return ModelConfig.from_dict(settings)
 
 
 def tiny(**kw):
@@ -268,34 +278,6 @@ def test_generate_with_a_full_context_prompt_and_zero_new_tokens():
     assert torch.equal(model.generate(prompt, 0), prompt)
 
 
-def test_sample_next_temperature_top_k_top_p():
-    """The distribution sample_next draws from, checked by frequency against softmax(logits / T)
-    restricted to the top-k / nucleus set."""
-    from model import sample_next
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
-    n = 40000
-    gen = torch.Generator().manual_seed(0)
-
-    def freq(**kw):
-        draws = sample_next(logits.expand(n, -1), generator=gen, **kw)
-        return torch.bincount(draws, minlength=6).float() / n
-
-    for T in (0.5, 2.0):
-        torch.testing.assert_close(freq(temperature=T, top_k=None, top_p=None),
-                                   (logits[0] / T).softmax(-1), atol=0.01, rtol=0)
-    keep = torch.tensor([True, True, True, False, False, False])
-    want = torch.where(keep, logits[0] / 0.7, torch.tensor(float('-inf'))).softmax(-1)
-    torch.testing.assert_close(freq(temperature=0.7, top_k=3, top_p=None), want, atol=0.01, rtol=0)
-    # nucleus: the smallest set of most likely tokens whose probability reaches top_p
-    p = logits[0].softmax(-1)                                  # 0.56, 0.21, 0.13, ...: 0.56 + 0.21 >= 0.7
-    want = torch.where(torch.arange(6) < 2, p, torch.tensor(0.0))
-    torch.testing.assert_close(freq(temperature=1.0, top_k=None, top_p=0.7), want / want.sum(),
-                               atol=0.01, rtol=0)
-    greedy = logits.argmax(-1)
-    assert torch.equal(sample_next(logits, 1.0, 1, None, gen), greedy)     # top_k=1 is greedy
-    assert torch.equal(sample_next(logits, 0, None, None), greedy)
-
-
 # ---- masks (spec §4) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kind', ['moeut', 'dense'])
@@ -355,7 +337,7 @@ def test_dropout_on_the_attention_branch_only():
     model = make('moeut', dropout=1.0).train()
     layer = model.core.layers[0]
     x = torch.randn(2, 5, 32)
-    ctx = __import__('model').make_attn_context(5, 0, None, x.device)
+    ctx = make_attn_context(5, 0, None, x.device)
     torch.manual_seed(0)
     got = layer(x, ctx)
     torch.manual_seed(0)
@@ -382,7 +364,7 @@ def test_dense_block_is_pre_ln_relu_mlp():
     model = make('dense').eval()
     block = model.core.layers[0]
     x = torch.randn(2, 5, 32)
-    ctx = __import__('model').make_attn_context(5, 0, None, x.device)
+    ctx = make_attn_context(5, 0, None, x.device)
     h = x + block.attn(block.ln1(x), ctx)
     want = h + F.linear(F.relu(F.linear(block.ln2(h), block.fc.weight, block.fc.bias)),
                         block.fc_out.weight, block.fc_out.bias)
@@ -392,16 +374,7 @@ def test_dense_block_is_pre_ln_relu_mlp():
 def test_forward_flops_match_the_spec():
     """Spec §8: MACs per 1024-token sequence, forward, at vocabulary 8000: MoEUT-126M ≈ 95G, and from
     244M up MoEUT ≈ 0.6× its dense baseline."""
-    from configurator import configure
-    from model import flops_per_token
-
-    def cfg(name):
-        settings = {f.name: f.default for f in __import__('dataclasses').fields(ModelConfig)}
-        configure(settings, [os.path.join(ROOT, 'config', f'{name}.py'), '--vocab_size=8000'],
-                  ignore_unknown_file_keys=True)
-        return ModelConfig.from_dict(settings)
-
-    macs = lambda name: flops_per_token(cfg(name), 1024) / 2 * 1024    # noqa: E731
+    macs = lambda name: flops_per_token(paper_config(name), 1024) / 2 * 1024    # noqa: E731
     assert macs('moeut_126m') == pytest.approx(95e9, rel=0.02)
     for size in ('244m', '1b'):
         assert 0.55 < macs(f'moeut_{size}') / macs(f'dense_{size}') < 0.65, size
@@ -507,13 +480,7 @@ PAPER_COUNTS = {'moeut_44m': 44.35, 'moeut_126m': 125.67, 'moeut_244m': 243.33, 
 
 @pytest.mark.parametrize('name', list(PAPER_COUNTS))
 def test_paper_config_parameter_counts(name):
-    from configurator import apply_overrides
-    from dataclasses import fields
-    settings = {f.name: f.default for f in fields(ModelConfig)}
-    apply_overrides(settings, [os.path.join(ROOT, 'config', f'{name}.py'), '--vocab_size=8000'],
-                    ignore_unknown_file_keys=True)
-    cfg = ModelConfig.from_dict(settings)
-    assert round(param_counts(cfg)['total'] / 1e6, 2) == PAPER_COUNTS[name]
+    assert round(param_counts(paper_config(name))['total'] / 1e6, 2) == PAPER_COUNTS[name]
 
 
 def test_param_counts_match_the_module():

@@ -48,6 +48,31 @@ def test_greedy_is_argmax_and_sampling_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_sample_next_temperature_top_k_top_p():
+    """The distribution sample_next draws from, checked by frequency against softmax(logits / T)
+    restricted to the top-k / nucleus set."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 40000
+    gen = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        draws = sample_next(logits.expand(n, -1), generator=gen, **kw)
+        return torch.bincount(draws, minlength=6).float() / n
+
+    for T in (0.5, 2.0):
+        torch.testing.assert_close(freq(temperature=T, top_k=None, top_p=None),
+                                   (logits[0] / T).softmax(-1), atol=0.01, rtol=0)
+    keep = torch.tensor([True, True, True, False, False, False])
+    want = torch.where(keep, logits[0] / 0.7, torch.tensor(float('-inf'))).softmax(-1)
+    torch.testing.assert_close(freq(temperature=0.7, top_k=3, top_p=None), want, atol=0.01, rtol=0)
+    # nucleus: the smallest set of most likely tokens whose probability reaches top_p
+    p = logits[0].softmax(-1)                                  # 0.56, 0.21, 0.13, ...: 0.56 + 0.21 >= 0.7
+    want = torch.where(torch.arange(6) < 2, p, torch.tensor(0.0))
+    torch.testing.assert_close(freq(temperature=1.0, top_k=None, top_p=0.7), want / want.sum(),
+                               atol=0.01, rtol=0)
+    assert torch.equal(sample_next(logits, 1.0, 1, None, gen), logits.argmax(-1))     # top_k=1 is greedy
+
+
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """A tiny untrained model saved the way train.py saves it, with the 'bytes' tokenizer."""
