@@ -559,6 +559,17 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
 # ---- the loop ---------------------------------------------------------------------------------
 
 def train(cfg, run):
+    """Train as configured; however it ends (done, a signal, fail(), an exception), the SIGTERM/SIGINT
+    handlers it installs are put back, so an in-process caller keeps its own."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _train(cfg, run)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _train(cfg, run):
     master = run['master']
     torch.manual_seed(cfg['seed'] + run['rank'])
     data_dir = ensure_data(cfg, run)
@@ -633,7 +644,8 @@ def train(cfg, run):
             # which the next start removes, so the last complete checkpoint stays the one to resume.
             raise SystemExit("interrupted twice: exiting without a checkpoint")
         stop['signal'] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in (signal.SIGTERM, signal.SIGINT):     # train() puts the caller's handlers back
+        signal.signal(s, on_signal)
 
     fmt = cfg['checkpoint_format']
     if fmt == 'auto':
@@ -790,8 +802,6 @@ def train(cfg, run):
                 print(f"signal received: checkpointing at iter {iter_num} and exiting")
             checkpoint(evaluated=False)
             break
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
     if wandb:
         wandb.finish()
     if cfg['overfit_batch'] and master and first_loss is not None:

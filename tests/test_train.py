@@ -439,17 +439,32 @@ def train_here(root, *args, run=None):
     cfg = {k: getattr(train_py, k) for k in config_keys(vars(train_py))}
     configure(cfg, [*TINY, '--diagnostics=False', *map(str, args)])
     cwd, threads = os.getcwd(), torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     os.chdir(root)
     torch.set_num_threads(1)
-    try:
+    try:   # train() puts back the signal handlers it installs (test_train_puts_back_signal_handlers)
         train_py.train(cfg, run or train_py.setup_distributed(cfg))
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
-        for s, h in handlers.items():
-            signal.signal(s, h)
     return os.path.join(root, cfg['out_dir'])
+
+
+def test_train_puts_back_signal_handlers(root):
+    """train() installs its own SIGTERM/SIGINT handlers (checkpoint, then exit); an in-process caller gets
+    its own back however train() ends: finished, or through fail() after the handlers were installed."""
+    def mine(signum, frame):
+        pass
+    kinds = (signal.SIGTERM, signal.SIGINT)
+    before = {s: signal.signal(s, mine) for s in kinds}
+    try:
+        train_here(root, '--max_iters=1', '--eval_interval=1000', '--out_dir=handlers_done')
+        assert all(signal.getsignal(s) is mine for s in kinds)
+        with pytest.raises(SystemExit, match="checkpoint_format must be"):
+            train_here(root, '--max_iters=1', '--checkpoint_format=zip', '--out_dir=handlers_failed')
+        assert all(signal.getsignal(s) is mine for s in kinds)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def write_data(data_dir, train_tokens, val_tokens, vocab_size=257):
