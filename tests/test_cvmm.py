@@ -137,7 +137,7 @@ def compare(impl, args, dtype, device=DEV):
     impl("triton")
     got = run(x.to(device, dtype), ids.to(device), w.to(device, dtype), sw.to(device) if sw is not None else None)
     tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
-    assert got[0].dtype == dtype and got[2].dtype == dtype
+    assert got[0].dtype == dtype and got[2].dtype == dtype and got[0].is_contiguous()
     for name, a, b in zip(["out", "grad_x", "grad_w", "grad_sw"], got, want):
         assert a.shape == b.shape, name
         assert rel(a.cpu(), b) < tol, (name, rel(a.cpu(), b))
@@ -187,13 +187,29 @@ def test_triton_pointer_weight_loads(impl, case, monkeypatch):
     compare(impl, usage(name, **kw), torch.float32)
 
 
-@pytest.mark.parametrize("name", ["up", "down"])
-def test_triton_unaligned_bank_falls_back_to_pointers(impl, name):
-    """Bank rows of 7 or 5 fp16 values are not 16-byte aligned, so TMA cannot take them: the weight
-    tiles are loaded by pointer instead, with the same results."""
-    x, ids, w, sw = usage(name, d=7, de=5)
-    assert C._w_desc(w.half(), True, w.shape[2], 16, 16) is None
-    compare(impl, (x, ids, w, sw), torch.float16)
+@pytest.mark.parametrize("name", ["up", "down", "V", "O", "mlp"])
+def test_triton_pads_widths_to_multiples_of_16(impl, name, monkeypatch):
+    """Widths that are not multiples of 16 (here 7 and 5; d_model 412 and d_head 82 at MoEUT-44M) reach
+    the kernels zero-padded to 16, where their rows are aligned (see cvmm._pad_width), and the results
+    are the reference's, in the caller's shapes, contiguous."""
+    seen = []
+    for fn in ("_gemm", "_gradw"):   # every operand and bank the kernels get, by its row width
+        orig = getattr(C, fn)
+        monkeypatch.setattr(C, fn, lambda a, *r, _orig=orig, **k: seen.append(
+            [a.shape[-1]] + [t.shape[-1] for t in r if torch.is_tensor(t) and t.dim() == 3]) or _orig(a, *r, **k))
+    if name == "mlp":
+        args = mlp_inputs(N=9, d=7, de=5)
+        impl("torch")
+        want = mlp_grads(mlp, *args)
+        impl("triton")
+        got = mlp_grads(fused_mlp, *(t.to(DEV) for t in args))
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.is_contiguous() and rel(a.cpu(), b) < 2e-5
+    else:
+        x, ids, w, sw = usage(name, d=7, de=5)
+        compare(impl, (x, ids, w, sw), torch.float32)
+        assert C._w_desc(w.half(), True, w.shape[2], 16, 16) is None   # unpadded, TMA could not take it
+    assert seen and all(n % 16 == 0 for widths in seen for n in widths), seen
 
 
 @pytest.mark.parametrize("name", ["up", "down"])
@@ -218,6 +234,42 @@ def test_triton_weight_grad_deterministic(impl):
     a, b = run(*args), run(*args)
     for t, u in zip(a, b):
         assert torch.equal(t, u)
+
+
+@pytest.mark.parametrize("split", [2, 3, 7])
+def test_triton_weight_grad_row_splits(impl, split):
+    """With few experts of many rows each (SwitchHead's banks) the weight gradient splits each expert's
+    rows over several programs and sums their fp32 partials in a fixed order: the reference's gradient,
+    bit-identical run to run, zeros for an expert without rows, and parts left empty when there are
+    more parts than row chunks (7 here)."""
+    impl("triton")
+    g = torch.Generator().manual_seed(split)
+    E, K, N, rows = 3, 40, 24, 300
+    ids = torch.randint(0, E - 1, (rows,), generator=g)          # the last expert gets no rows
+    sel = cvmm_prepare(ids[:, None].to(DEV), E)
+    x, go, sc = torch.randn(rows, K, generator=g), torch.randn(rows, N, generator=g), torch.rand(rows, generator=g)
+    want = torch.stack([x[ids == e].T @ (sc[ids == e, None] * go[ids == e]) for e in range(E)])
+    for dtype, tol in [(torch.float32, 2e-5), (torch.float16, 5e-3)]:
+        args = (x.to(DEV, dtype), 1, go.to(DEV, dtype), 1, sc.to(DEV), sel.slot, sel.offsets,
+                torch.empty(E, K, N, device=DEV, dtype=dtype))
+        got, again = (C._gradw(*args, cfg=dict(split=split)) for _ in range(2))
+        assert got.dtype == dtype and got.shape == (E, K, N) and torch.equal(got, again)
+        assert rel(got.cpu().float(), want) < tol and got[E - 1].eq(0).all()
+
+
+def test_weight_grad_split_rule():
+    """Splits only where the (expert, tile) programs leave the waves of one program per SM under 85%
+    full, into the 1-4 parts that fill them best, each of at least 512 rows: never for the σ-MoE banks,
+    and for SwitchHead's O bank at the 44M / 244M shapes (measured faster there on an H100)."""
+    sms = 132
+    assert C._row_splits(6 * 254, 1548, sms) == 1        # MoEUT-126M grad_W1: 6 tiles x 254 experts
+    assert C._row_splits(4 * 155, 2536, sms) == 1        # MoEUT-44M grad_W1: 620 programs, 94% full
+    assert C._row_splits(6 * 40, 6553, sms) == 1         # 126M SwitchHead V: 240 programs, 91% full
+    assert C._row_splits(2 * 32, 8192, sms) == 2         # 44M O: 64 programs -> 128 (97%)
+    assert C._row_splits(4 * 40, 6553, sms) == 4         # 244M O: 160 programs (61%) -> 640 (97%)
+    assert C._row_splits(8 * 40, 6553, sms) == 2         # 244M V: 81% -> 97%; 4 parts as full, fewer wins
+    assert C._row_splits(64, 1000, sms) == 1             # 2 parts would hold under 512 rows
+    assert C._row_splits(10, 10 ** 6, 0) == 1            # no GPU
 
 
 def test_triton_default_contraction_is_sum_of_slot_products(impl):
