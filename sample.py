@@ -114,7 +114,8 @@ def evaluate_file(model, enc, path, device, autocast):
         scored_to = end
         begin += stride
     loss = total / count
-    n_bytes = len(text.encode('utf-8'))
+    # per byte of the scored text: the first token is context only, so its bytes are not counted
+    n_bytes = len(text.encode('utf-8')) - len(enc.decode_single_token_bytes(int(ids[0])))
     return {'tokens': ids.numel(), 'loss': loss, 'ppl': math.exp(loss),
             'bits_per_byte': total / math.log(2) / n_bytes}
 

@@ -123,7 +123,8 @@ def test_eval_file_windows_are_exact(checkpoint, tmp_path):
     _, model = checkpoint
     text = 'Now is the winter of our discontent made glorious summer by this sun of York.' * 2
     (tmp_path / 'e.txt').write_text(text)
-    enc = type('Bytes', (), {'encode_ordinary': staticmethod(lambda t: list(t.encode()))})()
+    enc = type('Bytes', (), {'encode_ordinary': staticmethod(lambda t: list(t.encode())),
+                             'decode_single_token_bytes': staticmethod(lambda i: bytes([i]))})()
     got = evaluate_file(model, enc, tmp_path / 'e.txt', 'cpu', torch.autocast('cpu', enabled=False))
     ids = torch.tensor(list(text.encode()))
     block, stride = model.cfg.block_size, model.cfg.block_size // 2
@@ -134,7 +135,8 @@ def test_eval_file_windows_are_exact(checkpoint, tmp_path):
             nll.append(F.cross_entropy(model(ids[begin:t][None]).logits[0, -1], ids[t]).item())
     assert got['tokens'] == len(ids)
     assert got['loss'] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
-    assert got['bits_per_byte'] == pytest.approx(sum(nll) / math.log(2) / len(text.encode()), abs=1e-5)
+    # per scored byte: the first byte is context only
+    assert got['bits_per_byte'] == pytest.approx(sum(nll) / math.log(2) / (len(text.encode()) - 1), abs=1e-5)
 
 
 def test_eval_file_short_text_is_exact(checkpoint, tmp_path):
@@ -353,8 +355,9 @@ def test_sample_stops_at_the_first_end_of_text(checkpoint, tmp_path, monkeypatch
 
 
 def test_bits_per_byte_counts_utf8_bytes_not_characters(checkpoint, tmp_path):
-    """bits per byte divides the summed loss (in bits) by the file's UTF-8 bytes, which for accented or
-    CJK text are more than its characters."""
+    """bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the scored tokens (all but
+    the first, which is context only), which for accented or CJK text are more than its characters; so
+    it is loss / ln 2 for a byte tokenizer."""
     from sample import evaluate_file
     import prepare
     _, model = checkpoint
@@ -364,8 +367,14 @@ def test_bits_per_byte_counts_utf8_bytes_not_characters(checkpoint, tmp_path):
                         torch.autocast('cpu', enabled=False))
     n_bytes = len(text.encode('utf-8'))
     assert got['tokens'] == n_bytes > len(text)
-    total_bits = got['loss'] * (n_bytes - 1) / math.log(2)   # every token after the first is scored once
-    assert got['bits_per_byte'] == pytest.approx(total_bits / n_bytes, rel=1e-6)
+    assert got['bits_per_byte'] == pytest.approx(got['loss'] / math.log(2), rel=1e-6)
+    # a tokenizer of 2-byte tokens (as a BPE's, several bytes each): the first token's 2 bytes are context
+    pairs = type('Pairs', (), {'encode_ordinary': staticmethod(lambda t: list(t.encode())[::2]),
+                               'decode_single_token_bytes': staticmethod(lambda i: b'..')})()
+    assert n_bytes % 2 == 0
+    got = evaluate_file(model, pairs, tmp_path / 'u.txt', 'cpu', torch.autocast('cpu', enabled=False))
+    total_bits = got['loss'] * (n_bytes // 2 - 1) / math.log(2)   # every token after the first is scored once
+    assert got['bits_per_byte'] == pytest.approx(total_bits / (n_bytes - 2), rel=1e-6)
 
 
 def test_loaded_model_is_in_eval_mode(checkpoint, tmp_path):
