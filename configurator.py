@@ -19,8 +19,10 @@ class ConfigError(ValueError):
 
 
 def _is_config_value(key, value):
-    # a script's globals() also holds imports, helper functions/classes and dunders: only plain data is config
-    return not key.startswith('_') and not isinstance(value, types.ModuleType) and not callable(value)
+    # a script's globals() also holds imports, helper functions/classes, dunders and CONSTANTS (all
+    # capitals, e.g. a table the script uses): only plain lower-case data is config
+    return (not key.startswith('_') and not key.isupper() and not isinstance(value, types.ModuleType)
+            and not callable(value))
 
 
 def config_keys(config):
@@ -136,12 +138,26 @@ def apply_overrides(config, argv, verbose=False, ignore_unknown_file_keys=False)
     return changed
 
 
+def usage(config):
+    """What -h / --help prints: the running script's docstring, then every key with its default."""
+    doc = (getattr(sys.modules.get('__main__'), '__doc__', None) or '').strip()
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'script.py'
+    lines = [doc, ''] if doc else []
+    lines.append(f"usage: python {script} [config.py ...] [--key=value ...]   (keys, with their defaults:)")
+    lines += [f"  --{k}={config[k]!r}" for k in config_keys(config)]
+    return '\n'.join(lines)
+
+
 def configure(config, argv=None, ignore_unknown_file_keys=False):
     """What scripts call: `configure(globals())`. argv defaults to sys.argv[1:]. Prints each override
-    so runs are self-documenting; on a ConfigError prints 'error: <message>' and exits with status 2."""
+    so runs are self-documenting; on a ConfigError prints 'error: <message>' and exits with status 2.
+    -h / --help prints `usage(config)` and exits with status 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ('-h', '--help') for a in argv):
+        print(usage(config))
+        sys.exit(0)
     try:
-        return apply_overrides(config, sys.argv[1:] if argv is None else argv, verbose=True,
-                               ignore_unknown_file_keys=ignore_unknown_file_keys)
+        return apply_overrides(config, argv, verbose=True, ignore_unknown_file_keys=ignore_unknown_file_keys)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # 2 = command-line usage error, like argparse; no traceback for a user's typo

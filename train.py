@@ -845,14 +845,20 @@ def routing_summary(report):
     return out
 
 
+_NO_PLOTS_SAID = []
+
+
 def write_plots(out_dir, routing, depth_hist, wandb=None):
     """PNGs in out_dir: expert usage heatmap (bank x expert), loss curves, depth histogram.
-    matplotlib is optional: without it, nothing is drawn."""
+    matplotlib is optional: without it, nothing is drawn (said once per run)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
+        if not _NO_PLOTS_SAID:
+            _NO_PLOTS_SAID.append(True)
+            print("note: no plots (matplotlib is not installed); the diagnostics are in log.jsonl")
         return
     import json
     written = []

@@ -13,7 +13,8 @@ from configurator import ConfigError, apply_overrides, config_keys, configure  #
 def make_config():
     # looks like a script's globals(): config values plus things that must not be settable
     return dict(learning_rate=6e-4, max_iters=100, compile=True, out_dir='out', init_from='scratch',
-                seed=None, betas=(0.9, 0.95), math=math, helper=lambda: 0, _private=1, __name__='__main__')
+                seed=None, betas=(0.9, 0.95), math=math, helper=lambda: 0, _private=1, __name__='__main__',
+                TABLE={'a': 1})
 
 
 def write(tmp_path, text, name='cfg.py'):
@@ -132,7 +133,7 @@ def test_unknown_key_without_suggestion():
     assert error(['--zzzz=1']) == "unknown config key 'zzzz'"
 
 
-@pytest.mark.parametrize('key', ['math', 'helper', '_private', '__name__'])
+@pytest.mark.parametrize('key', ['math', 'helper', '_private', '__name__', 'TABLE'])
 def test_non_config_globals_are_not_settable(key):
     assert error([f'--{key}=1']).startswith(f"unknown config key '{key}'")
 
@@ -221,6 +222,24 @@ def test_configure_exits_2_with_one_error_line(capsys):
     assert capsys.readouterr().err == "error: config key 'max_iters' expects int, got str ('abc')\n"
 
 
+def test_config_file_may_use_capitalised_helper_constants(tmp_path):
+    """A config file's CONSTANTS are helpers, not keys: no 'unknown config key' for them."""
+    path = write(tmp_path, 'WIDTH = 64\nmax_iters = WIDTH * 2\n')
+    assert apply_overrides(make_config(), [path]) == {'max_iters': 128}
+
+
+def test_help_lists_every_key_with_its_default_and_exits_0(capsys):
+    for flag in ('--help', '-h'):
+        with pytest.raises(SystemExit) as e:
+            configure(make_config(), ['--max_iters=5', flag])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert 'usage: python' in out and 'config:' not in out    # nothing applied
+        keys = [ln.split('=')[0].strip() for ln in out.splitlines() if ln.startswith('  --')]
+        assert keys == ['--' + k for k in config_keys(make_config())]
+        assert "  --out_dir='out'" in out and '  --max_iters=100' in out and 'TABLE' not in out
+
+
 SCRIPT = f"""
 import sys
 sys.path.insert(0, {REPO!r})
@@ -245,3 +264,6 @@ def test_script_subprocess_has_no_traceback(tmp_path, file_text, arg, expected_e
     assert expected_err.format(cfg=cfg) in p.stderr
     ok = subprocess.run([sys.executable, script, '--max_iters=20'], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout == 'config: max_iters = 20\nmax_iters is 20\n'
+    h = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 0 and h.stdout.endswith('usage: python script.py [config.py ...] [--key=value ...]   '
+                                                   '(keys, with their defaults:)\n  --max_iters=10\n')

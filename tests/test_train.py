@@ -467,6 +467,23 @@ def test_train_puts_back_signal_handlers(root):
             signal.signal(s, h)
 
 
+def test_plots_without_matplotlib_say_so_once(tmp_path, monkeypatch, capsys):
+    import builtins
+    import train as train_py
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split('.')[0] == 'matplotlib':
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_matplotlib)
+    monkeypatch.setattr(train_py, '_NO_PLOTS_SAID', [])
+    for _ in range(2):
+        train_py.write_plots(str(tmp_path), None, [3, 1])
+    assert capsys.readouterr().out.count('no plots (matplotlib is not installed)') == 1
+    assert not list(tmp_path.iterdir())
+
+
 def write_data(data_dir, train_tokens, val_tokens, vocab_size=257):
     """A dataset as prepare.py lays it out (uint16 train.bin / val.bin + meta.json), from given tokens."""
     import numpy as np
