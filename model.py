@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvmm import cvmm, cvmm_mlp, cvmm_prepare
+from cvmm import cvmm, cvmm_mlp, cvmm_prepare, topk_ids
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float) -> torch.
     if expert_dropout > 0:
         drop = torch.rand_like(scores) < expert_dropout
         scores = scores.masked_fill(drop, float('-inf'))
-    return scores.topk(k, dim=-1, sorted=False).indices
+    return topk_ids(scores, k)       # torch.topk on CPU, a Triton kernel on CUDA (cvmm.topk_ids)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # so plain `pytest` works too
 import cvmm as C  # noqa: E402
-from cvmm import cvmm, cvmm_mlp, cvmm_prepare, cvmm_reference  # noqa: E402
+from cvmm import cvmm, cvmm_mlp, cvmm_prepare, cvmm_reference, topk_ids  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -109,6 +109,54 @@ def test_reference_contracts_slot_weights_in_fp32(impl, mode):
         exact = torch.stack([sum(sw[n, k].double() * x[n * K + k].double() @ w[ids[n, k]].double()
                                  for k in range(K)) for n in range(N)])
         assert rel(out, exact) < 1e-2 and rel(plain, exact) < 1e-2
+
+
+# ---- router top-k (topk_ids) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,k", [((37, 254), 12), ((9, 4, 10), 2), ((5, 7), 7), ((3, 1), 1), ((0, 6), 2),
+                                     ((70, 33), 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_topk_ids_matches_torch_topk(impl, shape, k, dtype):
+    """The Triton top-k picks the same experts as torch.topk (as sets: torch's order is unspecified;
+    where fp16 scores tie, the same scores), k distinct ones in descending score, on 2-D and 3-D
+    scores, k = E, one expert, no rows, and a transposed view."""
+    g = torch.Generator().manual_seed(shape[0] * 100 + k)
+    scores = torch.rand(*shape, generator=g).to(dtype)
+    want = scores.float().topk(k, dim=-1, sorted=False).indices
+    impl("triton")
+    for s in (scores, scores.transpose(0, -1).contiguous().transpose(0, -1)):   # also a non-contiguous view
+        got = topk_ids(s.to(DEV), k).cpu()
+        assert got.dtype == torch.int64 and got.shape == want.shape
+        picked = scores.float().gather(-1, got)
+        assert torch.equal(picked.sort(-1).values, scores.float().gather(-1, want).sort(-1).values)
+        if dtype == torch.float32:   # no ties
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+        assert (got.sort(-1).values.diff(dim=-1) > 0).all()      # distinct
+        assert (picked[..., :-1] >= picked[..., 1:]).all()         # descending
+
+
+def test_topk_ids_ties_nan_and_dropped_rows(impl):
+    """Ties go to the lower id; NaN scores are never preferred; a row whose scores are all -inf (every
+    expert dropped) still gets k distinct ids in range, so the routing never reads out of bounds."""
+    impl("triton")
+    s = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9],
+                      [float("nan"), 0.2, 0.3, float("nan"), 0.1],
+                      [float("-inf")] * 5,
+                      [float("nan")] * 5])
+    got = topk_ids(s.to(DEV), 3).cpu()
+    assert got[0].tolist() == [1, 2, 4]
+    assert got[1].tolist() == [2, 1, 4]
+    for row in got[2:]:
+        assert sorted(row.tolist()) == [0, 1, 2]
+
+
+def test_topk_ids_errors_and_cpu_path(impl):
+    impl("torch")
+    s = torch.rand(4, 6)
+    assert torch.equal(topk_ids(s, 2), s.topk(2, dim=-1, sorted=False).indices)
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=f"need 0 < k <= experts, got k={k} with scores of shape"):
+            topk_ids(s, k)
 
 
 def run(x, ids, w, sw, E=None):
