@@ -270,11 +270,12 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
 
 def test_second_ctrl_c_exits_at_once_without_a_checkpoint(root):
     # train.py checks for a signal right after it prints a step's log line, so both signals are sent
-    # a third of a step later, into the middle of the next step (400 micro-batches make it long), and
+    # a third of a step later, into the middle of the next step (600 micro-batches make it long), and
     # 50 ms apart, so the first one's Python handler has run before the second arrives (signals of
-    # one kind do not queue)
-    proc = Proc(root, *TINY, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=400',
-                '--out_dir=int2')
+    # one kind do not queue). 600 micro-batches of one window: a long step that fits the generated
+    # text make_text falls back to (47k training tokens) as well as the Shakespeare slice
+    proc = Proc(root, *TINY, '--eval_interval=1000', '--max_iters=100000', '--batch_size=1',
+                '--gradient_accumulation_steps=600', '--out_dir=int2')
     proc.wait_for(r'^iter \d+:')
     step_ms = float(re.search(r'(\d+) ms/iter', proc.wait_for(r'^iter \d+:'))[1])
     time.sleep(step_ms / 3e3)
