@@ -623,9 +623,9 @@ def _sm_count(device):
 
 
 def _row_splits(programs, rows_per_expert, sms):
-    """Into how many parts (1-4) _gradw splits each expert's rows. Its tiles take nearly all of an SM's
-    registers, so the (expert, tile) programs run in waves of `sms`; a last wave left mostly empty is
-    what splitting fills. Only where the waves would be under 85% full (SwitchHead's O bank at 44M and
+    """Into how many parts (1-4) _gradw splits each expert's rows. Its tiles use most of an SM's
+    registers, so the (expert, tile) programs run in waves of about `sms`; a last wave left mostly
+    empty is what splitting fills. Only where the waves would be under 85% full (SwitchHead's O bank at 44M and
     244M; never the σ-MoE banks, whose hundreds of experts fill them) and each part keeps >= 512 rows:
     the parts' fp32 partials cost traffic, and splitting a well-filled grid measured up to 2x slower."""
     def filled(s):
