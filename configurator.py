@@ -18,11 +18,14 @@ class ConfigError(ValueError):
     """A bad override. The message is a single line, meant to be shown to the user as-is."""
 
 
+def _is_data(key, value):
+    # a script's globals() also holds imports, helper functions/classes and dunders
+    return not key.startswith('_') and not isinstance(value, types.ModuleType) and not callable(value)
+
+
 def _is_config_value(key, value):
-    # a script's globals() also holds imports, helper functions/classes, dunders and CONSTANTS (all
-    # capitals, e.g. a table the script uses): only plain lower-case data is config
-    return (not key.startswith('_') and not key.isupper() and not isinstance(value, types.ModuleType)
-            and not callable(value))
+    # ... and CONSTANTS (all capitals, e.g. a table the script uses): only plain lower-case data is config
+    return _is_data(key, value) and not key.isupper()
 
 
 def config_keys(config):
@@ -55,7 +58,7 @@ def _check(key, value, defaults, raw=None, where=''):
     """Return `value` converted to the type of defaults[key], or raise ConfigError.
     This one function validates both config-file assignments and --key=value args."""
     if key not in defaults or not _is_config_value(key, defaults[key]):
-        close = difflib.get_close_matches(key, config_keys(defaults), n=1)
+        close = difflib.get_close_matches(key.lower(), config_keys(defaults), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ''
         raise ConfigError(f"unknown config key {key!r}{where}{hint}")
     default = defaults[key]
@@ -95,8 +98,10 @@ def _run_config_file(path, config):
         exec(compile(source, path, 'exec'), scope)
     except Exception as e:
         raise ConfigError(_describe_error(e, path)) from None
-    # 'is not' finds what the file (re)assigned; imports and helper functions are not config values
-    return {k: v for k, v in scope.items() if _is_config_value(k, v) and (k not in before or v is not before[k])}
+    # 'is not' finds what the file (re)assigned; imports and helper functions are not config values.
+    # A capitalised name is returned too, so that it fails as an unknown key (a typo of a key, most
+    # likely) instead of being dropped; helpers in a config file take a leading underscore.
+    return {k: v for k, v in scope.items() if _is_data(k, v) and (k not in before or v is not before[k])}
 
 
 def _read_arg(arg, config):
@@ -119,7 +124,7 @@ def _read_arg(arg, config):
 def apply_overrides(config, argv, verbose=False, ignore_unknown_file_keys=False):
     """Apply config files and --key=value args (in the order given) to `config` (a dict, typically a
     script's globals()). Only keys already present in `config` that are plain config values
-    (not starting with '_', not modules/functions/classes) may be set. Returns {key: new_value} of
+    (not starting with '_', not ALL-CAPS constants, not modules/functions/classes) may be set. Returns {key: new_value} of
     every key set; raises ConfigError (args before the bad one stay applied). verbose: print each.
     ignore_unknown_file_keys: skip keys a config FILE sets that this script does not have (model.py
     reads a training config only for its model keys); --key=value typos are still errors."""

@@ -105,11 +105,12 @@ def topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     scores.topk(k, dim=-1, sorted=False).indices. CUDA tensors go to a Triton kernel (torch.topk's radix
     select measured 3x slower at the σ-MoE routers' shapes and 19x at SwitchHead's, [N*H, E] with
     E ~ 10, on an H100); in a row, ids come in descending score, ties to the lower id, and NaN scores
-    are never preferred. Elsewhere (and past 4096 experts) torch.topk, whose order is unspecified."""
+    are never preferred (torch.topk prefers them). Elsewhere (and for float64 or past 4096 experts)
+    torch.topk, whose order is unspecified."""
     E = scores.shape[-1] if scores.dim() else 0
     if not 0 < k <= E:
         raise ValueError(f"topk_ids: need 0 < k <= experts, got k={k} with scores of shape {tuple(scores.shape)}")
-    if not _use_triton(scores) or E > 4096 or not scores.is_floating_point():
+    if not _use_triton(scores) or E > 4096 or scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return scores.topk(k, dim=-1, sorted=False).indices
     if torch.compiler.is_compiling():
         return torch.ops.nanomoeut.topk_ids(scores, k)
@@ -784,13 +785,14 @@ def _pad(t: torch.Tensor, pads: list) -> torch.Tensor:
     return torch.nn.functional.pad(t, [v for p in pads for v in (0, p)]) if any(pads) else t
 
 
-def _pad_width(n: int) -> int:
+def _pad_width(n: int, slots: int, experts: int) -> int:
     """How many zero columns make a width of n a multiple of 16 elements. The kernels take row strides
-    as arguments, and Triton specialises an integer argument only when it divides by 16: any other
-    stride leaves the row loads unaligned for the compiler, hence scalar and not pipelined, and TMA
-    wants 16-byte rows too. At MoEUT-44M (d_model 412, d_head 82) that made the kernels 4-9x slower;
-    padding the operands with zeros (exact: the extra products are 0) costs a copy of each."""
-    return -n % 16
+    as arguments, and Triton specialises an integer argument only when it divides by 16: at any other
+    stride the compiler cannot prove the rows aligned (nor can TMA take them). At MoEUT-44M (d_model
+    412, d_head 82) the kernels were 4-9x slower for it. Padding the operands with zeros is exact (the
+    extra products are 0) but copies the whole bank, so it is done only where experts get several rows
+    each (training, prefill), not at decode, which reads just the picked experts' weights."""
+    return -n % 16 if slots >= 4 * experts else 0
 
 
 def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
@@ -807,7 +809,7 @@ def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
         slot_weights = slot_weights.reshape(-1, slot_weights.shape[-1]).contiguous()
     D_out = w.shape[2]
     if _use_triton(x):   # widths to multiples of 16 (see _pad_width); autograd slices the gradients
-        p_in, p_out = _pad_width(w.shape[1]), _pad_width(D_out)
+        p_in, p_out = (_pad_width(n, sel.slot.numel(), w.shape[0]) for n in (w.shape[1], D_out))
         x, w = _pad(x, [p_in]), _pad(w, [p_out, p_in])
     args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
             w.contiguous(), slot_weights)
@@ -958,7 +960,7 @@ def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
         return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, slot_weights)   # the reference, by autograd
     D_out = w2.shape[2]
     if _use_triton(x):   # widths to multiples of 16 (see _pad_width); the padded hidden units stay 0
-        p_in, p_hid, p_out = _pad_width(w1.shape[1]), _pad_width(w1.shape[2]), _pad_width(D_out)
+        p_in, p_hid, p_out = (_pad_width(n, S, w1.shape[0]) for n in (w1.shape[1], w1.shape[2], D_out))
         x, w1, w2 = _pad(x, [p_in]), _pad(w1, [p_hid, p_in]), _pad(w2, [p_out, p_hid])
     args = (x.reshape(-1, x.shape[-1]).contiguous(), sel.slot.contiguous(), sel.offsets.contiguous(),
             w1.contiguous(), w2.contiguous(), slot_weights.reshape(R, -1).contiguous())

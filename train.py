@@ -644,8 +644,7 @@ def _train(cfg, run):
             # which the next start removes, so the last complete checkpoint stays the one to resume.
             raise SystemExit("interrupted twice: exiting without a checkpoint")
         stop['signal'] = signum
-    for s in (signal.SIGTERM, signal.SIGINT):     # train() puts the caller's handlers back
-        signal.signal(s, on_signal)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     fmt = cfg['checkpoint_format']
     if fmt == 'auto':
@@ -802,6 +801,8 @@ def _train(cfg, run):
                 print(f"signal received: checkpointing at iter {iter_num} and exiting")
             checkpoint(evaluated=False)
             break
+    for s, h in handlers.items():    # the loop is over: signals act as before it (train() also restores
+        signal.signal(s, h)          # them when this function fails)
     if wandb:
         wandb.finish()
     if cfg['overfit_batch'] and master and first_loss is not None:
@@ -850,7 +851,7 @@ _NO_PLOTS_SAID = []
 
 def write_plots(out_dir, routing, depth_hist, wandb=None):
     """PNGs in out_dir: expert usage heatmap (bank x expert), loss curves, depth histogram.
-    matplotlib is optional: without it, nothing is drawn (said once per run)."""
+    matplotlib is optional: without it, nothing is drawn (said once per process)."""
     try:
         import matplotlib
         matplotlib.use('Agg')

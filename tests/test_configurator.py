@@ -222,9 +222,13 @@ def test_configure_exits_2_with_one_error_line(capsys):
     assert capsys.readouterr().err == "error: config key 'max_iters' expects int, got str ('abc')\n"
 
 
-def test_config_file_may_use_capitalised_helper_constants(tmp_path):
-    """A config file's CONSTANTS are helpers, not keys: no 'unknown config key' for them."""
-    path = write(tmp_path, 'WIDTH = 64\nmax_iters = WIDTH * 2\n')
+def test_capitalised_names_in_a_config_file_are_unknown_keys(tmp_path):
+    """A capitalised assignment in a config file is most likely a mistyped key: an error naming it and
+    the key meant, not silently dropped. Helpers in a config file take a leading underscore."""
+    path = write(tmp_path, 'MAX_ITERS = 64\n')
+    assert error([path]) == f"unknown config key 'MAX_ITERS' in {path} (did you mean 'max_iters'?)"
+    assert error(['--TABLE={}']).startswith("unknown config key 'TABLE'")
+    path = write(tmp_path, '_WIDTH = 64\nmax_iters = _WIDTH * 2\n', 'helper.py')
     assert apply_overrides(make_config(), [path]) == {'max_iters': 128}
 
 

@@ -246,7 +246,7 @@ def test_triton_pads_widths_to_multiples_of_16(impl, name, monkeypatch):
         monkeypatch.setattr(C, fn, lambda a, *r, _orig=orig, **k: seen.append(
             [a.shape[-1]] + [t.shape[-1] for t in r if torch.is_tensor(t) and t.dim() == 3]) or _orig(a, *r, **k))
     if name == "mlp":
-        args = mlp_inputs(N=9, d=7, de=5)
+        args = mlp_inputs(N=9, d=7, de=5)   # 27 slots, 5 experts: padded (see _pad_width)
         impl("torch")
         want = mlp_grads(mlp, *args)
         impl("triton")
@@ -254,10 +254,20 @@ def test_triton_pads_widths_to_multiples_of_16(impl, name, monkeypatch):
         for a, b in zip(got, want):
             assert a.shape == b.shape and a.is_contiguous() and rel(a.cpu(), b) < 2e-5
     else:
-        x, ids, w, sw = usage(name, d=7, de=5)
+        x, ids, w, sw = usage(name, N=20, d=7, de=5)
         compare(impl, (x, ids, w, sw), torch.float32)
         assert C._w_desc(w.half(), True, w.shape[2], 16, 16) is None   # unpadded, TMA could not take it
     assert seen and all(n % 16 == 0 for widths in seen for n in widths), seen
+
+
+def test_triton_decode_does_not_pad(impl, monkeypatch):
+    """At decode (fewer than 4 slots per expert) the widths stay as they are: padding would copy every
+    expert's weights where the step reads only the picked ones'. Same results either way."""
+    seen = []
+    orig = C._gemm
+    monkeypatch.setattr(C, "_gemm", lambda a, *r, **k: seen.append(a.shape[-1]) or orig(a, *r, **k))
+    compare(impl, usage("down", N=1, d=7, de=5), torch.float32)
+    assert seen and 7 in seen and all(n in (5, 7) for n in seen), seen
 
 
 @pytest.mark.parametrize("name", ["up", "down"])
@@ -303,6 +313,19 @@ def test_triton_weight_grad_row_splits(impl, split):
         got, again = (C._gradw(*args, cfg=dict(split=split)) for _ in range(2))
         assert got.dtype == dtype and got.shape == (E, K, N) and torch.equal(got, again)
         assert rel(got.cpu().float(), want) < tol and got[E - 1].eq(0).all()
+
+
+def test_row_splits_through_the_fused_mlp(impl, monkeypatch):
+    """The split weight gradient on cvmm_mlp's real backward (grad_W2 into a preallocated tensor, the
+    sorted operands): the same gradients as the reference."""
+    monkeypatch.setattr(C, "_row_splits", lambda *a: 3)
+    args = mlp_inputs(N=60, K=2, E=3, d=32, de=16)
+    impl("torch")
+    want = mlp_grads(mlp, *args)
+    impl("triton")
+    got = mlp_grads(fused_mlp, *(t.to(DEV) for t in args))
+    for a, b in zip(got, want):
+        assert rel(a.cpu(), b) < 2e-5
 
 
 def test_weight_grad_split_rule():
@@ -665,6 +688,28 @@ def test_compile_cpu_reference_path(impl):
     impl("torch")
     check_compiled("cpu", torch.float32, 1e-5)
     check_compiled("cpu", torch.float32, 1e-5, fused_mlp)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the CUDA compile tests cover this; CPU compiles are slow on the GPU host")
+def test_compile_triton_path_with_padding_and_topk(impl):
+    """fullgraph=True through the Triton path's extra steps: the router top-k op (topk_ids) and the
+    zero-padding of widths that are not multiples of 16 around the cvmm_mlp op, against eager."""
+    impl("triton")
+    g = torch.Generator().manual_seed(3)
+    x, w1, w2, router = (torch.randn(*s, generator=g) for s in [(24, 7), (4, 7, 5), (4, 5, 7), (7, 4)])
+
+    def sigma_moe(x, w1, w2, router):
+        scores = torch.sigmoid(x @ router)
+        idx = topk_ids(scores, 2)
+        return cvmm_mlp(x, cvmm_prepare(idx, 4), w1, w2, scores.gather(-1, idx))
+    outs = []
+    for f in (sigma_moe, torch.compile(sigma_moe, fullgraph=True)):
+        ps = [t.clone().requires_grad_() for t in (x, w1, w2, router)]
+        y = f(*ps)
+        outs.append([y] + list(torch.autograd.grad(y.square().sum(), ps)))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape and rel(a, b) < 1e-5
 
 
 @needs_cuda
