@@ -123,9 +123,10 @@ def _read_arg(arg, config):
 
 def apply_overrides(config, argv, verbose=False, ignore_unknown_file_keys=False):
     """Apply config files and --key=value args (in the order given) to `config` (a dict, typically a
-    script's globals()). Only keys already present in `config` that are plain config values
-    (not starting with '_', not ALL-CAPS constants, not modules/functions/classes) may be set. Returns {key: new_value} of
-    every key set; raises ConfigError (args before the bad one stay applied). verbose: print each.
+    script's globals()). Only keys already present in `config` that are plain config values (not
+    starting with '_', not ALL-CAPS constants, not modules/functions/classes) may be set. Returns
+    {key: new_value} of every key set; raises ConfigError (args before the bad one stay applied).
+    verbose: print each.
     ignore_unknown_file_keys: skip keys a config FILE sets that this script does not have (model.py
     reads a training config only for its model keys); --key=value typos are still errors."""
     defaults = dict(config)  # check types against the values before any override, so None defaults stay open

@@ -393,8 +393,6 @@ if triton is not None:
                  + offs_k[:, None] * stride_gk + offs_n[None, :],
                  acc.to(gw_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
 
-
-if triton is not None:
     @triton.jit
     def _topk_kernel(x_ptr, out_ptr, R, E, stride_x, K: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr):
         """BR rows per program, each whole in registers: K rounds of (row max, the lowest not-yet-taken
@@ -626,9 +624,10 @@ def _sm_count(device):
 def _row_splits(programs, rows_per_expert, sms):
     """Into how many parts (1-4) _gradw splits each expert's rows. Its tiles use most of an SM's
     registers, so the (expert, tile) programs run in waves of about `sms`; a last wave left mostly
-    empty is what splitting fills. Only where the waves would be under 85% full (SwitchHead's O bank at 44M and
-    244M; never the σ-MoE banks, whose hundreds of experts fill them) and each part keeps >= 512 rows:
-    the parts' fp32 partials cost traffic, and splitting a well-filled grid measured up to 2x slower."""
+    empty is what splitting fills. Only where the waves would be under 85% full (SwitchHead's O bank
+    at 44M and 244M; never the σ-MoE banks, whose hundreds of experts fill them) and each part keeps
+    >= 512 rows: the parts' fp32 partials cost traffic, and splitting a well-filled grid measured up
+    to 2x slower."""
     def filled(s):
         return programs * s / (-(-programs * s // sms) * sms)
     if not sms or filled(1) >= 0.85:
