@@ -84,6 +84,11 @@ def cvmm_prepare(expert_ids: torch.Tensor, n_experts: int) -> CVMMSel:
     if expert_ids.numel() >= 2 ** 31:
         raise ValueError(f"cvmm_prepare: {expert_ids.numel()} slots; slots and offsets are int32 (< 2**31)")
     flat = expert_ids.flatten()
+    if flat.is_cuda and n_experts < 2 ** 15 and flat.dtype != torch.int16:
+        # a radix sort makes one pass per 8 bits of key: 16-bit keys take 2 passes where int64 ids (as
+        # top-k returns them) take 8. Ids out of range become n_experts first, so the range check below
+        # still sees them and nothing wraps into range.
+        flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts).to(torch.int16)
     # sorted in their own dtype, range-checked, then int32: casting first would wrap ids >= 2**32 into range
     expert, slot = torch.sort(flat, stable=True)
     if flat.numel():

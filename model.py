@@ -177,12 +177,32 @@ def rope(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float,
 
 def rope_cos_sin(pos: torch.Tensor, n_rot: int, base: float, dtype=torch.float32):
     """cos, sin of the rotation angles, [T, n_rot] (or [B, 1, T, n_rot] for per-sequence positions)."""
+    if torch.compiler.is_compiling():
+        # one opaque op under torch.compile: inductor otherwise inlines this small table into each of the
+        # 2 x n_layers rotations and recomputes pow/sin/cos for every element of [B, H, T, d_head]
+        return torch.ops.nanomoeut.rope_cos_sin(pos, n_rot, base, dtype)
+    return _rope_cos_sin(pos, n_rot, base, dtype)
+
+
+def _rope_cos_sin(pos: torch.Tensor, n_rot: int, base: float, dtype: torch.dtype):
     inv_freq = 1.0 / (base ** (torch.arange(0, n_rot, 2, device=pos.device).float() / n_rot))
     ang = pos.float()[..., None] * inv_freq                    # [..., T, n_rot/2]
     ang = torch.cat([ang, ang], dim=-1)
     if ang.dim() == 3:                                          # per-sequence positions: [B, 1, T, n]
         ang = ang.unsqueeze(1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@torch.library.custom_op("nanomoeut::rope_cos_sin", mutates_args=())
+def _rope_cos_sin_op(pos: torch.Tensor, n_rot: int, base: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_cos_sin(pos, n_rot, base, dtype)
+
+
+@_rope_cos_sin_op.register_fake
+def _(pos, n_rot, base, dtype):
+    shape = (*pos.shape, n_rot) if pos.dim() < 2 else (pos.shape[0], 1, pos.shape[1], n_rot)
+    return pos.new_empty(shape, dtype=dtype), pos.new_empty(shape, dtype=dtype)
 
 
 class AttnContext(NamedTuple):

@@ -2,6 +2,7 @@
 reference (on CPU through TRITON_INTERPRET=1, set by conftest.py; on CUDA for real), determinism,
 errors, autocast and torch.compile."""
 import os
+import subprocess
 import sys
 import threading
 
@@ -726,6 +727,25 @@ def test_cuda_device_mismatch_and_bad_ids(impl):
     x, ids, w, sw = usage("down", device="cuda")
     with pytest.raises(ValueError, match="one device"):
         cvmm(x, cvmm_prepare(ids, w.shape[0]), w.cpu(), sw)
+
+
+@needs_cuda
+@pytest.mark.parametrize("E", [5, 254, 32767])
+def test_cuda_prepare_narrow_keys(E):
+    """On CUDA the ids are sorted as 16-bit keys: the same stable order, expert ids and offsets as the
+    int64 sort on the CPU, and an id out of range (negative, = E, or one that int16 would wrap into range)
+    still trips the device-side assert."""
+    ids = torch.randint(0, E, (4096, 12), generator=torch.Generator().manual_seed(E))
+    want, got = cvmm_prepare(ids, E), cvmm_prepare(ids.cuda(), E)
+    for a, b in zip(want, got):
+        assert b.dtype == torch.int32 and torch.equal(a, b.cpu())
+    for bad in (-1, E, E + 2 ** 16):
+        # a device-side assert poisons the CUDA context, so each check runs in a fresh process
+        code = (f"import torch, sys; sys.path.insert(0, {REPO!r}); from cvmm import cvmm_prepare; "
+                f"ids = torch.zeros(64, dtype=torch.long, device='cuda'); ids[7] = {bad}; "
+                f"cvmm_prepare(ids, {E}); torch.cuda.synchronize()")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode != 0 and "assert" in r.stderr.lower(), (bad, r.stderr[-500:])
 
 
 @needs_cuda
