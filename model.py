@@ -880,12 +880,14 @@ def param_counts(cfg: ModelConfig) -> dict:
     d, V, H, dh = cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.d_head
     emb = V * d + V * d + V      # embedding + lm_head (with bias)
     ln = 2 * d
+    kv = cfg.kv_heads
+    extras = 2 * dh * cfg.qk_norm + H * cfg.ssmax          # attention options' gains and scales
     if cfg.model_type == 'dense':
-        per = 4 * d * H * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * ln
+        per = 2 * d * H * dh + 2 * d * kv * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * ln + extras
         layers, active_per = cfg.n_layers * per, per
     else:
         E, k = cfg.att_n_experts, cfg.att_k
-        att = 2 * d * H * dh
+        att = d * H * dh + d * kv * dh + extras
         if E > 1:
             att_total = att + 2 * H * E * d * dh + 2 * H * E * d
             att_active = att + 2 * H * k * d * dh + 2 * H * E * d
@@ -912,13 +914,16 @@ def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
     average, the routers, and the LM head."""
     T = T or cfg.block_size
     d, H, dh, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size
+    kv, W = cfg.kv_heads, cfg.attn_window
     att_scores = 2 * T * H * dh // 2        # QK^T and AV over on average T/2 visible keys
+    if 0 < W < T:                           # sliding window: min(t+1, W) keys, averaged over t < T
+        att_scores = 2 * (W * (W + 1) // 2 + (T - W) * W) * H * dh // T
     if cfg.model_type == 'dense':
-        per_layer = 4 * d * H * dh + 2 * d * cfg.d_ff + att_scores
+        per_layer = 2 * d * H * dh + 2 * d * kv * dh + 2 * d * cfg.d_ff + att_scores
     else:
         E, k = cfg.att_n_experts, cfg.att_k
         vo = 2 * H * k * d * dh + 2 * H * E * d if E > 1 else 2 * H * dh * d + H * d
-        per_layer = (2 * d * H * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
+        per_layer = (d * H * dh + d * kv * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
                      + cfg.ff_n_experts * d)
     return 2 * ((cfg.n_layers + cfg.n_prelude + cfg.n_coda) * per_layer + d * V)
 
