@@ -267,8 +267,13 @@ def sdpa(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, ssmax: Optional
         log_n = visible_keys(mask, is_causal, q.shape[2], k.shape[2], q.device).log()
         q = q * (ssmax[:, None, None] * log_n).to(q.dtype)
     H = q.shape[1]
-    if k.shape[1] != H and v.shape[1] == H:   # SwitchHead: K shared by groups, V per head; SDPA's GQA
-        k = k.repeat_interleave(H // k.shape[1], dim=1)      # wants both or neither (after the cache)
+    # Repeat the shared heads (after the cache, which keeps them unrepeated) where SDPA's own GQA does not
+    # serve: SwitchHead shares K but not V, and SDPA wants both or neither; and with a mask, since on CUDA
+    # the memory-efficient kernel (the one that takes a mask) has no GQA and SDPA could fall back to math.
+    if k.shape[1] != H and (mask is not None or v.shape[1] == H):
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    if v.shape[1] != H and mask is not None:
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
     gqa = {'enable_gqa': True} if k.shape[1] != H else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0, **gqa)
 
@@ -736,7 +741,8 @@ def static_kv_cache(length: int, device) -> dict:
     buffers (made at the first forward) and the next position is a device tensor, so a decode step has
     static shapes and no host sync and can be captured once as a CUDA graph (LM.generate). Causal only.
     It holds at most `length` tokens; writing past that is a device-side index error. The buffers take
-    the dtype of the first forward's keys: keep one autocast state for the cache's life."""
+    the dtype of the first forward's keys: keep one autocast state for the cache's life. With
+    attn_window < length the buffers are a ring of attn_window slots instead (static_attn_context)."""
     return {'static_len': length, 'pos': torch.zeros((), dtype=torch.long, device=device)}
 
 
