@@ -49,7 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import AttnContext, ModelConfig, MoEUTLayer, Routes, distinct_layers, marginal_neg_entropy, rope
+from model import (AttnContext, ModelConfig, MoEUTLayer, Routes, distinct_layers, marginal_neg_entropy, rope,
+                   sdpa)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -141,9 +142,9 @@ class Rows:
         if self.all:
             buf.update(k=k, v=v, pos=self.pos, valid=torch.ones_like(self.run))
             return
-        if 'k' not in buf:
-            zeros = k.new_zeros(self.B, k.shape[1], self.T, k.shape[3])
-            buf.update(k=zeros, v=zeros, pos=self.pos, valid=torch.zeros_like(self.run))
+        if 'k' not in buf:       # K may have fewer heads than V (n_kv_heads: SwitchHead shares K only)
+            k0, v0 = (t.new_zeros(self.B, t.shape[1], self.T, t.shape[3]) for t in (k, v))
+            buf.update(k=k0, v=v0, pos=self.pos, valid=torch.zeros_like(self.run))
         for name, new in (('k', k), ('v', v)):
             old = buf[name]
             B, H, T, dh = old.shape
@@ -173,7 +174,7 @@ class CompactAttention:
         self.rows, self.ctx, self.kv, self.buf = rows, ctx, kv, buf
         self.pos = ctx.pos
 
-    def attend(self, q, k, v, cache, n_rot, base):
+    def attend(self, q, k, v, cache, n_rot, base, ssmax=None):
         rows, ctx = self.rows, self.ctx
         pos = ctx.pos if rows.all else rows.rope_pos        # slot index != position: rotate explicitly
         cs = ctx.cos_sin if rows.all else None              # LM.forward's, computed at ctx.pos
@@ -202,7 +203,8 @@ class CompactAttention:
             mask, is_causal = None, True       # (one slot: causal is trivially right; no SymBool under compile)
         else:
             mask, is_causal = self._mask(kpos, kvalid, n_past), False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0)
+        # GQA and SSMax as in model.attend; SSMax's n counts the keys this mask shows (tokens at this step)
+        out = sdpa(q, k, v, mask, is_causal, ssmax)
         return rows.unpad(out)
 
     def _mask(self, kpos, kvalid, n_past):

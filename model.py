@@ -63,6 +63,11 @@ class ModelConfig:
     mor_balance_coef: float = 0.1   # token-choice balancing loss
     mor_causal_eval: bool = True    # eval: expert-choice uses sigmoid > 0.5 (causal) instead of top-k
     # --- end of halting block ---
+    # --- attention options (README "Attention options"); all off by default, and off changes nothing ---
+    n_kv_heads: int = 0             # GQA/MQA: K (and, in the dense baseline, V) heads; 0 = n_heads
+    qk_norm: bool = False           # RMS-normalise q and k per head (learned gain over d_head) before RoPE
+    ssmax: bool = False             # Scalable-Softmax: logits × s_h·log(visible keys), s_h learned per head
+    attn_window: int = 0            # sliding-window causal attention over the last W keys; 0 = all
 
     def __post_init__(self):
         def bad(msg):
@@ -93,12 +98,23 @@ class ModelConfig:
                 bad(f"ff_k ({self.ff_k}) must be in 1..ff_n_experts ({self.ff_n_experts})")
             if self.att_n_experts > 1 and not 1 <= self.att_k <= self.att_n_experts:
                 bad(f"att_k ({self.att_k}) must be in 1..att_n_experts ({self.att_n_experts})")
+        if not (0 <= self.n_kv_heads <= self.n_heads and (self.n_kv_heads == 0 or
+                                                          self.n_heads % self.n_kv_heads == 0)):
+            bad(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); 0 = n_heads")
+        if self.attn_window < 0:
+            bad(f"attn_window must be >= 0 (0 = attend to every earlier key), got {self.attn_window}")
+        if self.attn_window and self.halting != 'none':
+            bad("attn_window needs halting='none' (halting's per-step KV caches are not windowed)")
 
     @property
     def n_rot(self) -> int:
         # spec §5: half of each head, rounded DOWN to an even number (d_head 82 -> 41 -> 40)
         n = self.d_head // 2
         return n - n % 2
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @classmethod
     def from_dict(cls, d: dict) -> 'ModelConfig':
@@ -209,33 +225,116 @@ class AttnContext(NamedTuple):
     """What every attention layer of one forward pass shares: absolute positions of the new tokens,
     and the SDPA mask (True = attend, SDPA's convention) or is_causal for the plain causal case.
     static_len > 0: the KV cache is a fixed [B, H, static_len, d_head] buffer (see static_kv_cache).
-    cos_sin: RoPE's cos/sin at pos, computed once per forward (LM.forward) rather than in every layer."""
+    cos_sin: RoPE's cos/sin at pos, computed once per forward (LM.forward) rather than in every layer.
+    window > 0 (attn_window): the growing cache keeps only the last window-1 keys; with static_len, the
+    cache is a ring of `window` slots instead (the mask, made from positions, already holds the window)."""
     pos: torch.Tensor
     mask: Optional[torch.Tensor]
     is_causal: bool
     static_len: int = 0
     cos_sin: Optional[tuple] = None
+    window: int = 0
 
 
-def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: float):
-    """Rotate q, k at their absolute positions, extend the KV cache, run SDPA. q, k, v: [B, H, T, dh].
-    q and k arrive pre-scaled by d_head^-1/4 each (spec §4), so SDPA runs with scale=1."""
+def attend(q, k, v, ctx: AttnContext, cache: Optional[dict], n_rot: int, base: float,
+           ssmax: Optional[torch.Tensor] = None):
+    """Rotate q, k at their absolute positions, extend the KV cache, run SDPA. q: [B, H, T, dh]; k, v:
+    [B, H_kv, T, dh] (GQA: H_kv divides H; SwitchHead's V keeps all H). The cache stores k, v as they
+    come, so only the KV heads. q and k arrive pre-scaled by d_head^-1/4 each (spec §4): scale=1."""
     if hasattr(ctx, 'attend'):   # halting.py: its context attends over the gathered active tokens itself
-        return ctx.attend(q, k, v, cache, n_rot, base)
+        return ctx.attend(q, k, v, cache, n_rot, base, **({} if ssmax is None else {'ssmax': ssmax}))
     q, k = rope(q, ctx.pos, n_rot, base, ctx.cos_sin), rope(k, ctx.pos, n_rot, base, ctx.cos_sin)
-    if cache is not None and ctx.static_len:   # write at the positions; the mask hides the unwritten tail
+    if cache is not None and ctx.static_len and ctx.window:
+        k, v = _ring_write(cache, k, v, ctx)
+    elif cache is not None and ctx.static_len:   # write at the positions; the mask hides the unwritten tail
         if 'k' not in cache:     # zeros, not empty: masked-out values still enter SDPA's weighted sum
-            shape = (k.shape[0], k.shape[1], ctx.static_len, k.shape[3])
-            cache['k'], cache['v'] = k.new_zeros(shape), v.new_zeros(shape)
+            cache['k'], cache['v'] = (t.new_zeros(t.shape[0], t.shape[1], ctx.static_len, t.shape[3])
+                                      for t in (k, v))
         cache['k'].index_copy_(2, ctx.pos, k)
         cache['v'].index_copy_(2, ctx.pos, v)
         k, v = cache['k'], cache['v']
     elif cache is not None:      # cached keys are stored already rotated
         if 'k' in cache:
             k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
-        cache['k'], cache['v'] = k, v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                          scale=1.0)
+        if ctx.window:           # the next query (position n_past) needs at most the last window-1 keys
+            drop = k.shape[2] - min(k.shape[2], ctx.window - 1)
+            cache['k'], cache['v'] = k[:, :, drop:], v[:, :, drop:]
+        else:
+            cache['k'], cache['v'] = k, v
+    return sdpa(q, k, v, ctx.mask, ctx.is_causal, ssmax)
+
+
+def _ring_write(cache: dict, k, v, ctx: AttnContext):
+    """Static cache with a sliding window: a ring of W = ctx.window slots (key at position p in slot
+    p % W). Returns the keys to attend over: the ring as it was (static_attn_context masks its stale and
+    empty slots) followed by the new keys, so a query early in a chunk still sees the keys the chunk's
+    later tokens overwrite. Then the chunk's last min(T, W) keys go into the ring."""
+    W, T = ctx.window, k.shape[2]
+    if 'k' not in cache:
+        cache['k'], cache['v'] = (t.new_zeros(t.shape[0], t.shape[1], W, t.shape[3]) for t in (k, v))
+    k_all, v_all = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+    m = min(T, W)
+    slots = ctx.pos[T - m:] % W
+    cache['k'].index_copy_(2, slots, k[:, :, T - m:])
+    cache['v'].index_copy_(2, slots, v[:, :, T - m:])
+    return k_all, v_all
+
+
+def sdpa(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, ssmax: Optional[torch.Tensor] = None):
+    """SDPA at scale 1, with GQA (k, v with fewer heads than q; head h reads KV head h // (H/H_kv)) and
+    Scalable-Softmax: logits × ssmax[h]·log(n), n = keys this query sees (visible_keys)."""
+    if ssmax is not None:     # a factor per query row: scaling q scales its logits, and keeps SDPA's kernels
+        log_n = visible_keys(mask, is_causal, q.shape[2], k.shape[2], q.device).log()
+        q = q * (ssmax[:, None, None] * log_n).to(q.dtype)
+    H = q.shape[1]
+    # Repeat the shared heads (after the cache, which keeps them unrepeated) where SDPA's own GQA does not
+    # serve: SwitchHead shares K but not V, and SDPA wants both or neither; and with a mask, since on CUDA
+    # the memory-efficient kernel (the one that takes a mask) has no GQA and SDPA could fall back to math.
+    if k.shape[1] != H and (mask is not None or v.shape[1] == H):
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    if v.shape[1] != H and mask is not None:
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    gqa = {'enable_gqa': True} if k.shape[1] != H else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0, **gqa)
+
+
+def visible_keys(mask: Optional[torch.Tensor], is_causal: bool, Tq: int, Tk: int, device) -> torch.Tensor:
+    """How many keys each query attends to (float, >= 1; broadcasts to [B, H, Tq, 1]): the True entries
+    of its row of the SDPA mask (so padding and the window are not counted), q+1 under is_causal (SDPA
+    aligns it top-left), else every key. A query that sees nothing counts 1 (log 0 would be -inf)."""
+    if mask is not None:
+        n = mask.sum(-1, keepdim=True)
+    elif is_causal:
+        n = torch.arange(1, Tq + 1, device=device)[:, None]
+    else:
+        n = torch.full((Tq, 1), Tk, device=device)
+    return n.clamp(min=1).float()
+
+
+def qk_heads(x: torch.Tensor, n_heads: int, d_head: int, norm: Optional[nn.Module]) -> torch.Tensor:
+    """[B, T, n_heads*d_head] -> [B, n_heads, T, d_head], scaled by d_head^-1/4 (spec §4). qk_norm:
+    RMS-normalised per head first; the norm would undo any scale before it, so the d_head^-1/4 comes
+    after it and the logits keep the usual 1/sqrt(d_head) of two unit-RMS vectors."""
+    B, T, _ = x.shape
+    if norm is None:
+        return (x * d_head ** -0.25).view(B, T, n_heads, d_head).transpose(1, 2)
+    return (norm(x.view(B, T, n_heads, d_head)) * d_head ** -0.25).transpose(1, 2)
+
+
+def attention_extras(module: nn.Module, cfg: ModelConfig):
+    """The attention options' parameters on a SwitchHead / DenseAttention: qk_norm's gains over d_head
+    (shared by the heads, one for q and one for k) and SSMax's s per head. Absent when off."""
+    module.q_norm = module.k_norm = module.ssmax = None
+    if cfg.qk_norm:
+        module.q_norm, module.k_norm = nn.RMSNorm(cfg.d_head, eps=1e-6), nn.RMSNorm(cfg.d_head, eps=1e-6)
+    if cfg.ssmax:
+        module.ssmax = nn.Parameter(torch.empty(cfg.n_heads))
+
+
+def ssmax_init(cfg: ModelConfig) -> float:
+    """s = 1/log(block_size): at the training context's last position the logits are plain softmax's;
+    queries that see fewer keys start out softer."""
+    return 1 / math.log(max(cfg.block_size, 2))
 
 
 class SwitchHead(nn.Module):
@@ -247,8 +346,10 @@ class SwitchHead(nn.Module):
         H, dh, d, E = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.att_n_experts
         self.H, self.dh, self.E, self.top_k = H, dh, E, cfg.att_k
         self.n_rot, self.base, self.expert_dropout = cfg.n_rot, cfg.rope_base, cfg.att_expert_dropout
+        self.Hkv = cfg.kv_heads     # GQA for K only: V experts stay per head (README "Attention options")
         self.q = nn.Linear(d, H * dh, bias=False)
-        self.k = nn.Linear(d, H * dh, bias=False)
+        self.k = nn.Linear(d, self.Hkv * dh, bias=False)
+        attention_extras(self, cfg)
         if E > 1:
             self.v = nn.Parameter(torch.empty(H * E, d, dh))      # head h's expert e is h*E + e
             self.o = nn.Parameter(torch.empty(H * E, dh, d))
@@ -279,9 +380,8 @@ class SwitchHead(nn.Module):
         """a = LN_att(x) feeds Q, K and both routers; x (raw residual) feeds V."""
         B, T, d = x.shape
         H, dh = self.H, self.dh
-        scale = dh ** -0.25
-        q = (self.q(a) * scale).view(B, T, H, dh).transpose(1, 2)
-        k = (self.k(a) * scale).view(B, T, H, dh).transpose(1, 2)
+        q = qk_heads(self.q(a), H, dh, self.q_norm)
+        k = qk_heads(self.k(a), self.Hkv, dh, self.k_norm)
         if self.E > 1:
             v_sel, v_w = self.route(a, self.sel_v, routes['v'] if routes else None, self.usage_v)
             o_sel, o_w = self.route(a, self.sel_o, routes['o'] if routes else None, self.usage_o)
@@ -290,7 +390,7 @@ class SwitchHead(nn.Module):
             v = v.view(B, T, H, dh).transpose(1, 2)
         else:
             v = F.linear(x, self.v).view(B, T, H, dh).transpose(1, 2)
-        att = attend(q, k, v, ctx, cache, self.n_rot, self.base)              # [B, H, T, dh]
+        att = attend(q, k, v, ctx, cache, self.n_rot, self.base, self.ssmax)  # [B, H, T, dh]
         att = att.transpose(1, 2)                                             # [B, T, H, dh]
         if self.E > 1:
             # O: slots [N, H, k] read (token, head) rows (fan k); ONE weighted sum over all H*k picks
@@ -394,15 +494,19 @@ class DenseAttention(nn.Module):
         super().__init__()
         H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
         self.H, self.dh, self.n_rot, self.base = H, dh, cfg.n_rot, cfg.rope_base
-        self.qkv = nn.Linear(d, 3 * H * dh, bias=False)
+        self.Hkv = cfg.kv_heads      # GQA: K and V shared by groups of H/Hkv query heads
+        self.qkv = nn.Linear(d, (H + 2 * self.Hkv) * dh, bias=False)     # [q heads | k heads | v heads]
         self.proj = nn.Linear(H * dh, d, bias=False)
+        attention_extras(self, cfg)
 
     def forward(self, a, ctx: AttnContext, cache=None):
         B, T, _ = a.shape
-        q, k, v = self.qkv(a).view(B, T, 3, self.H, self.dh).permute(2, 0, 3, 1, 4)
-        scale = self.dh ** -0.25
-        y = attend(q * scale, k * scale, v, ctx, cache, self.n_rot, self.base)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.dh))
+        H, Hkv, dh = self.H, self.Hkv, self.dh
+        q, k, v = self.qkv(a).split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
+        q, k = qk_heads(q, H, dh, self.q_norm), qk_heads(k, Hkv, dh, self.k_norm)
+        v = v.view(B, T, Hkv, dh).transpose(1, 2)
+        y = attend(q, k, v, ctx, cache, self.n_rot, self.base, self.ssmax)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
 
 class DenseBlock(nn.Module):
@@ -466,7 +570,11 @@ class LM(nn.Module):
         d, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
         nn.init.kaiming_normal_(self.embedding.weight, mode='fan_in', nonlinearity='linear')
         for m in self.modules():
-            if isinstance(m, nn.LayerNorm):
+            if getattr(m, 'ssmax', None) is not None:        # attention options (attention_extras)
+                nn.init.constant_(m.ssmax, ssmax_init(cfg))
+            if isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, SigmaMoE):
@@ -502,7 +610,7 @@ class LM(nn.Module):
             ctx = static_attn_context(idx.shape[1], kv_cache, mask, self.cfg)
         else:
             past = cache_length(kv_cache)
-            ctx = make_attn_context(idx.shape[1], past, mask, idx.device)
+            ctx = make_attn_context(idx.shape[1], past, mask, idx.device, self.cfg.attn_window)
         if self.cfg.n_rot:
             ctx = ctx._replace(cos_sin=rope_cos_sin(ctx.pos, self.cfg.n_rot, self.cfg.rope_base,
                                                     self._compute_dtype(idx.device)))
@@ -653,7 +761,8 @@ def static_kv_cache(length: int, device) -> dict:
     buffers (made at the first forward) and the next position is a device tensor, so a decode step has
     static shapes and no host sync and can be captured once as a CUDA graph (LM.generate). Causal only.
     It holds at most `length` tokens; writing past that is a device-side index error. The buffers take
-    the dtype of the first forward's keys: keep one autocast state for the cache's life."""
+    the dtype of the first forward's keys: keep one autocast state for the cache's life. With
+    attn_window < length the buffers are a ring of attn_window slots instead (static_attn_context)."""
     return {'static_len': length, 'pos': torch.zeros((), dtype=torch.long, device=device)}
 
 
@@ -667,14 +776,54 @@ def static_attn_context(T: int, kv_cache: dict, mask: Optional[AttentionMask], c
     if T > L:
         raise ValueError(f"{T} new tokens do not fit a static KV cache of {L}")
     pos = kv_cache['pos'] + torch.arange(T, device=kv_cache['pos'].device)
-    allowed = torch.arange(L, device=pos.device) <= pos[:, None]               # [T, L]
-    return AttnContext(pos, allowed, False, L)
+    W = cfg.attn_window
+    if not 0 < W < L:       # no window, or one that cannot bite within L positions
+        allowed = torch.arange(L, device=pos.device) <= pos[:, None]               # [T, L]
+        return AttnContext(pos, allowed, False, L)
+    # a ring of W slots (_ring_write); slot j holds the newest position < pos[0] that is j mod W
+    last = kv_cache['pos'] - 1
+    slot_pos = last - torch.remainder(last - torch.arange(W, device=pos.device), W)      # < 0: empty
+    kpos = torch.cat([slot_pos, pos])                                                    # ring, then new
+    seen = torch.cat([slot_pos >= 0, torch.ones(T, dtype=torch.bool, device=pos.device)])
+    allowed = seen & (kpos <= pos[:, None]) & (kpos > pos[:, None] - W)                   # [T, W + T]
+    return AttnContext(pos, allowed, False, L, window=W)
 
 
-def make_attn_context(T: int, past: int, mask: Optional[AttentionMask], device) -> AttnContext:
+def make_attn_context(T: int, past: int, mask: Optional[AttentionMask], device,
+                      window: int = 0) -> AttnContext:
     """Positions of the new tokens, and the SDPA mask. mask=None: causal (the fast is_causal path when
     there is no past; with a cache, new token i sees every past key and new keys <= i).
-    An AttentionMask (True = masked out) is inverted to SDPA's True = attend."""
+    An AttentionMask (True = masked out) is inverted to SDPA's True = attend.
+    window (attn_window): also hide keys W or more positions back (_window_context once that can bite)."""
+    if window and past + T > window:
+        return _window_context(T, past, mask, device, window)
+    ctx = _full_context(T, past, mask, device)
+    return ctx._replace(window=window) if window else ctx    # the cache still keeps only window-1 keys
+
+
+def _window_context(T: int, past: int, mask: Optional[AttentionMask], device, W: int) -> AttnContext:
+    """Sliding window: the cache holds the last min(past, W-1) keys; query at p sees keys in (p-W, p].
+    A given AttentionMask is ANDed in; its key axis counts absolute positions 0..past+T-1 (or only the
+    new tokens, if T wide, as without a window) and is cut to the keys the cache still has."""
+    n_old = min(past, W - 1)
+    kpos = torch.arange(past - n_old, past + T, device=device)
+    pos, Tk = kpos[n_old:], n_old + T
+    if mask is None and T == 1:          # decode: the W-1 cached keys and its own, all visible
+        return AttnContext(pos, None, False, window=W)
+    allowed = kpos > pos[:, None] - W                                          # [T, Tk]
+    if mask is None:
+        return AttnContext(pos, allowed & (kpos <= pos[:, None]), False, window=W)
+    src, posm = mask
+    if posm is not None:
+        posm = posm.to(torch.bool)
+        posm = F.pad(posm, (Tk - posm.shape[-1], 0), value=False) if posm.shape[-1] < Tk else posm[..., -Tk:]
+        allowed = allowed & ~posm
+    if src is not None:
+        allowed = allowed & ~src.to(torch.bool)[:, None, None, -Tk:]
+    return AttnContext(pos, allowed, False, window=W)
+
+
+def _full_context(T: int, past: int, mask: Optional[AttentionMask], device) -> AttnContext:
     pos = torch.arange(past, past + T, device=device)
     Tk = past + T
     if mask is None:
@@ -757,12 +906,14 @@ def param_counts(cfg: ModelConfig) -> dict:
     d, V, H, dh = cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.d_head
     emb = V * d + V * d + V      # embedding + lm_head (with bias)
     ln = 2 * d
+    kv = cfg.kv_heads
+    extras = 2 * dh * cfg.qk_norm + H * cfg.ssmax          # attention options' gains and scales
     if cfg.model_type == 'dense':
-        per = 4 * d * H * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * ln
+        per = 2 * d * H * dh + 2 * d * kv * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * ln + extras
         layers, active_per = cfg.n_layers * per, per
     else:
         E, k = cfg.att_n_experts, cfg.att_k
-        att = 2 * d * H * dh
+        att = d * H * dh + d * kv * dh + extras
         if E > 1:
             att_total = att + 2 * H * E * d * dh + 2 * H * E * d
             att_active = att + 2 * H * k * d * dh + 2 * H * E * d
@@ -789,13 +940,16 @@ def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
     average, the routers, and the LM head."""
     T = T or cfg.block_size
     d, H, dh, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size
+    kv, W = cfg.kv_heads, cfg.attn_window
     att_scores = 2 * T * H * dh // 2        # QK^T and AV over on average T/2 visible keys
+    if 0 < W < T:                           # sliding window: min(t+1, W) keys, averaged over t < T
+        att_scores = 2 * (W * (W + 1) // 2 + (T - W) * W) * H * dh // T
     if cfg.model_type == 'dense':
-        per_layer = 4 * d * H * dh + 2 * d * cfg.d_ff + att_scores
+        per_layer = 2 * d * H * dh + 2 * d * kv * dh + 2 * d * cfg.d_ff + att_scores
     else:
         E, k = cfg.att_n_experts, cfg.att_k
         vo = 2 * H * k * d * dh + 2 * H * E * d if E > 1 else 2 * H * dh * d + H * d
-        per_layer = (2 * d * H * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
+        per_layer = (d * H * dh + d * kv * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
                      + cfg.ff_n_experts * d)
     return 2 * ((cfg.n_layers + cfg.n_prelude + cfg.n_coda) * per_layer + d * V)
 
