@@ -50,20 +50,20 @@ def load_checkpoint(init_from, out_dir, device):
         path = init_from
         if not os.path.exists(path):
             fail(f"checkpoint not found: {path}")
-    from train import load_checkpoint_meta
+    from train import BadCheckpoint, load_checkpoint_meta
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
         fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
-    try:
+    try:       # weights_only: a checkpoint holding pickled objects is refused unread (one line)
         ckpt = load_checkpoint_meta(path)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except BadCheckpoint as e:
+        fail(str(e))
     if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
         fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
     model = LM(ModelConfig(**ckpt['model_config']))
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
-        import torch.distributed.checkpoint as dcp
+        from train import load_sharded
         state = {'model': model.state_dict()}
-        dcp.load(state, checkpoint_id=path)
+        load_sharded(state, path)
         model.load_state_dict(state['model'])
     else:
         state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}

@@ -14,6 +14,8 @@ over the ranks, so a config means the same global batch at any world size.
 import gc
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
@@ -40,6 +42,8 @@ keep_last = 2                   # checkpoints kept in out_dir
 checkpoint_format = 'auto'      # 'file' (one ckpt_N.pt) | 'sharded' (ckpt_N/ via torch.distributed.checkpoint)
                                 # | 'auto' = sharded under FSDP, file otherwise. Both resume at any world size.
 init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
+convert_trusted_checkpoint = '' # a checkpoint path: rewrite a pre-2026-12-06 checkpoint so it loads safely, then exit
+                                # (unpickles it in full, which runs whatever it holds: only for a file you trust)
 wandb_log = False
 wandb_project = 'nanomoeut'
 wandb_run_name = 'run'
@@ -98,6 +102,9 @@ def main():
     cfg = {k: globals()[k] for k in config_keys(globals())}
     configure(cfg)
     globals().update(cfg)
+    if cfg['convert_trusted_checkpoint']:
+        convert_checkpoint(cfg['convert_trusted_checkpoint'])
+        return
     run = setup_distributed(cfg)
     try:
         train(cfg, run)
@@ -423,11 +430,158 @@ def latest_checkpoint(out_dir):
     return paths[-1] if paths else None
 
 
+class BadCheckpoint(Exception):
+    """A checkpoint that cannot be read (truncated, overwritten, incomplete). The message is one line."""
+
+
 def load_checkpoint_meta(path):
     """Everything but the tensors of a sharded checkpoint (config, iteration, data position, RNG), or
-    the whole of a single-file one."""
-    return torch.load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path,
-                      map_location='cpu', weights_only=False)
+    the whole of a single-file one. Loaded with weights_only=True: only tensors and plain Python values,
+    so a checkpoint cannot run code (a pickled object with a __reduce__ is refused before anything runs).
+    A sharded checkpoint's DCP .metadata is read too (with an allowlist: read_dcp_metadata)."""
+    if os.path.isdir(path):
+        read_dcp_metadata(path)
+    return safe_load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path, path)
+
+
+def safe_load(f, ckpt_path):
+    """torch.load(f, weights_only=True) with one-line errors: fail() for a file that holds pickled
+    objects (refused unread), BadCheckpoint for one that is not a readable checkpoint."""
+    try:
+        return torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if m:
+            fail(f"refused to load {getattr(f, 'name', f)}: it holds a pickled Python object ({m[1]}) that loading "
+                 f"would run (nothing was run). Checkpoints written before 2026-12-06 hold their numpy RNG state "
+                 f"so: if you trust this one, convert it once with "
+                 f"python train.py --convert_trusted_checkpoint={ckpt_path}")
+        raise BadCheckpoint(f"{getattr(f, 'name', f)} is not a readable checkpoint ({first_line(e)})") from None
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise BadCheckpoint(f"{ckpt_path} is incomplete ({e.filename} missing)") from None
+    except OSError as e:
+        fail(f"cannot read {getattr(f, 'name', f)}: {e.strerror}")
+    except Exception as e:      # zip, EOF and unpickling errors of a truncated or overwritten file
+        raise BadCheckpoint(f"{getattr(f, 'name', f)} is not a readable checkpoint ({first_line(e)})") from None
+
+
+def first_line(e):
+    """'Type: first sentence of the message' of an exception (torch's are paragraphs)."""
+    msg = str(e).strip().split('\n')[0].split('. ')[0]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def read_dcp_metadata(path):
+    """The .metadata of a sharded checkpoint: a pickle of torch.distributed.checkpoint's own dataclasses,
+    which DCP itself unpickles without restriction. Read here through an allowlist of exactly those
+    classes (and torch.Size / dtypes / layouts / paths), so a crafted one is refused, not run."""
+    import pathlib
+    import torch.distributed.checkpoint.metadata as md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    allowed = {('torch.distributed.checkpoint.metadata', n): getattr(md, n) for n in (
+        'Metadata', 'MetadataIndex', 'StorageMeta', 'TensorProperties', 'TensorStorageMetadata',
+        'ChunkStorageMetadata', 'BytesStorageMetadata', '_MEM_FORMAT_ENCODING')}
+    allowed.update({('torch.distributed.checkpoint.filesystem', '_StorageInfo'): _StorageInfo,
+                    ('torch', 'Size'): torch.Size, ('torch.serialization', '_get_layout'): torch.serialization._get_layout,
+                    ('pathlib', 'PosixPath'): pathlib.PosixPath, ('pathlib', 'PurePosixPath'): pathlib.PurePosixPath})
+    name = os.path.join(path, '.metadata')
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, cls):
+            if (module, cls) in allowed:
+                return allowed[module, cls]
+            if module == 'torch' and isinstance(getattr(torch, cls, None), torch.dtype):
+                return getattr(torch, cls)
+            fail(f"refused to load {name}: it holds a pickled Python object ({module}.{cls}) that loading would "
+                 f"run (nothing was run); torch.distributed.checkpoint does not write such objects")
+    try:
+        with open(name, 'rb') as f:
+            meta = Unpickler(f).load()
+    except FileNotFoundError:
+        raise BadCheckpoint(f"{path} is incomplete ({name} missing)") from None
+    except OSError as e:
+        fail(f"cannot read {name}: {e.strerror}")
+    except Exception as e:
+        raise BadCheckpoint(f"{name} is not readable ({first_line(e)})") from None
+    if not isinstance(meta, md.Metadata) or not isinstance(meta.state_dict_metadata, dict) or any(
+            not isinstance(s, _StorageInfo) or os.path.basename(str(s.relative_path)) != str(s.relative_path)
+            for s in (meta.storage_data or {}).values()):
+        raise BadCheckpoint(f"{name} is not the metadata of a sharded checkpoint (or names files outside {path})")
+    return meta
+
+
+def load_sharded(state, path):
+    """torch.distributed.checkpoint.load(state) from the sharded checkpoint `path`, with nothing unpickled
+    in full: DCP's reader would unpickle .metadata and every non-tensor value (the optimizer's param
+    groups) without restriction; here .metadata goes through read_dcp_metadata and the values through
+    weights_only=True (DCP already reads the tensors so)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta = read_dcp_metadata(path)
+            if getattr(meta, 'storage_meta', None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = safe_load(value, path)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+    try:
+        dcp.load(state, storage_reader=Reader(path), planner=Planner())
+    except dcp.api.CheckpointException as e:   # every rank's failure, wrapped: report the first one's cause
+        cause = e
+        while getattr(cause, 'failures', None):
+            cause = next(iter(cause.failures.values()))[0]
+        if isinstance(cause, SystemExit):
+            raise cause from None
+        fail(f"cannot load the sharded checkpoint {path}: {first_line(cause)}")
+
+
+def numpy_rng_plain(st):
+    """np.random.get_state()'s tuple as plain values (its key is a numpy array: a pickled object)."""
+    name, key, pos, has_gauss, gauss = st
+    return {'bit_generator': str(name), 'key': torch.from_numpy(np.asarray(key, dtype=np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}
+
+
+def convert_checkpoint(path):
+    """Rewrite a checkpoint written before 2026-12-06 (its numpy RNG state was a pickled numpy array)
+    in the format load_checkpoint_meta reads with weights_only=True; for a sharded one, its meta.pt.
+    This unpickles the file in full, which runs whatever objects it holds: only for a file you trust."""
+    if not os.path.exists(path):
+        fail(f"convert_trusted_checkpoint: {path} does not exist")
+    f = os.path.join(path, 'meta.pt') if os.path.isdir(path) else path
+    try:
+        torch.load(f, map_location='cpu', weights_only=True)
+        print(f"{f} already loads safely: nothing to convert")
+        return
+    except Exception:
+        pass
+    try:
+        ckpt = torch.load(f, map_location='cpu', weights_only=False)
+    except Exception as e:
+        fail(f"cannot read {f}: {first_line(e)}")
+    for st in ckpt.get('rng', []) if isinstance(ckpt, dict) else []:
+        if isinstance(st, dict) and isinstance(st.get('numpy'), tuple):
+            st['numpy'] = numpy_rng_plain(st['numpy'])
+    tmp = f + '.tmp'
+    torch.save(ckpt, tmp)
+    try:
+        torch.load(tmp, map_location='cpu', weights_only=True)
+    except Exception as e:
+        os.remove(tmp)
+        m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        fail(f"cannot convert {f}: it holds {m[1] if m else 'objects'} besides the RNG state, which train.py never saves")
+    os.replace(tmp, f)
+    print(f"converted {f}: it now loads with weights_only=True")
 
 
 def model_and_optim_state(model, optimizer, run, cfg, full=True):
@@ -444,10 +598,9 @@ def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
     # a param group's 'fused' flag is restored with it: keep this run's (a CPU checkpoint resumed on a GPU)
     fused = [g.get('fused') for g in optimizer.param_groups]
     if os.path.isdir(path):    # sharded: DCP reshards to this run's layout (any world size, or none)
-        import torch.distributed.checkpoint as dcp
         m, o = model_and_optim_state(model, optimizer, run, cfg, full=False)
         state = {'model': m, 'optimizer': o}
-        dcp.load(state, checkpoint_id=path)
+        load_sharded(state, path)
         set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
     else:
         set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
@@ -496,8 +649,8 @@ def prune_checkpoints(out_dir, keep):
 
 def rng_state(run):
     """This rank's RNG streams: CPU, numpy, and its own GPU's (only that one: a resume may see a
-    different number of GPUs, and a CPU run should not touch CUDA)."""
-    st = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
+    different number of GPUs, and a CPU run should not touch CUDA). Tensors and plain values only."""
+    st = {'torch': torch.get_rng_state(), 'numpy': numpy_rng_plain(np.random.get_state())}
     if run['device_type'] == 'cuda':
         st['cuda'] = torch.cuda.get_rng_state(run['device'])
     return st
@@ -505,7 +658,9 @@ def rng_state(run):
 
 def set_rng_state(st, run):
     torch.set_rng_state(st['torch'])
-    np.random.set_state(st['numpy'])
+    n = st['numpy']
+    np.random.set_state((n['bit_generator'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     if run['device_type'] == 'cuda' and st.get('cuda') is not None:
         cuda = st['cuda']
         if isinstance(cuda, (list, tuple)):   # checkpoints before this change saved every visible GPU's
@@ -583,7 +738,10 @@ def _train(cfg, run):
         path = latest_checkpoint(cfg['out_dir'])
         if path is None:
             fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
-        ckpt = load_checkpoint_meta(path)
+        try:
+            ckpt = load_checkpoint_meta(path)
+        except BadCheckpoint as e:
+            fail(str(e))
         old_batch = ckpt['config']['batch_size'] * ckpt['config']['gradient_accumulation_steps']
         if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
             fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "

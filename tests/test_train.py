@@ -63,7 +63,7 @@ def ckpts(out_dir):
 
 
 def load(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def make_text():
