@@ -195,3 +195,19 @@ def test_old_checkpoint_is_refused_with_the_command_that_converts_it(root, good,
     assert np.array_equal(st['key'].numpy(), old_state[1]) and st['pos'] == old_state[2]
     train_here(root, *args, '--init_from=resume')
     assert [r['iter'] for r in log(out)] == [2] and ckpts(out)[-1] == 'ckpt_0000002.pt'
+
+
+# ---- golden files: in the repository ----------------------------------------------------------------
+
+def test_golden_files_are_in_the_repository():
+    """test_model.py's golden outputs of the official MoEUT live in tests/golden/ (a fresh clone has them;
+    *.pt is ignored elsewhere), as plain tensor dicts that load with weights_only=True."""
+    golden = os.path.join(ROOT, 'tests', 'golden')
+    for case in ('tiny_g2', 'tiny_att1', 'tiny_g3_r2'):
+        path = os.path.join(golden, f'golden_{case}.pt')
+        assert os.path.isfile(path), path
+        g = torch.load(path, weights_only=True)
+        assert {'config', 'tokens', 'logits', 'grads', 'state_dict'} <= set(g)
+        if shutil.which('git') and os.path.exists(os.path.join(ROOT, '.git')):     # a checkout, not an sdist
+            r = subprocess.run(['git', 'check-ignore', '-q', path], cwd=ROOT)
+            assert r.returncode == 1, f'{path} is ignored by .gitignore'
