@@ -41,24 +41,26 @@ def fail(msg):
 
 def load_checkpoint(init_from, out_dir, device):
     """Model (eval mode, on device) and the tokenizer name from a train.py checkpoint."""
-    if init_from == 'resume':
-        from train import latest_checkpoint
-        path = latest_checkpoint(out_dir)
+    # weights_only loads: a checkpoint holding pickled objects is refused unread (one line)
+    from train import BadCheckpoint, load_checkpoint_meta, newest_intact_checkpoint
+    if init_from == 'resume':    # the newest checkpoint that reads (a newer unreadable one is said and skipped)
+        path, ckpt, bad = newest_intact_checkpoint(out_dir)
+        for p, why in bad:
+            print(f"warning: {why}: skipped", file=sys.stderr)
         if path is None:
-            fail(f"no checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
+            fail(f"no {'intact ' if bad else ''}checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
     else:
         path = init_from
         if not os.path.exists(path):
             fail(f"checkpoint not found: {path}")
-    from train import BadCheckpoint, load_checkpoint_meta
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
-        fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
-    try:       # weights_only: a checkpoint holding pickled objects is refused unread (one line)
-        ckpt = load_checkpoint_meta(path)
-    except BadCheckpoint as e:
-        fail(str(e))
-    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
-        fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
+            fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
+        try:
+            ckpt = load_checkpoint_meta(path)
+        except BadCheckpoint as e:
+            fail(str(e))
+        if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
+            fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
     model = LM(ModelConfig(**ckpt['model_config']))
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
         from train import load_sharded

@@ -11,6 +11,7 @@ Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and
 FSDP2 (fully_shard). gradient_accumulation_steps is the GLOBAL number of micro-batches per step, split
 over the ranks, so a config means the same global batch at any world size.
 """
+import errno
 import gc
 import math
 import os
@@ -42,6 +43,7 @@ keep_last = 2                   # checkpoints kept in out_dir
 checkpoint_format = 'auto'      # 'file' (one ckpt_N.pt) | 'sharded' (ckpt_N/ via torch.distributed.checkpoint)
                                 # | 'auto' = sharded under FSDP, file otherwise. Both resume at any world size.
 init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
+overwrite = False               # scratch into an out_dir holding another run: delete its checkpoints and logs first
 convert_trusted_checkpoint = '' # a checkpoint path: rewrite a pre-2026-12-06 checkpoint so it loads safely, then exit
                                 # (unpickles it in full, which runs whatever it holds: only for a file you trust)
 wandb_log = False
@@ -407,11 +409,11 @@ def lr_at(it, cfg):
 
 def checkpoint_paths(out_dir):
     """Complete checkpoints, oldest first: ckpt_N.pt files and ckpt_N/ sharded directories (a save in
-    progress, or killed mid-way, is a *.tmp name and never listed)."""
+    progress, or killed mid-way, is a *.tmp name, and one found unreadable a *.corrupt name: never listed)."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and not f.endswith('.tmp')
-                   and (f.endswith('.pt') or os.path.isdir(os.path.join(out_dir, f))))
+    names = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r'ckpt_\d+\.pt', f)
+                   or re.fullmatch(r'ckpt_\d+', f) and os.path.isdir(os.path.join(out_dir, f)))
     return [os.path.join(out_dir, f) for f in names]
 
 
@@ -428,6 +430,24 @@ def remove_partial_saves(out_dir):
 def latest_checkpoint(out_dir):
     paths = checkpoint_paths(out_dir)
     return paths[-1] if paths else None
+
+
+def newest_intact_checkpoint(out_dir, keys=('model_config', 'meta'), file_keys=('model',)):
+    """(path, its load_checkpoint_meta, [(newer path, why it is unreadable)]) of the newest checkpoint in
+    out_dir that reads and holds `keys` (and `file_keys` if a single file); path None if none does. A
+    checkpoint holding pickled objects is not 'unreadable': load_checkpoint_meta refuses it with fail()."""
+    bad = []
+    for path in reversed(checkpoint_paths(out_dir)):
+        try:
+            ckpt = load_checkpoint_meta(path)
+            need = keys if os.path.isdir(path) else keys + file_keys
+            missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+            if missing:
+                raise BadCheckpoint(f"{path} is not a train.py checkpoint (no {missing[0]!r})")
+            return path, ckpt, bad
+        except BadCheckpoint as e:
+            bad.append((path, str(e)))
+    return None, None, bad
 
 
 class BadCheckpoint(Exception):
@@ -612,13 +632,43 @@ def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
 
 def save_checkpoint(path, state, keep):
     """Atomic: write a temp file in the same directory, fsync, rename. A crash mid-save leaves the
-    previous checkpoints untouched and never a truncated ckpt_*.pt."""
+    previous checkpoints untouched and never a truncated ckpt_*.pt; a failed write (disk full) removes
+    its temp file and stops with one line."""
     tmp = path + '.tmp'
-    torch.save(state, tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            save_failed(path, e, state)
+        raise
     os.replace(tmp, path)
     prune_checkpoints(os.path.dirname(path), keep)
+
+
+def save_failed(path, e, state):
+    """One line for a checkpoint write that failed (its temp file already removed); for a full disk, the
+    directory and the bytes the checkpoint needs."""
+    out_dir = os.path.dirname(path) or '.'
+    if e.errno == errno.ENOSPC:
+        import shutil
+        need = sum(t.numel() * t.element_size() for t in tensors_in(state))
+        fail(f"no space left on the device of out_dir {out_dir}: checkpoint {os.path.basename(path)} needs about "
+             f"{need:,} bytes, {shutil.disk_usage(out_dir).free:,} are free. The partial file was removed and "
+             f"the previous checkpoints are intact: free space, then --init_from=resume")
+    fail(f"cannot write checkpoint {path}: {e.strerror or e}")
+
+
+def tensors_in(obj):
+    """Every tensor in a nest of dicts / lists / tuples."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for x in obj for t in tensors_in(x)] if isinstance(obj, (list, tuple)) else []
 
 
 def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
@@ -632,9 +682,20 @@ def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
         shutil.rmtree(tmp)
     if run['distributed']:
         dist.barrier()
-    dcp.save(tensors, checkpoint_id=tmp)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp)
+        if run['master']:
+            torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
+    except BaseException as e:       # DCP wraps every rank's failure: a full disk is an OSError inside
+        cause = e
+        while getattr(cause, 'failures', None):
+            cause = next(iter(cause.failures.values()))[0]
+        if run['master']:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(cause, OSError):
+            save_failed(path, cause, tensors)
+        raise
     if run['master']:
-        torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
         if os.path.isdir(path):      # the same iteration saved again: the new one wins
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -714,14 +775,76 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
 # ---- the loop ---------------------------------------------------------------------------------
 
 def train(cfg, run):
-    """Train as configured; however it ends (done, a signal, fail(), an exception), the SIGTERM/SIGINT
-    handlers it installs are put back, so an in-process caller keeps its own."""
+    """Train as configured, holding out_dir's lock (rank 0). However it ends (done, a signal, fail(), an
+    exception), the lock is released and the SIGTERM/SIGINT handlers it installs are put back, so an
+    in-process caller keeps its own."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    lock = lock_out_dir(cfg['out_dir']) if run['master'] else None
     try:
         _train(cfg, run)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        if lock:
+            unlock_out_dir(*lock)
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir and hold an exclusive flock on out_dir/train.lock for the run's life (the OS drops
+    it when the process dies, however it dies), so a second train.py on the same out_dir refuses instead
+    of mixing its checkpoints and log with this run's. Returns what unlock_out_dir needs."""
+    import fcntl
+    created = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, 'train.lock')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 20, 0).decode(errors='replace').strip() or '?'
+        os.close(fd)
+        fail(f"out_dir {out_dir} is in use by another train.py (pid {pid} holds {path}): wait for it to end "
+             f"or stop it, or use another out_dir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, out_dir, created
+
+
+def unlock_out_dir(fd, out_dir, created):
+    os.close(fd)                 # releases the flock
+    try:                         # a run that stopped before writing anything leaves no out_dir behind
+        if created and os.listdir(out_dir) == ['train.lock']:
+            os.remove(os.path.join(out_dir, 'train.lock'))
+            os.rmdir(out_dir)
+    except OSError:
+        pass
+
+
+def claim_out_dir(cfg, run):
+    """A from-scratch run: out_dir must not hold another run's checkpoints or log.jsonl (they would be
+    mixed with this run's, and keep_last would prune the other run's checkpoints), unless
+    overwrite=True, which deletes them (and its plots and unreadable checkpoints) first and says so."""
+    out = cfg['out_dir']
+    ckpts = checkpoint_paths(out)
+    logged = os.path.exists(os.path.join(out, 'log.jsonl'))
+    if (ckpts or logged) and not cfg['overwrite']:
+        fail(f"out_dir {out} holds another run ({len(ckpts)} checkpoint(s){', log.jsonl' if logged else ''}): "
+             f"continue it with --init_from=resume, choose another out_dir, or pass --overwrite=True to "
+             f"delete its checkpoints and logs first")
+    if run['distributed']:
+        dist.barrier()           # every rank has looked before rank 0 deletes anything
+    old = ckpts + [os.path.join(out, f) for f in sorted(os.listdir(out)) if f.endswith('.corrupt')
+                   or f in ('log.jsonl', 'expert_usage.png', 'loss.png', 'depth_hist.png')] if ckpts or logged else []
+    if old and run['master']:
+        import shutil
+        for p in old:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        print(f"overwrite=True: deleted the previous run's {', '.join(os.path.basename(p) for p in old)} from {out}")
 
 
 def _train(cfg, run):
@@ -733,15 +856,24 @@ def _train(cfg, run):
     batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], cfg['batch_size'],
                       accum_local, run['rank'], run['world'], cfg['seed'])
 
+    if master:                   # before anything reads or writes out_dir: killed saves take disk space
+        remove_partial_saves(cfg['out_dir'])
+    if run['distributed']:
+        dist.barrier()
     ckpt = None
     if cfg['init_from'] == 'resume':
-        path = latest_checkpoint(cfg['out_dir'])
+        path, ckpt, bad = newest_intact_checkpoint(cfg['out_dir'], ('config', 'model_config', 'meta', 'iter_num',
+                                                                   'best_val_loss', 'data_pos', 'rng'),
+                                                   ('model', 'optimizer'))
+        if run['distributed']:
+            dist.barrier()       # every rank has chosen before rank 0 renames the unreadable ones
+        for p, why in bad:       # set aside, so they are neither resumed nor counted by keep_last
+            if master:
+                os.replace(p, p + '.corrupt')
+                print(f"warning: {why}: renamed to {os.path.basename(p)}.corrupt"
+                      + (f", resuming from {path}" if path else ''))
         if path is None:
-            fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
-        try:
-            ckpt = load_checkpoint_meta(path)
-        except BadCheckpoint as e:
-            fail(str(e))
+            fail(f"init_from='resume' but no {'intact ' if bad else ''}checkpoint in {cfg['out_dir']}")
         old_batch = ckpt['config']['batch_size'] * ckpt['config']['gradient_accumulation_steps']
         if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
             fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "
@@ -753,7 +885,9 @@ def _train(cfg, run):
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
-    elif cfg['init_from'] != 'scratch':
+    elif cfg['init_from'] == 'scratch':
+        claim_out_dir(cfg, run)
+    else:
         fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
     torch.manual_seed(cfg['seed'])            # identical initial weights on every rank
@@ -786,8 +920,6 @@ def _train(cfg, run):
         scaler.load_state_dict(scaler_state)
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
     if master:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
-        remove_partial_saves(cfg['out_dir'])
         print(describe(mcfg))
         print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {tokens_per_step} tokens/step")
     wandb = None
@@ -1102,16 +1234,24 @@ def trim_log(out_dir, iter_num):
             return False
     with open(path) as f:
         lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip() and keep(line)]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(lines)
+    try:
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(lines)
+    except OSError as e:
+        os.remove(path + '.tmp')
+        fail(f"cannot write {path}.tmp: {e.strerror} (log.jsonl is unchanged)")
     os.replace(path + '.tmp', path)
 
 
 def append_log(out_dir, record):
     """One JSON line per log interval in out_dir/log.jsonl (machine-readable loss curve)."""
     import json
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    path = os.path.join(out_dir, 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")
 
 
 if __name__ == '__main__':

@@ -211,3 +211,138 @@ def test_golden_files_are_in_the_repository():
         if shutil.which('git') and os.path.exists(os.path.join(ROOT, '.git')):     # a checkout, not an sdist
             r = subprocess.run(['git', 'check-ignore', '-q', path], cwd=ROOT)
             assert r.returncode == 1, f'{path} is ignored by .gitignore'
+
+
+# ---- out_dir: another run's files, the lock, unreadable checkpoints, a full disk ---------------------
+
+def files(out_dir):
+    """{name: bytes} of out_dir's checkpoint files and log (the lock file aside)."""
+    out = {}
+    for f in sorted(os.listdir(out_dir)):
+        if f != 'train.lock' and os.path.isfile(os.path.join(out_dir, f)):
+            with open(os.path.join(out_dir, f), 'rb') as fh:
+                out[f] = fh.read()
+    return out
+
+
+def test_scratch_run_into_another_runs_out_dir_refuses(root, capsys):
+    """A from-scratch run into an out_dir with another run's checkpoints and log stops with one line and
+    touches nothing; --overwrite=True deletes them first, saying so, and the log is the new run's alone."""
+    out = train_here(root, '--max_iters=2', '--eval_interval=1', '--eval_iters=1', '--out_dir=reuse')
+    before = files(out)
+    assert set(before) == {'ckpt_0000001.pt', 'ckpt_0000002.pt', 'log.jsonl'}
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, '--out_dir=reuse', '--learning_rate=1e-2')
+    one_line(e.value.code, 'reuse', '2 checkpoint(s)', 'log.jsonl', '--init_from=resume', '--overwrite=True')
+    assert files(out) == before
+    capsys.readouterr()
+    train_here(root, *ONE, '--out_dir=reuse', '--learning_rate=1e-2', '--overwrite=True')
+    said = capsys.readouterr().out
+    assert "overwrite=True: deleted the previous run's ckpt_0000001.pt, ckpt_0000002.pt, log.jsonl" in said, said
+    assert ckpts(out) == ['ckpt_0000001.pt'] and [r['iter'] for r in log(out)] == [1]
+    assert torch.load(os.path.join(out, 'ckpt_0000001.pt'), weights_only=True)['config']['learning_rate'] == 1e-2
+
+
+def test_a_second_train_py_on_the_same_out_dir_refuses(root):
+    """The lock is an flock on out_dir/train.lock held for the run's life: while another process holds it,
+    train.py stops with one line naming that process; once the holder dies (kill -9), the OS has released
+    it and the run starts."""
+    out = os.path.join(root, 'locked')
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, '-c', (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({os.path.join(out, 'train.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'%d' % os.getpid(), 0)\n"
+        "print('locked', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(SystemExit) as e:
+            train_here(root, *ONE, '--out_dir=locked')
+        one_line(e.value.code, 'in use by another train.py', f'pid {holder.pid}')
+        assert files(out) == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    train_here(root, *ONE, '--out_dir=locked')
+    assert ckpts(out) == ['ckpt_0000001.pt']
+
+
+def spoil(path, how):
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write({'truncated': data[:len(data) // 2], 'random': os.urandom(len(data)), 'empty': b''}[how])
+
+
+@pytest.mark.parametrize('how', ['truncated', 'random', 'empty', 'sharded'])
+def test_resume_skips_an_unreadable_newest_checkpoint(root, how, capsys):
+    """The newest checkpoint cut short, overwritten with random bytes, emptied (or a sharded one's
+    .metadata overwritten): resume says so in one line, sets it aside as *.corrupt (neither resumed nor
+    counted by keep_last) and continues from the newest intact one."""
+    name = f'spoilt_{how}'
+    args = ['--eval_interval=1', '--eval_iters=1', '--keep_last=5', f'--out_dir={name}']
+    sharded = ['--checkpoint_format=sharded'] if how == 'sharded' else []
+    out = train_here(root, *args, *sharded, '--max_iters=2')
+    newest = os.path.join(out, 'ckpt_0000002' if sharded else 'ckpt_0000002.pt')
+    spoil(os.path.join(newest, '.metadata') if sharded else newest, 'random' if sharded else how)
+    capsys.readouterr()
+    train_here(root, *args, *sharded, '--max_iters=3', '--init_from=resume')
+    said = capsys.readouterr().out
+    warnings = [ln for ln in said.splitlines() if ln.startswith('warning:')]
+    assert len(warnings) == 1 and os.path.basename(newest) in warnings[0] and 'resuming from' in warnings[0], said
+    assert f"resumed from {os.path.join(name, 'ckpt_0000001')}" in said, said
+    assert os.path.exists(newest + '.corrupt')
+    assert [r['iter'] for r in log(out)] == [1, 2, 3]     # iter 2 trained again, logged once
+
+
+def test_resume_with_no_intact_checkpoint_stops_with_one_line(root):
+    out = train_here(root, *ONE, '--out_dir=all_spoilt')
+    spoil(os.path.join(out, 'ckpt_0000001.pt'), 'truncated')
+    with pytest.raises(SystemExit) as e:
+        train_here(root, '--max_iters=2', '--eval_interval=1', '--out_dir=all_spoilt', '--init_from=resume')
+    one_line(e.value.code, 'no intact checkpoint', 'all_spoilt')
+
+
+def test_disk_full_during_a_save_stops_with_one_line_and_resumes(root, monkeypatch):
+    """A save that runs out of space: one line naming the directory and the bytes the checkpoint needs,
+    no ckpt_*.tmp left, the earlier checkpoints intact; once there is space, resume continues."""
+    import errno
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:           # the second checkpoint: half written, then the disk is full
+            with open(f, 'wb') as fh:
+                fh.write(b'PK\x03\x04 half a checkpoint')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save_until_full)
+    args = ['--eval_interval=1', '--eval_iters=1', '--keep_last=5', '--out_dir=full']
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *args, '--max_iters=3')
+    monkeypatch.undo()
+    out = os.path.join(root, 'full')
+    msg = one_line(e.value.code, 'no space left on the device of out_dir full:', 'ckpt_0000002.pt', 'bytes')
+    import re
+    need = int(re.search(r'needs about ([\d,]+) bytes', msg)[1].replace(',', ''))
+    assert need > 0.5 * os.path.getsize(os.path.join(out, 'ckpt_0000001.pt'))
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    assert ckpts(out) == ['ckpt_0000001.pt']
+    train_here(root, *args, '--max_iters=3', '--init_from=resume')
+    assert ckpts(out) == ['ckpt_0000001.pt', 'ckpt_0000002.pt', 'ckpt_0000003.pt']
+    assert [r['iter'] for r in log(out)] == [1, 2, 3]
+
+
+def test_resume_removes_killed_saves_before_it_rewrites_the_log(root, monkeypatch):
+    """A killed save's ckpt_*.tmp can be what filled the disk: it goes before trim_log writes log.jsonl.tmp."""
+    import train
+    out = train_here(root, *ONE, '--out_dir=tmp_first')
+    with open(os.path.join(out, 'ckpt_0000002.pt.tmp'), 'wb') as f:
+        f.write(b'a save that was killed')
+    seen, trim = [], train.trim_log
+
+    def trim_spied(out_dir, iter_num):
+        seen.append(sorted(f for f in os.listdir(out_dir) if f.endswith('.tmp')))
+        return trim(out_dir, iter_num)
+    monkeypatch.setattr(train, 'trim_log', trim_spied)
+    train_here(root, '--max_iters=2', '--eval_interval=1', '--eval_iters=1', '--out_dir=tmp_first', '--init_from=resume')
+    assert seen == [[]]
