@@ -61,7 +61,12 @@ def load_checkpoint(init_from, out_dir, device):
             fail(str(e))
         if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
             fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
-    model = LM(ModelConfig(**ckpt['model_config']))
+    try:
+        model = LM(ModelConfig(**ckpt['model_config']))
+    except (TypeError, ValueError) as e:
+        fail(f"{path} has a model_config this model.py cannot build: {e}")
+    from train import check_model_state
+    check_model_state(model, path, ckpt, 'its own model_config')
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
         from train import load_sharded
         state = {'model': model.state_dict()}
@@ -136,6 +141,9 @@ def main():
     dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
     if dt not in ('float32', 'bfloat16', 'float16'):
         fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
+    for k in ('num_samples', 'max_new_tokens'):
+        if not isinstance(cfg[k], int) or cfg[k] < 1:
+            fail(f"{k} must be a positive integer, got {cfg[k]!r}")
     if cfg['temperature'] < 0 or cfg['top_k'] < 0 or not 0 < cfg['top_p'] <= 1:
         fail(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {cfg['temperature']}, "
              f"{cfg['top_k']}, {cfg['top_p']}")
@@ -149,9 +157,15 @@ def main():
         if not os.path.isdir(os.path.dirname(os.path.abspath(cfg['export']))):
             fail(f"export: directory of {cfg['export']} does not exist")
         tmp = cfg['export'] + '.tmp'
-        torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
-                    'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
-        os.replace(tmp, cfg['export'])
+        try:
+            torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
+                        'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
+            os.replace(tmp, cfg['export'])
+        except (OSError, RuntimeError) as e:     # read-only directory, full disk: no partial file left
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            from train import write_error
+            fail(f"export: cannot write {cfg['export']}: {write_error(e)}")
         print(f"exported {path} -> {cfg['export']}")
         return
 

@@ -146,9 +146,18 @@ def setup_distributed(cfg):
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
     for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-              'eval_iters'):
+              'eval_iters', 'max_bad_steps'):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             fail(f"{k} must be a positive integer, got {cfg[k]!r}")
+    for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'keep_last'):
+        if not isinstance(cfg[k], int) or cfg[k] < 0:
+            fail(f"{k} must be an integer >= 0, got {cfg[k]!r}")
+    # the optimizers reject some of these with a traceback, others (a negative min_lr) not at all
+    for k, ok, want in (('learning_rate', lambda v: v > 0, '> 0'), ('min_lr', lambda v: v >= 0, '>= 0'),
+                        ('weight_decay', lambda v: v >= 0, '>= 0'), ('grad_clip', lambda v: v >= 0, '>= 0'),
+                        ('beta1', lambda v: 0 <= v < 1, 'in [0, 1)'), ('beta2', lambda v: 0 <= v < 1, 'in [0, 1)')):
+        if not math.isfinite(cfg[k]) or not ok(cfg[k]):
+            fail(f"{k} must be {want}, got {cfg[k]!r}")
     rank, world, local = 0, 1, 0
     if dev.startswith('cuda'):     # TF32 for any fp32 matmuls left outside autocast (nanoGPT does the same)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -187,7 +196,8 @@ class Batches:
     def __init__(self, path, block, micro, accum_local, rank, world, seed):
         self.path, self.block, self.micro = path, block, micro
         self.accum_local, self.rank, self.world, self.seed = accum_local, rank, world, seed
-        self.dtype = np.dtype(load_meta(os.path.dirname(path))['dtype'])
+        meta = load_meta(os.path.dirname(path))
+        self.dtype, self.vocab_size = np.dtype(meta['dtype']), meta['vocab_size']
         n_tokens = os.path.getsize(path) // self.dtype.itemsize
         self.n_windows = (n_tokens - 1) // block
         self.global_batch = micro * accum_local * world
@@ -209,23 +219,34 @@ class Batches:
         """The micro-batches (x, y) of this rank for the next optimizer step (overfit: always the first)."""
         w = self._windows(0 if overfit else self.pos).reshape(self.accum_local, self.world, self.micro)[:, self.rank]
         self.pos += 1
-        return [read_windows(self.path, self.dtype, starts * self.block, self.block) for starts in w]
+        return [read_windows(self.path, self.dtype, starts * self.block, self.block, self.vocab_size) for starts in w]
 
 
-def read_windows(path, dtype, starts, block):
+def read_windows(path, dtype, starts, block, vocab_size=None):
     # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
     data = np.memmap(path, dtype=dtype, mode='r')
     xy = torch.from_numpy(np.stack([data[s:s + block + 1].astype(np.int64) for s in starts]))
+    if vocab_size is not None and xy.max() >= vocab_size:    # else an index error deep in the embedding
+        fail(f"{path} holds token id {int(xy.max())} but its meta.json says vocab_size {vocab_size}: the "
+             f"data and meta.json do not match (prepare the dataset again)")
     return xy[:, :-1], xy[:, 1:]
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta)."""
+    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta), and its
+    token dtype one that prepare.py writes: another one would be read without an error, as other numbers."""
     import prepare
     try:
-        return prepare.load_meta(data_dir)
+        meta = prepare.load_meta(data_dir)
     except prepare.PrepareError as e:
         fail(str(e))
+    path = os.path.join(data_dir, 'meta.json')
+    if meta['dtype'] not in ('uint16', 'uint32'):
+        fail(f"{path} has dtype {meta['dtype']!r}: token files are 'uint16' or 'uint32' (native byte order), "
+             f"as prepare.py writes them")
+    if not isinstance(meta['vocab_size'], int) or meta['vocab_size'] < 1:
+        fail(f"{path} has vocab_size {meta['vocab_size']!r}: expected a positive integer")
+    return meta
 
 
 # datasets train.py can make itself on first use: Shakespeare with gpt2 tokens or raw bytes
@@ -265,7 +286,10 @@ def build_model(cfg, run, vocab_size):
     if cfg['compile'] and mcfg.halting != 'none' and run['distributed'] and cfg['parallelism'] == 'fsdp':
         fail("compile=True for a halting model compiles each layer, which has not been tested under "
              "FSDP: use parallelism='ddp' or compile=False")
-    model = LM(mcfg).to(run['device'])
+    try:            # some checks live in the modules (halting.py): their ValueError is a config error too
+        model = LM(mcfg).to(run['device'])
+    except ValueError as e:
+        fail(str(e))
     return model, mcfg
 
 
@@ -464,25 +488,29 @@ def load_checkpoint_meta(path):
     return safe_load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path, path)
 
 
-def safe_load(f, ckpt_path):
+def safe_load(f, ckpt_path, what=None):
     """torch.load(f, weights_only=True) with one-line errors: fail() for a file that holds pickled
-    objects (refused unread), BadCheckpoint for one that is not a readable checkpoint."""
+    objects (refused unread), BadCheckpoint for one that is not a readable checkpoint. `what` names f
+    in them when it is not a file of its own (a value inside a sharded checkpoint)."""
     try:
         return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if m and what:
+            fail(f"refused to load {what}: it holds a pickled Python object ({m[1]}) that loading would run "
+                 f"(nothing was run); train.py never saves such objects")
         if m:
-            fail(f"refused to load {getattr(f, 'name', f)}: it holds a pickled Python object ({m[1]}) that loading "
-                 f"would run (nothing was run). Checkpoints written before 2026-12-06 hold their numpy RNG state "
-                 f"so: if you trust this one, convert it once with "
+            fail(f"refused to load {f}: it holds a pickled Python object ({m[1]}) that loading would run "
+                 f"(nothing was run). Checkpoints written by train.py before 2026-12-06 hold their numpy RNG "
+                 f"state so: if you trust this one, convert it once with "
                  f"python train.py --convert_trusted_checkpoint={ckpt_path}")
-        raise BadCheckpoint(f"{getattr(f, 'name', f)} is not a readable checkpoint ({first_line(e)})") from None
+        raise BadCheckpoint(f"{what or f} is not a readable checkpoint ({first_line(e)})") from None
     except (FileNotFoundError, IsADirectoryError) as e:
         raise BadCheckpoint(f"{ckpt_path} is incomplete ({e.filename} missing)") from None
     except OSError as e:
-        fail(f"cannot read {getattr(f, 'name', f)}: {e.strerror}")
+        fail(f"cannot read {what or f}: {e.strerror}")
     except Exception as e:      # zip, EOF and unpickling errors of a truncated or overwritten file
-        raise BadCheckpoint(f"{getattr(f, 'name', f)} is not a readable checkpoint ({first_line(e)})") from None
+        raise BadCheckpoint(f"{what or f} is not a readable checkpoint ({first_line(e)})") from None
 
 
 def first_line(e):
@@ -549,7 +577,7 @@ def load_sharded(state, path):
 
     class Planner(dcp.DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
-            obj = safe_load(value, path)
+            obj = safe_load(value, path, f"{read_item.dest_index.fqn} of {path}")
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
@@ -604,6 +632,27 @@ def convert_checkpoint(path):
     print(f"converted {f}: it now loads with weights_only=True")
 
 
+def check_model_state(model, path, ckpt, what):
+    """fail() naming the first tensor of checkpoint `path` whose name or shape does not fit `model` (built
+    from `what`), instead of load_state_dict's many-line error. A sharded checkpoint's shapes come from
+    its .metadata, without reading its tensors."""
+    if os.path.isdir(path):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        have = {k[6:]: tuple(v.size) for k, v in read_dcp_metadata(path).state_dict_metadata.items()
+                if k.startswith('model.') and isinstance(v, TensorStorageMetadata)}
+    else:
+        have = {k.removeprefix('_orig_mod.').removeprefix('module.'): tuple(v.shape) if torch.is_tensor(v) else None
+                for k, v in ckpt['model'].items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    diffs = [f"{k} is missing" for k in want if k not in have] + \
+            [f"{k} is not a tensor of the model" for k in have if k not in want] + \
+            [f"{k} is {list(have[k]) if have[k] is not None else 'not a tensor'} in the checkpoint, {list(want[k])} "
+             f"in the model" for k in want if k in have and have[k] != want[k]]
+    if diffs:
+        fail(f"checkpoint {path} does not match {what}: {diffs[0]}"
+             + (f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ''))
+
+
 def model_and_optim_state(model, optimizer, run, cfg, full=True):
     """Model and optimizer state keyed by parameter names (unwrapped, uncompiled), so a checkpoint
     resumes at any world size and under either parallelism. full: gathered whole tensors (on CPU under
@@ -634,32 +683,47 @@ def save_checkpoint(path, state, keep):
     """Atomic: write a temp file in the same directory, fsync, rename. A crash mid-save leaves the
     previous checkpoints untouched and never a truncated ckpt_*.pt; a failed write (disk full) removes
     its temp file and stops with one line."""
-    tmp = path + '.tmp'
+    tmp, error = path + '.tmp', None
     try:
         torch.save(state, tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
-    except BaseException as e:
+    except (OSError, RuntimeError) as e:      # torch.save's C++ writer raises RuntimeError
+        error = e.with_traceback(None)         # the frames (of it and the error before it) hold the
+        error.__context__ = error.__cause__ = None     # open file, whose space stays taken until closed
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            save_failed(path, e, state)
         raise
+    if error is not None:
+        gc.collect()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        save_failed(path, error, state)
     os.replace(tmp, path)
     prune_checkpoints(os.path.dirname(path), keep)
 
 
 def save_failed(path, e, state):
     """One line for a checkpoint write that failed (its temp file already removed); for a full disk, the
-    directory and the bytes the checkpoint needs."""
+    directory and the bytes the checkpoint needs. torch.save reports a full disk as a RuntimeError
+    ('unexpected pos ...'), so the free space decides too."""
+    import shutil
     out_dir = os.path.dirname(path) or '.'
-    if e.errno == errno.ENOSPC:
-        import shutil
-        need = sum(t.numel() * t.element_size() for t in tensors_in(state))
+    need = sum(t.numel() * t.element_size() for t in tensors_in(state))
+    free = shutil.disk_usage(out_dir).free
+    if getattr(e, 'errno', None) == errno.ENOSPC or free < need:
         fail(f"no space left on the device of out_dir {out_dir}: checkpoint {os.path.basename(path)} needs about "
-             f"{need:,} bytes, {shutil.disk_usage(out_dir).free:,} are free. The partial file was removed and "
-             f"the previous checkpoints are intact: free space, then --init_from=resume")
-    fail(f"cannot write checkpoint {path}: {e.strerror or e}")
+             f"{need:,} bytes, {free:,} are free. The partial file was removed and the previous checkpoints "
+             f"are intact: free space, then --init_from=resume")
+    fail(f"cannot write checkpoint {path}: {write_error(e)}")
+
+
+def write_error(e):
+    """What went wrong in a failed write, in a few words: OSError's strerror, or the one torch's C++ file
+    writer puts inside its RuntimeError ('... open file failed with strerror: Permission denied')."""
+    m = re.search(r'strerror: (.+)', str(e))
+    return getattr(e, 'strerror', None) or (m[1].strip() if m else first_line(e))
 
 
 def tensors_in(obj):
@@ -692,7 +756,7 @@ def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
             cause = next(iter(cause.failures.values()))[0]
         if run['master']:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(cause, OSError):
+        if isinstance(cause, (OSError, RuntimeError)):
             save_failed(path, cause, tensors)
         raise
     if run['master']:
@@ -755,7 +819,8 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
         for b in range(n_batches):
             chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
             w = 1.0 if len(chunk) else 0.0
-            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'])
+            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'],
+                                meta['vocab_size'])
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
             tot += w * torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
@@ -780,13 +845,59 @@ def train(cfg, run):
     in-process caller keeps its own."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     lock = lock_out_dir(cfg['out_dir']) if run['master'] else None
+    on_exit = []                 # what _train set up and must be undone however it ends
     try:
-        _train(cfg, run)
+        _train(cfg, run, on_exit)
     finally:
+        for undo in on_exit:
+            undo()
         for s, h in handlers.items():
             signal.signal(s, h)
         if lock:
             unlock_out_dir(*lock)
+
+
+def watch_signals(master):
+    """Python runs signal handlers only between bytecodes: while the main thread is inside one long torch
+    op (a CPU backward of a paper-sized model takes minutes) on_signal waits for it. The C-level handler
+    also writes each signal's number to a pipe (signal.set_wakeup_fd), which this thread reads at once:
+    it says that the first SIGINT/SIGTERM was received, and a second Ctrl-C ends the process there and
+    then, without a checkpoint. Returns the function that undoes it (None outside the main thread)."""
+    import threading
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:           # not the main thread: on_signal alone
+        os.close(r)
+        os.close(w)
+        return None
+
+    def watch():
+        seen = 0
+        while data := os.read(r, 64):
+            for signum in data:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                seen += 1
+                if seen == 1 and master:
+                    print(f"{signal.Signals(signum).name}: checkpointing at the end of this step, then exiting "
+                          f"(Ctrl-C again: exit now, without a checkpoint)", flush=True)
+                elif seen > 1 and signum == signal.SIGINT:
+                    # a save cut short is only a ckpt_*.tmp, which the next start removes
+                    print("interrupted twice: exiting without a checkpoint", file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(1)
+        os.close(r)
+    threading.Thread(target=watch, daemon=True).start()
+
+    def undo():
+        if w not in closed:
+            signal.set_wakeup_fd(old)
+            os.close(w)          # the thread reads the end of the pipe and stops
+            closed.append(w)
+    closed = []
+    return undo
 
 
 def lock_out_dir(out_dir):
@@ -798,8 +909,8 @@ def lock_out_dir(out_dir):
     path = os.path.join(out_dir, 'train.lock')
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if not os.access(out_dir, os.W_OK):      # read-only filesystem or permissions
+            raise PermissionError(errno.EACCES, 'not writable')
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
@@ -847,8 +958,13 @@ def claim_out_dir(cfg, run):
         print(f"overwrite=True: deleted the previous run's {', '.join(os.path.basename(p) for p in old)} from {out}")
 
 
-def _train(cfg, run):
+def _train(cfg, run, on_exit):
     master = run['master']
+    if cfg['wandb_log'] and master:
+        try:
+            import wandb  # noqa: F401  (imported again where the run starts)
+        except ImportError:
+            fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     torch.manual_seed(cfg['seed'] + run['rank'])
     data_dir = ensure_data(cfg, run)
     meta = load_meta(data_dir)
@@ -882,6 +998,9 @@ def _train(cfg, run):
             if ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} was trained with {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}: "
                      f"its data position would not carry over")
+        if ckpt['model_config'].get('vocab_size') != meta['vocab_size']:
+            fail(f"checkpoint {path} has vocab_size {ckpt['model_config'].get('vocab_size')}, {data_dir}/meta.json "
+                 f"says {meta['vocab_size']}: was the dataset prepared again, with another tokenizer?")
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
@@ -896,6 +1015,7 @@ def _train(cfg, run):
     optimizer = make_optimizer(wrapped, cfg, run)
     iter_num, best_val, resumed_at, scaler_state = 0, float('inf'), -1, None
     if ckpt is not None:
+        check_model_state(model, path, ckpt, 'the model its config describes')
         load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
         iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
         resumed_at = iter_num if ckpt.get('evaluated', True) else -1   # see the eval below
@@ -927,14 +1047,23 @@ def _train(cfg, run):
         import wandb
         wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'], config=cfg)
 
+    flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
+    if master and run['device_type'] == 'cpu' and flops_step > 1e12:
+        print(f"warning: {flops_step / 1e12:.1f} TFLOP per step is a GPU-sized configuration: on this CPU each "
+              f"step takes minutes. Ctrl-C / SIGTERM are acknowledged at once but checkpoint only at the end of "
+              f"the step; Ctrl-C twice exits at once, without a checkpoint")
+
     stop = {'signal': None}                  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    unwatch = watch_signals(master)          # says so at once, and exits at once on a second Ctrl-C
     def on_signal(signum, frame):
-        if signum == signal.SIGINT and stop['signal'] is not None:
+        if signum == signal.SIGINT and stop['signal'] is not None and unwatch is None:
             # a second Ctrl-C means "now": skip the checkpoint. A save cut short is only a ckpt_*.tmp,
             # which the next start removes, so the last complete checkpoint stays the one to resume.
             raise SystemExit("interrupted twice: exiting without a checkpoint")
         stop['signal'] = signum
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if unwatch:
+        on_exit.append(unwatch)
 
     fmt = cfg['checkpoint_format']
     if fmt == 'auto':
@@ -964,7 +1093,6 @@ def _train(cfg, run):
         if run['distributed']:
             dist.barrier()
 
-    flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
@@ -1093,6 +1221,8 @@ def _train(cfg, run):
             break
     for s, h in handlers.items():    # the loop is over: signals act as before it (train() also restores
         signal.signal(s, h)          # them when this function fails)
+    if unwatch:
+        unwatch()
     if wandb:
         wandb.finish()
     if cfg['overfit_batch'] and master and first_loss is not None:

@@ -128,7 +128,8 @@ def test_pickled_payload_is_refused_and_never_runs(root, good, kind, tmp_path, m
     except SystemExit as e:
         code = e.code
     assert not os.path.exists(marker), 'the payload ran'
-    one_line(code, 'refused to load', 'posix.mkdir')
+    one_line(code, 'refused to load', 'posix.mkdir', 'optimizer.param_groups.0.lr of' if kind == 'sharded_bytes'
+             else '.metadata' if kind == 'sharded_metadata' else 'meta.pt' if kind == 'sharded_meta' else '.pt')
     export = tmp_path / 'exported.pt'
     for args in ([f'--init_from={path}', '--num_samples=1', '--max_new_tokens=2'],
                  [f'--out_dir={os.path.join(root, name)}', '--num_samples=1', '--max_new_tokens=2'],
@@ -302,9 +303,12 @@ def test_resume_with_no_intact_checkpoint_stops_with_one_line(root):
     one_line(e.value.code, 'no intact checkpoint', 'all_spoilt')
 
 
-def test_disk_full_during_a_save_stops_with_one_line_and_resumes(root, monkeypatch):
+@pytest.mark.parametrize('error', ['OSError', 'RuntimeError'])
+def test_disk_full_during_a_save_stops_with_one_line_and_resumes(root, monkeypatch, error):
     """A save that runs out of space: one line naming the directory and the bytes the checkpoint needs,
-    no ckpt_*.tmp left, the earlier checkpoints intact; once there is space, resume continues."""
+    no ckpt_*.tmp left, the earlier checkpoints intact; once there is space, resume continues. The disk
+    fills as an OSError(ENOSPC), or as torch.save's C++ writer reports it (a RuntimeError, seen on a full
+    tmpfs) with the free space below what the checkpoint needs."""
     import errno
     real_save, calls = torch.save, []
 
@@ -313,15 +317,18 @@ def test_disk_full_during_a_save_stops_with_one_line_and_resumes(root, monkeypat
         if len(calls) == 2:           # the second checkpoint: half written, then the disk is full
             with open(f, 'wb') as fh:
                 fh.write(b'PK\x03\x04 half a checkpoint')
-            raise OSError(errno.ENOSPC, 'No space left on device')
+            if error == 'OSError':
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            monkeypatch.setattr(shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', save_until_full)
-    args = ['--eval_interval=1', '--eval_iters=1', '--keep_last=5', '--out_dir=full']
+    args = ['--eval_interval=1', '--eval_iters=1', '--keep_last=5', f'--out_dir=full_{error}']
     with pytest.raises(SystemExit) as e:
         train_here(root, *args, '--max_iters=3')
     monkeypatch.undo()
-    out = os.path.join(root, 'full')
-    msg = one_line(e.value.code, 'no space left on the device of out_dir full:', 'ckpt_0000002.pt', 'bytes')
+    out = os.path.join(root, f'full_{error}')
+    msg = one_line(e.value.code, f'no space left on the device of out_dir full_{error}:', 'ckpt_0000002.pt', 'bytes')
     import re
     need = int(re.search(r'needs about ([\d,]+) bytes', msg)[1].replace(',', ''))
     assert need > 0.5 * os.path.getsize(os.path.join(out, 'ckpt_0000001.pt'))
@@ -346,3 +353,171 @@ def test_resume_removes_killed_saves_before_it_rewrites_the_log(root, monkeypatc
     monkeypatch.setattr(train, 'trim_log', trim_spied)
     train_here(root, '--max_iters=2', '--eval_interval=1', '--eval_iters=1', '--out_dir=tmp_first', '--init_from=resume')
     assert seen == [[]]
+
+
+# ---- one clear line instead of a traceback ------------------------------------------------------------
+
+def read_only(monkeypatch, top):
+    """Make `top` and everything under it behave as on a read-only mount (which permission bits cannot
+    show when the tests run as root): writes and new directories fail with EROFS."""
+    import builtins
+    import errno
+    top = os.path.abspath(top)
+
+    def under(p):
+        return isinstance(p, (str, os.PathLike)) and os.path.abspath(p).startswith(top)
+
+    def refuse(p):
+        raise OSError(errno.EROFS, 'Read-only file system', str(p))
+    real = {'open': builtins.open, 'os_open': os.open, 'makedirs': os.makedirs, 'access': os.access,
+            'mkdir': os.mkdir}
+    monkeypatch.setattr(builtins, 'open', lambda p, mode='r', *a, **k: refuse(p) if under(p) and set(mode) & set('wax+')
+                        else real['open'](p, mode, *a, **k))
+    monkeypatch.setattr(os, 'open', lambda p, flags, *a, **k: refuse(p) if under(p) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                        else real['os_open'](p, flags, *a, **k))
+    monkeypatch.setattr(os, 'makedirs', lambda p, *a, **k: refuse(p) if under(p) and not os.path.isdir(p)
+                        else real['makedirs'](p, *a, **k))
+    monkeypatch.setattr(os, 'mkdir', lambda p, *a, **k: refuse(p) if under(p) else real['mkdir'](p, *a, **k))
+    monkeypatch.setattr(os, 'access', lambda p, mode, *a, **k: False if under(p) and mode & os.W_OK
+                        else real['access'](p, mode, *a, **k))
+    real_save = torch.save          # its C++ file writer opens the file itself, and says so this way:
+
+    def save(obj, f, *a, **k):
+        if under(f):
+            raise RuntimeError('[enforce fail at inline_container.cc:747] . open file failed with strerror: '
+                               'Read-only file system')
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+
+
+@pytest.mark.parametrize('where', ['existing', 'new'])
+def test_read_only_out_dir_is_one_line(root, monkeypatch, where):
+    ro = os.path.join(root, f'read_only_{where}')
+    os.makedirs(ro)
+    out = ro if where == 'existing' else os.path.join(ro, 'run')
+    read_only(monkeypatch, ro)
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, f'--out_dir={os.path.relpath(out, root)}')
+    one_line(e.value.code, 'cannot write to out_dir', os.path.relpath(out, root))
+    monkeypatch.undo()
+    assert os.listdir(ro) == []
+
+
+def test_export_into_a_read_only_directory_is_one_line(good, tmp_path, monkeypatch, capsys):
+    read_only(monkeypatch, tmp_path)
+    code, _ = sample_main(monkeypatch, capsys, f"--init_from={good['file']}", f'--export={tmp_path / "m.pt"}')
+    monkeypatch.undo()
+    one_line(code, 'export: cannot write', 'm.pt', 'Read-only file system')
+    assert os.listdir(tmp_path) == []
+
+
+def mismatched(good, root, name, sharded):
+    """A copy of a good checkpoint whose tensors do not fit its own config: for a single file, a wrong
+    embedding; for a sharded one, its meta.pt says d_expert 8 where its tensors have 16."""
+    out = os.path.join(root, name)
+    os.makedirs(out)
+    if not sharded:
+        ck = torch.load(good['file'], weights_only=True)
+        ck['model']['embedding.weight'] = ck['model']['embedding.weight'][:, :16].clone()
+        torch.save(ck, os.path.join(out, 'ckpt_0000001.pt'))
+        return os.path.join(out, 'ckpt_0000001.pt')
+    path = os.path.join(out, 'ckpt_0000001')
+    shutil.copytree(good['sharded'], path)
+    meta = torch.load(os.path.join(path, 'meta.pt'), weights_only=True)
+    meta['config']['d_expert'] = meta['model_config']['d_expert'] = 8
+    torch.save(meta, os.path.join(path, 'meta.pt'))
+    return path
+
+
+@pytest.mark.parametrize('sharded', [False, True])
+def test_checkpoint_tensors_that_do_not_fit_its_config_are_one_line(root, good, sharded, monkeypatch, capsys):
+    name = f"mismatch_{'sharded' if sharded else 'file'}"
+    path = mismatched(good, root, name, sharded)
+    extra = ['--checkpoint_format=sharded', '--d_expert=8'] if sharded else []
+    with pytest.raises(SystemExit) as e:
+        train_here(root, '--max_iters=2', '--eval_interval=1', '--eval_iters=1', *extra, f'--out_dir={name}',
+                   '--init_from=resume')
+    want = 'core.layers.0.ffn.keys is [4, 32, 16] in the checkpoint, [4, 32, 8]' if sharded else \
+        'embedding.weight is [257, 16] in the checkpoint, [257, 32]'
+    one_line(e.value.code, 'does not match', want)
+    code, _ = sample_main(monkeypatch, capsys, f'--init_from={path}', '--num_samples=1', '--max_new_tokens=2')
+    one_line(code, 'does not match its own model_config', want)
+
+
+@pytest.mark.parametrize('arg, msg', [('--num_samples=0', 'num_samples must be a positive integer'),
+                                      ('--max_new_tokens=-5', 'max_new_tokens must be a positive integer')])
+def test_sample_counts_must_be_positive(good, monkeypatch, capsys, arg, msg):
+    code, out = sample_main(monkeypatch, capsys, f"--init_from={good['file']}", arg)
+    one_line(code, msg)
+
+
+@pytest.mark.parametrize('arg, msg', [
+    ('--learning_rate=-1', 'learning_rate must be > 0, got -1.0'),
+    ('--beta2=1.5', 'beta2 must be in [0, 1)'),
+    ('--halting=actt', "halting must be one of ('act', 'mor'), got 'actt'"),
+])
+def test_bad_training_settings_are_one_line(root, arg, msg):
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, '--out_dir=bad_setting', arg)
+    one_line(e.value.code, msg)
+
+
+def test_wandb_log_without_wandb_is_one_line(root, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)       # import wandb raises ImportError
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, '--out_dir=no_wandb', '--wandb_log=True')
+    one_line(e.value.code, 'wandb_log=True but wandb is not installed')
+
+
+def bad_dataset(root, name, meta_changes, tokens=None):
+    from test_train import write_data
+    data = os.path.join(root, 'data', name)
+    rng = np.random.default_rng(0)
+    write_data(data, tokens if tokens is not None else rng.integers(0, 257, 4000), rng.integers(0, 257, 400))
+    with open(os.path.join(data, 'meta.json')) as f:
+        meta = __import__('json').load(f)
+    meta.update(meta_changes)
+    with open(os.path.join(data, 'meta.json'), 'w') as f:
+        __import__('json').dump(meta, f)
+
+
+@pytest.mark.parametrize('name, changes, msg', [
+    ('vocab_too_small', {'vocab_size': 100}, 'holds token id'),
+    ('big_endian', {'dtype': '>u2'}, "has dtype '>u2'"),
+])
+def test_meta_json_that_does_not_fit_its_data_is_one_line(root, name, changes, msg):
+    bad_dataset(root, name, changes)
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, f'--dataset={name}', f'--out_dir=run_{name}')
+    one_line(e.value.code, msg, os.path.join('data', name))
+
+
+@pytest.mark.slow
+def test_paper_config_on_cpu_warns_and_ctrl_c_acts_at_once(root):
+    """config/moeut_44m.py on CPU: one warning line that it is GPU-sized; mid-step (minutes long, mostly
+    inside torch ops where Python runs no signal handler) a Ctrl-C is acknowledged at once and a second
+    one exits at once, without a checkpoint."""
+    import re
+    import signal
+    import time
+    from test_train import Proc
+    proc = Proc(root, os.path.join(ROOT, 'config', 'moeut_44m.py'), '--dataset=tiny', '--device=cpu',
+                '--compile=False', '--batch_size=1', '--eval_iters=1', '--out_dir=paper_cpu')
+    try:
+        warning = proc.wait_for(r'^warning: .*GPU-sized')
+        assert re.search(r'[\d.]+ TFLOP per step', warning)
+        proc.wait_for(r'^eval 0:')
+        time.sleep(2)                                     # inside the first step
+        t = time.time()
+        proc.p.send_signal(signal.SIGINT)
+        proc.wait_for(r'^SIGINT: checkpointing at the end of this step', timeout=10)
+        assert time.time() - t < 5
+        time.sleep(0.5)
+        t = time.time()
+        proc.p.send_signal(signal.SIGINT)
+        rc, output = proc.finish(timeout=20)
+        assert time.time() - t < 5, output[-2000:]
+    finally:
+        proc.kill()
+    assert rc != 0 and 'interrupted twice: exiting without a checkpoint' in output and 'Traceback' not in output
+    assert not [f for f in os.listdir(os.path.join(root, 'paper_cpu')) if f.startswith('ckpt_')]
