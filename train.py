@@ -233,19 +233,26 @@ def read_windows(path, dtype, starts, block, vocab_size=None):
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta), and its
-    token dtype one that prepare.py writes: another one would be read without an error, as other numbers."""
+    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta), held to what
+    prepare.py writes: one of its tokenizers (sample.py needs it to decode), and unsigned token ids wide
+    enough for the vocabulary. Anything else would be read without an error, as other numbers."""
     import prepare
     try:
         meta = prepare.load_meta(data_dir)
     except prepare.PrepareError as e:
         fail(str(e))
     path = os.path.join(data_dir, 'meta.json')
+    if meta['tokenizer'] not in prepare.TOKENIZERS:
+        fail(f"{path} has tokenizer {meta['tokenizer']!r}, which prepare.py does not know "
+             f"(one of {', '.join(prepare.TOKENIZERS)})")
+    if not isinstance(meta['vocab_size'], int) or meta['vocab_size'] < 1:
+        fail(f"{path} has vocab_size {meta['vocab_size']!r}: expected a positive integer")
     if meta['dtype'] not in ('uint16', 'uint32'):
         fail(f"{path} has dtype {meta['dtype']!r}: token files are 'uint16' or 'uint32' (native byte order), "
              f"as prepare.py writes them")
-    if not isinstance(meta['vocab_size'], int) or meta['vocab_size'] < 1:
-        fail(f"{path} has vocab_size {meta['vocab_size']!r}: expected a positive integer")
+    if meta['dtype'] == 'uint16' and meta['vocab_size'] > 1 << 16:
+        fail(f"{path} has dtype 'uint16' for vocab_size {meta['vocab_size']}: ids past 65535 do not fit "
+             f"(prepare.py writes 'uint32' for such a vocabulary)")
     return meta
 
 

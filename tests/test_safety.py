@@ -521,3 +521,20 @@ def test_paper_config_on_cpu_warns_and_ctrl_c_acts_at_once(root):
         proc.kill()
     assert rc != 0 and 'interrupted twice: exiting without a checkpoint' in output and 'Traceback' not in output
     assert not [f for f in os.listdir(os.path.join(root, 'paper_cpu')) if f.startswith('ckpt_')]
+
+
+# ---- meta.json held to what prepare.py writes ------------------------------------------------------
+
+@pytest.mark.parametrize('name, changes, msg', [
+    ('float16', {'dtype': 'float16'}, "has dtype 'float16'"),
+    ('int16', {'dtype': 'int16'}, "has dtype 'int16'"),
+    ('no_such_tokenizer', {'tokenizer': 'gpt5'}, "has tokenizer 'gpt5', which prepare.py does not know"),
+    ('narrow_ids', {'vocab_size': 100277}, "has dtype 'uint16' for vocab_size 100277"),
+])
+def test_meta_json_is_held_to_what_prepare_writes(root, name, changes, msg):
+    """Token files of another dtype (same item size, so the .bin sizes match) or a tokenizer prepare.py
+    does not know were read without an error; now one line at the start of training."""
+    bad_dataset(root, f'meta_{name}', changes)
+    with pytest.raises(SystemExit) as e:
+        train_here(root, *ONE, f'--dataset=meta_{name}', f'--out_dir=run_meta_{name}')
+    one_line(e.value.code, msg, os.path.join('data', f'meta_{name}', 'meta.json'))
