@@ -41,29 +41,36 @@ def fail(msg):
 
 def load_checkpoint(init_from, out_dir, device):
     """Model (eval mode, on device) and the tokenizer name from a train.py checkpoint."""
-    if init_from == 'resume':
-        from train import latest_checkpoint
-        path = latest_checkpoint(out_dir)
+    # weights_only loads: a checkpoint holding pickled objects is refused unread (one line)
+    from train import BadCheckpoint, load_checkpoint_meta, newest_intact_checkpoint
+    if init_from == 'resume':    # the newest checkpoint that reads (a newer unreadable one is said and skipped)
+        path, ckpt, bad = newest_intact_checkpoint(out_dir)
+        for p, why in bad:
+            print(f"warning: {why}: skipped", file=sys.stderr)
         if path is None:
-            fail(f"no checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
+            fail(f"no {'intact ' if bad else ''}checkpoint (ckpt_*.pt) in {out_dir}: train first, or set --out_dir")
     else:
         path = init_from
         if not os.path.exists(path):
             fail(f"checkpoint not found: {path}")
-    from train import load_checkpoint_meta
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
-        fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'meta.pt')):
+            fail(f"{path} is a directory but not a sharded checkpoint (no meta.pt); pass a ckpt_N.pt or ckpt_N/")
+        try:
+            ckpt = load_checkpoint_meta(path)
+        except BadCheckpoint as e:
+            fail(str(e))
+        if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
+            fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
     try:
-        ckpt = load_checkpoint_meta(path)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
-        fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
-    model = LM(ModelConfig(**ckpt['model_config']))
+        model = LM(ModelConfig(**ckpt['model_config']))
+    except (TypeError, ValueError) as e:
+        fail(f"{path} has a model_config this model.py cannot build: {e}")
+    from train import check_model_state
+    check_model_state(model, path, ckpt, 'its own model_config')
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
-        import torch.distributed.checkpoint as dcp
+        from train import load_sharded
         state = {'model': model.state_dict()}
-        dcp.load(state, checkpoint_id=path)
+        load_sharded(state, path)
         model.load_state_dict(state['model'])
     else:
         state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
@@ -134,6 +141,9 @@ def main():
     dt = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.startswith('cuda') else 'float32')
     if dt not in ('float32', 'bfloat16', 'float16'):
         fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
+    for k in ('num_samples', 'max_new_tokens'):
+        if not isinstance(cfg[k], int) or cfg[k] < 1:
+            fail(f"{k} must be a positive integer, got {cfg[k]!r}")
     if cfg['temperature'] < 0 or cfg['top_k'] < 0 or not 0 < cfg['top_p'] <= 1:
         fail(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {cfg['temperature']}, "
              f"{cfg['top_k']}, {cfg['top_p']}")
@@ -147,9 +157,15 @@ def main():
         if not os.path.isdir(os.path.dirname(os.path.abspath(cfg['export']))):
             fail(f"export: directory of {cfg['export']} does not exist")
         tmp = cfg['export'] + '.tmp'
-        torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
-                    'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
-        os.replace(tmp, cfg['export'])
+        try:
+            torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()},
+                        'model_config': asdict(model.cfg), 'meta': {'tokenizer': tok_name}}, tmp)
+            os.replace(tmp, cfg['export'])
+        except (OSError, RuntimeError) as e:     # read-only directory, full disk: no partial file left
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            from train import write_error
+            fail(f"export: cannot write {cfg['export']}: {write_error(e)}")
         print(f"exported {path} -> {cfg['export']}")
         return
 

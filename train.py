@@ -11,9 +11,12 @@ Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and
 FSDP2 (fully_shard). gradient_accumulation_steps is the GLOBAL number of micro-batches per step, split
 over the ranks, so a config means the same global batch at any world size.
 """
+import errno
 import gc
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
@@ -40,6 +43,9 @@ keep_last = 2                   # checkpoints kept in out_dir
 checkpoint_format = 'auto'      # 'file' (one ckpt_N.pt) | 'sharded' (ckpt_N/ via torch.distributed.checkpoint)
                                 # | 'auto' = sharded under FSDP, file otherwise. Both resume at any world size.
 init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
+overwrite = False               # scratch into an out_dir holding another run: delete its checkpoints and logs first
+convert_trusted_checkpoint = '' # a checkpoint path: rewrite a pre-2026-12-06 checkpoint so it loads safely, then exit
+                                # (unpickles it in full, which runs whatever it holds: only for a file you trust)
 wandb_log = False
 wandb_project = 'nanomoeut'
 wandb_run_name = 'run'
@@ -98,6 +104,9 @@ def main():
     cfg = {k: globals()[k] for k in config_keys(globals())}
     configure(cfg)
     globals().update(cfg)
+    if cfg['convert_trusted_checkpoint']:
+        convert_checkpoint(cfg['convert_trusted_checkpoint'])
+        return
     run = setup_distributed(cfg)
     try:
         train(cfg, run)
@@ -137,9 +146,18 @@ def setup_distributed(cfg):
     if dev.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={dev!r} but CUDA is not available (use --device=cpu)")
     for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-              'eval_iters'):
+              'eval_iters', 'max_bad_steps'):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             fail(f"{k} must be a positive integer, got {cfg[k]!r}")
+    for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'keep_last'):
+        if not isinstance(cfg[k], int) or cfg[k] < 0:
+            fail(f"{k} must be an integer >= 0, got {cfg[k]!r}")
+    # the optimizers reject some of these with a traceback, others (a negative min_lr) not at all
+    for k, ok, want in (('learning_rate', lambda v: v > 0, '> 0'), ('min_lr', lambda v: v >= 0, '>= 0'),
+                        ('weight_decay', lambda v: v >= 0, '>= 0'), ('grad_clip', lambda v: v >= 0, '>= 0'),
+                        ('beta1', lambda v: 0 <= v < 1, 'in [0, 1)'), ('beta2', lambda v: 0 <= v < 1, 'in [0, 1)')):
+        if not math.isfinite(cfg[k]) or not ok(cfg[k]):
+            fail(f"{k} must be {want}, got {cfg[k]!r}")
     rank, world, local = 0, 1, 0
     if dev.startswith('cuda'):     # TF32 for any fp32 matmuls left outside autocast (nanoGPT does the same)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -178,7 +196,8 @@ class Batches:
     def __init__(self, path, block, micro, accum_local, rank, world, seed):
         self.path, self.block, self.micro = path, block, micro
         self.accum_local, self.rank, self.world, self.seed = accum_local, rank, world, seed
-        self.dtype = np.dtype(load_meta(os.path.dirname(path))['dtype'])
+        meta = load_meta(os.path.dirname(path))
+        self.dtype, self.vocab_size = np.dtype(meta['dtype']), meta['vocab_size']
         n_tokens = os.path.getsize(path) // self.dtype.itemsize
         self.n_windows = (n_tokens - 1) // block
         self.global_batch = micro * accum_local * world
@@ -200,23 +219,41 @@ class Batches:
         """The micro-batches (x, y) of this rank for the next optimizer step (overfit: always the first)."""
         w = self._windows(0 if overfit else self.pos).reshape(self.accum_local, self.world, self.micro)[:, self.rank]
         self.pos += 1
-        return [read_windows(self.path, self.dtype, starts * self.block, self.block) for starts in w]
+        return [read_windows(self.path, self.dtype, starts * self.block, self.block, self.vocab_size) for starts in w]
 
 
-def read_windows(path, dtype, starts, block):
+def read_windows(path, dtype, starts, block, vocab_size=None):
     # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
     data = np.memmap(path, dtype=dtype, mode='r')
     xy = torch.from_numpy(np.stack([data[s:s + block + 1].astype(np.int64) for s in starts]))
+    if vocab_size is not None and xy.max() >= vocab_size:    # else an index error deep in the embedding
+        fail(f"{path} holds token id {int(xy.max())} but its meta.json says vocab_size {vocab_size}: the "
+             f"data and meta.json do not match (prepare the dataset again)")
     return xy[:, :-1], xy[:, 1:]
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta)."""
+    """meta.json of a prepared dataset (checked against its .bin sizes by prepare.load_meta), held to what
+    prepare.py writes: one of its tokenizers (sample.py needs it to decode), and unsigned token ids wide
+    enough for the vocabulary. Anything else would be read without an error, as other numbers."""
     import prepare
     try:
-        return prepare.load_meta(data_dir)
+        meta = prepare.load_meta(data_dir)
     except prepare.PrepareError as e:
         fail(str(e))
+    path = os.path.join(data_dir, 'meta.json')
+    if meta['tokenizer'] not in prepare.TOKENIZERS:
+        fail(f"{path} has tokenizer {meta['tokenizer']!r}, which prepare.py does not know "
+             f"(one of {', '.join(prepare.TOKENIZERS)})")
+    if not isinstance(meta['vocab_size'], int) or meta['vocab_size'] < 1:
+        fail(f"{path} has vocab_size {meta['vocab_size']!r}: expected a positive integer")
+    if meta['dtype'] not in ('uint16', 'uint32'):
+        fail(f"{path} has dtype {meta['dtype']!r}: token files are 'uint16' or 'uint32' (native byte order), "
+             f"as prepare.py writes them")
+    if meta['dtype'] == 'uint16' and meta['vocab_size'] > 1 << 16:
+        fail(f"{path} has dtype 'uint16' for vocab_size {meta['vocab_size']}: ids past 65535 do not fit "
+             f"(prepare.py writes 'uint32' for such a vocabulary)")
+    return meta
 
 
 # datasets train.py can make itself on first use: Shakespeare with gpt2 tokens or raw bytes
@@ -256,7 +293,10 @@ def build_model(cfg, run, vocab_size):
     if cfg['compile'] and mcfg.halting != 'none' and run['distributed'] and cfg['parallelism'] == 'fsdp':
         fail("compile=True for a halting model compiles each layer, which has not been tested under "
              "FSDP: use parallelism='ddp' or compile=False")
-    model = LM(mcfg).to(run['device'])
+    try:            # some checks live in the modules (halting.py): their ValueError is a config error too
+        model = LM(mcfg).to(run['device'])
+    except ValueError as e:
+        fail(str(e))
     return model, mcfg
 
 
@@ -400,11 +440,11 @@ def lr_at(it, cfg):
 
 def checkpoint_paths(out_dir):
     """Complete checkpoints, oldest first: ckpt_N.pt files and ckpt_N/ sharded directories (a save in
-    progress, or killed mid-way, is a *.tmp name and never listed)."""
+    progress, or killed mid-way, is a *.tmp name, and one found unreadable a *.corrupt name: never listed)."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and not f.endswith('.tmp')
-                   and (f.endswith('.pt') or os.path.isdir(os.path.join(out_dir, f))))
+    names = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r'ckpt_\d+\.pt', f)
+                   or re.fullmatch(r'ckpt_\d+', f) and os.path.isdir(os.path.join(out_dir, f)))
     return [os.path.join(out_dir, f) for f in names]
 
 
@@ -423,11 +463,201 @@ def latest_checkpoint(out_dir):
     return paths[-1] if paths else None
 
 
+def newest_intact_checkpoint(out_dir, keys=('model_config', 'meta'), file_keys=('model',)):
+    """(path, its load_checkpoint_meta, [(newer path, why it is unreadable)]) of the newest checkpoint in
+    out_dir that reads and holds `keys` (and `file_keys` if a single file); path None if none does. A
+    checkpoint holding pickled objects is not 'unreadable': load_checkpoint_meta refuses it with fail()."""
+    bad = []
+    for path in reversed(checkpoint_paths(out_dir)):
+        try:
+            ckpt = load_checkpoint_meta(path)
+            need = keys if os.path.isdir(path) else keys + file_keys
+            missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+            if missing:
+                raise BadCheckpoint(f"{path} is not a train.py checkpoint (no {missing[0]!r})")
+            return path, ckpt, bad
+        except BadCheckpoint as e:
+            bad.append((path, str(e)))
+    return None, None, bad
+
+
+class BadCheckpoint(Exception):
+    """A checkpoint that cannot be read (truncated, overwritten, incomplete). The message is one line."""
+
+
 def load_checkpoint_meta(path):
     """Everything but the tensors of a sharded checkpoint (config, iteration, data position, RNG), or
-    the whole of a single-file one."""
-    return torch.load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path,
-                      map_location='cpu', weights_only=False)
+    the whole of a single-file one. Loaded with weights_only=True: only tensors and plain Python values,
+    so a checkpoint cannot run code (a pickled object with a __reduce__ is refused before anything runs).
+    A sharded checkpoint's DCP .metadata is read too (with an allowlist: read_dcp_metadata)."""
+    if os.path.isdir(path):
+        read_dcp_metadata(path)
+    return safe_load(os.path.join(path, 'meta.pt') if os.path.isdir(path) else path, path)
+
+
+def safe_load(f, ckpt_path, what=None):
+    """torch.load(f, weights_only=True) with one-line errors: fail() for a file that holds pickled
+    objects (refused unread), BadCheckpoint for one that is not a readable checkpoint. `what` names f
+    in them when it is not a file of its own (a value inside a sharded checkpoint)."""
+    try:
+        return torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if m and what:
+            fail(f"refused to load {what}: it holds a pickled Python object ({m[1]}) that loading would run "
+                 f"(nothing was run); train.py never saves such objects")
+        if m:
+            fail(f"refused to load {f}: it holds a pickled Python object ({m[1]}) that loading would run "
+                 f"(nothing was run). Checkpoints written by train.py before 2026-12-06 hold their numpy RNG "
+                 f"state so: if you trust this one, convert it once with "
+                 f"python train.py --convert_trusted_checkpoint={ckpt_path}")
+        raise BadCheckpoint(f"{what or f} is not a readable checkpoint ({first_line(e)})") from None
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise BadCheckpoint(f"{ckpt_path} is incomplete ({e.filename} missing)") from None
+    except OSError as e:
+        fail(f"cannot read {what or f}: {e.strerror}")
+    except Exception as e:      # zip, EOF and unpickling errors of a truncated or overwritten file
+        raise BadCheckpoint(f"{what or f} is not a readable checkpoint ({first_line(e)})") from None
+
+
+def first_line(e):
+    """'Type: first sentence of the message' of an exception (torch's are paragraphs)."""
+    msg = str(e).strip().split('\n')[0].split('. ')[0]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def read_dcp_metadata(path):
+    """The .metadata of a sharded checkpoint: a pickle of torch.distributed.checkpoint's own dataclasses,
+    which DCP itself unpickles without restriction. Read here through an allowlist of exactly those
+    classes (and torch.Size / dtypes / layouts / paths), so a crafted one is refused, not run."""
+    import pathlib
+    import torch.distributed.checkpoint.metadata as md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    allowed = {('torch.distributed.checkpoint.metadata', n): getattr(md, n) for n in (
+        'Metadata', 'MetadataIndex', 'StorageMeta', 'TensorProperties', 'TensorStorageMetadata',
+        'ChunkStorageMetadata', 'BytesStorageMetadata', '_MEM_FORMAT_ENCODING')}
+    allowed.update({('torch.distributed.checkpoint.filesystem', '_StorageInfo'): _StorageInfo,
+                    ('torch', 'Size'): torch.Size, ('torch.serialization', '_get_layout'): torch.serialization._get_layout,
+                    ('pathlib', 'PosixPath'): pathlib.PosixPath, ('pathlib', 'PurePosixPath'): pathlib.PurePosixPath})
+    name = os.path.join(path, '.metadata')
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, cls):
+            if (module, cls) in allowed:
+                return allowed[module, cls]
+            if module == 'torch' and isinstance(getattr(torch, cls, None), torch.dtype):
+                return getattr(torch, cls)
+            fail(f"refused to load {name}: it holds a pickled Python object ({module}.{cls}) that loading would "
+                 f"run (nothing was run); torch.distributed.checkpoint does not write such objects")
+    try:
+        with open(name, 'rb') as f:
+            meta = Unpickler(f).load()
+    except FileNotFoundError:
+        raise BadCheckpoint(f"{path} is incomplete ({name} missing)") from None
+    except OSError as e:
+        fail(f"cannot read {name}: {e.strerror}")
+    except Exception as e:
+        raise BadCheckpoint(f"{name} is not readable ({first_line(e)})") from None
+    if not isinstance(meta, md.Metadata) or not isinstance(meta.state_dict_metadata, dict) or any(
+            not isinstance(s, _StorageInfo) or os.path.basename(str(s.relative_path)) != str(s.relative_path)
+            for s in (meta.storage_data or {}).values()):
+        raise BadCheckpoint(f"{name} is not the metadata of a sharded checkpoint (or names files outside {path})")
+    return meta
+
+
+def load_sharded(state, path):
+    """torch.distributed.checkpoint.load(state) from the sharded checkpoint `path`, with nothing unpickled
+    in full: DCP's reader would unpickle .metadata and every non-tensor value (the optimizer's param
+    groups) without restriction; here .metadata goes through read_dcp_metadata and the values through
+    weights_only=True (DCP already reads the tensors so)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta = read_dcp_metadata(path)
+            if getattr(meta, 'storage_meta', None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = safe_load(value, path, f"{read_item.dest_index.fqn} of {path}")
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+    try:
+        dcp.load(state, storage_reader=Reader(path), planner=Planner())
+    except dcp.api.CheckpointException as e:   # every rank's failure, wrapped: report the first one's cause
+        cause = e
+        while getattr(cause, 'failures', None):
+            cause = next(iter(cause.failures.values()))[0]
+        if isinstance(cause, SystemExit):
+            raise cause from None
+        fail(f"cannot load the sharded checkpoint {path}: {first_line(cause)}")
+
+
+def numpy_rng_plain(st):
+    """np.random.get_state()'s tuple as plain values (its key is a numpy array: a pickled object)."""
+    name, key, pos, has_gauss, gauss = st
+    return {'bit_generator': str(name), 'key': torch.from_numpy(np.asarray(key, dtype=np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}
+
+
+def convert_checkpoint(path):
+    """Rewrite a checkpoint written before 2026-12-06 (its numpy RNG state was a pickled numpy array)
+    in the format load_checkpoint_meta reads with weights_only=True; for a sharded one, its meta.pt.
+    This unpickles the file in full, which runs whatever objects it holds: only for a file you trust."""
+    if not os.path.exists(path):
+        fail(f"convert_trusted_checkpoint: {path} does not exist")
+    f = os.path.join(path, 'meta.pt') if os.path.isdir(path) else path
+    try:
+        torch.load(f, map_location='cpu', weights_only=True)
+        print(f"{f} already loads safely: nothing to convert")
+        return
+    except Exception:
+        pass
+    try:
+        ckpt = torch.load(f, map_location='cpu', weights_only=False)
+    except Exception as e:
+        fail(f"cannot read {f}: {first_line(e)}")
+    for st in ckpt.get('rng', []) if isinstance(ckpt, dict) else []:
+        if isinstance(st, dict) and isinstance(st.get('numpy'), tuple):
+            st['numpy'] = numpy_rng_plain(st['numpy'])
+    tmp = f + '.tmp'
+    torch.save(ckpt, tmp)
+    try:
+        torch.load(tmp, map_location='cpu', weights_only=True)
+    except Exception as e:
+        os.remove(tmp)
+        m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        fail(f"cannot convert {f}: it holds {m[1] if m else 'objects'} besides the RNG state, which train.py never saves")
+    os.replace(tmp, f)
+    print(f"converted {f}: it now loads with weights_only=True")
+
+
+def check_model_state(model, path, ckpt, what):
+    """fail() naming the first tensor of checkpoint `path` whose name or shape does not fit `model` (built
+    from `what`), instead of load_state_dict's many-line error. A sharded checkpoint's shapes come from
+    its .metadata, without reading its tensors."""
+    if os.path.isdir(path):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        have = {k[6:]: tuple(v.size) for k, v in read_dcp_metadata(path).state_dict_metadata.items()
+                if k.startswith('model.') and isinstance(v, TensorStorageMetadata)}
+    else:
+        have = {k.removeprefix('_orig_mod.').removeprefix('module.'): tuple(v.shape) if torch.is_tensor(v) else None
+                for k, v in ckpt['model'].items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    diffs = [f"{k} is missing" for k in want if k not in have] + \
+            [f"{k} is not a tensor of the model" for k in have if k not in want] + \
+            [f"{k} is {list(have[k]) if have[k] is not None else 'not a tensor'} in the checkpoint, {list(want[k])} "
+             f"in the model" for k in want if k in have and have[k] != want[k]]
+    if diffs:
+        fail(f"checkpoint {path} does not match {what}: {diffs[0]}"
+             + (f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ''))
 
 
 def model_and_optim_state(model, optimizer, run, cfg, full=True):
@@ -444,10 +674,9 @@ def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
     # a param group's 'fused' flag is restored with it: keep this run's (a CPU checkpoint resumed on a GPU)
     fused = [g.get('fused') for g in optimizer.param_groups]
     if os.path.isdir(path):    # sharded: DCP reshards to this run's layout (any world size, or none)
-        import torch.distributed.checkpoint as dcp
         m, o = model_and_optim_state(model, optimizer, run, cfg, full=False)
         state = {'model': m, 'optimizer': o}
-        dcp.load(state, checkpoint_id=path)
+        load_sharded(state, path)
         set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
     else:
         set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
@@ -459,13 +688,58 @@ def load_model_and_optim_state(model, optimizer, path, ckpt, run, cfg):
 
 def save_checkpoint(path, state, keep):
     """Atomic: write a temp file in the same directory, fsync, rename. A crash mid-save leaves the
-    previous checkpoints untouched and never a truncated ckpt_*.pt."""
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
+    previous checkpoints untouched and never a truncated ckpt_*.pt; a failed write (disk full) removes
+    its temp file and stops with one line."""
+    tmp, error = path + '.tmp', None
+    try:
+        torch.save(state, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:      # torch.save's C++ writer raises RuntimeError
+        error = e.with_traceback(None)         # the frames (of it and the error before it) hold the
+        error.__context__ = error.__cause__ = None     # open file, whose space stays taken until closed
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if error is not None:
+        gc.collect()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        save_failed(path, error, state)
     os.replace(tmp, path)
     prune_checkpoints(os.path.dirname(path), keep)
+
+
+def save_failed(path, e, state):
+    """One line for a checkpoint write that failed (its temp file already removed); for a full disk, the
+    directory and the bytes the checkpoint needs. torch.save reports a full disk as a RuntimeError
+    ('unexpected pos ...'), so the free space decides too."""
+    import shutil
+    out_dir = os.path.dirname(path) or '.'
+    need = sum(t.numel() * t.element_size() for t in tensors_in(state))
+    free = shutil.disk_usage(out_dir).free
+    if getattr(e, 'errno', None) == errno.ENOSPC or free < need:
+        fail(f"no space left on the device of out_dir {out_dir}: checkpoint {os.path.basename(path)} needs about "
+             f"{need:,} bytes, {free:,} are free. The partial file was removed and the previous checkpoints "
+             f"are intact: free space, then --init_from=resume")
+    fail(f"cannot write checkpoint {path}: {write_error(e)}")
+
+
+def write_error(e):
+    """What went wrong in a failed write, in a few words: OSError's strerror, or the one torch's C++ file
+    writer puts inside its RuntimeError ('... open file failed with strerror: Permission denied')."""
+    m = re.search(r'strerror: (.+)', str(e))
+    return getattr(e, 'strerror', None) or (m[1].strip() if m else first_line(e))
+
+
+def tensors_in(obj):
+    """Every tensor in a nest of dicts / lists / tuples."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for x in obj for t in tensors_in(x)] if isinstance(obj, (list, tuple)) else []
 
 
 def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
@@ -479,9 +753,20 @@ def save_sharded_checkpoint(path, tensors, meta_state, run, keep):
         shutil.rmtree(tmp)
     if run['distributed']:
         dist.barrier()
-    dcp.save(tensors, checkpoint_id=tmp)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp)
+        if run['master']:
+            torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
+    except BaseException as e:       # DCP wraps every rank's failure: a full disk is an OSError inside
+        cause = e
+        while getattr(cause, 'failures', None):
+            cause = next(iter(cause.failures.values()))[0]
+        if run['master']:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(cause, (OSError, RuntimeError)):
+            save_failed(path, cause, tensors)
+        raise
     if run['master']:
-        torch.save(meta_state, os.path.join(tmp, 'meta.pt'))
         if os.path.isdir(path):      # the same iteration saved again: the new one wins
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -496,8 +781,8 @@ def prune_checkpoints(out_dir, keep):
 
 def rng_state(run):
     """This rank's RNG streams: CPU, numpy, and its own GPU's (only that one: a resume may see a
-    different number of GPUs, and a CPU run should not touch CUDA)."""
-    st = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
+    different number of GPUs, and a CPU run should not touch CUDA). Tensors and plain values only."""
+    st = {'torch': torch.get_rng_state(), 'numpy': numpy_rng_plain(np.random.get_state())}
     if run['device_type'] == 'cuda':
         st['cuda'] = torch.cuda.get_rng_state(run['device'])
     return st
@@ -505,7 +790,9 @@ def rng_state(run):
 
 def set_rng_state(st, run):
     torch.set_rng_state(st['torch'])
-    np.random.set_state(st['numpy'])
+    n = st['numpy']
+    np.random.set_state((n['bit_generator'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     if run['device_type'] == 'cuda' and st.get('cuda') is not None:
         cuda = st['cuda']
         if isinstance(cuda, (list, tuple)):   # checkpoints before this change saved every visible GPU's
@@ -539,7 +826,8 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
         for b in range(n_batches):
             chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
             w = 1.0 if len(chunk) else 0.0
-            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'])
+            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'],
+                                meta['vocab_size'])
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
             tot += w * torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
@@ -559,18 +847,131 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
 # ---- the loop ---------------------------------------------------------------------------------
 
 def train(cfg, run):
-    """Train as configured; however it ends (done, a signal, fail(), an exception), the SIGTERM/SIGINT
-    handlers it installs are put back, so an in-process caller keeps its own."""
+    """Train as configured, holding out_dir's lock (rank 0). However it ends (done, a signal, fail(), an
+    exception), the lock is released and the SIGTERM/SIGINT handlers it installs are put back, so an
+    in-process caller keeps its own."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    lock = lock_out_dir(cfg['out_dir']) if run['master'] else None
+    on_exit = []                 # what _train set up and must be undone however it ends
     try:
-        _train(cfg, run)
+        _train(cfg, run, on_exit)
     finally:
+        for undo in on_exit:
+            undo()
         for s, h in handlers.items():
             signal.signal(s, h)
+        if lock:
+            unlock_out_dir(*lock)
 
 
-def _train(cfg, run):
+def watch_signals(master):
+    """Python runs signal handlers only between bytecodes: while the main thread is inside one long torch
+    op (a CPU backward of a paper-sized model takes minutes) on_signal waits for it. The C-level handler
+    also writes each signal's number to a pipe (signal.set_wakeup_fd), which this thread reads at once:
+    it says that the first SIGINT/SIGTERM was received, and a second Ctrl-C ends the process there and
+    then, without a checkpoint. Returns the function that undoes it (None outside the main thread)."""
+    import threading
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:           # not the main thread: on_signal alone
+        os.close(r)
+        os.close(w)
+        return None
+
+    def watch():
+        seen = 0
+        while data := os.read(r, 64):
+            for signum in data:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                seen += 1
+                if seen == 1 and master:
+                    print(f"{signal.Signals(signum).name}: checkpointing at the end of this step, then exiting "
+                          f"(Ctrl-C again: exit now, without a checkpoint)", flush=True)
+                elif seen > 1 and signum == signal.SIGINT:
+                    # a save cut short is only a ckpt_*.tmp, which the next start removes
+                    print("interrupted twice: exiting without a checkpoint", file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(1)
+        os.close(r)
+    threading.Thread(target=watch, daemon=True).start()
+
+    def undo():
+        if w not in closed:
+            signal.set_wakeup_fd(old)
+            os.close(w)          # the thread reads the end of the pipe and stops
+            closed.append(w)
+    closed = []
+    return undo
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir and hold an exclusive flock on out_dir/train.lock for the run's life (the OS drops
+    it when the process dies, however it dies), so a second train.py on the same out_dir refuses instead
+    of mixing its checkpoints and log with this run's. Returns what unlock_out_dir needs."""
+    import fcntl
+    created = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, 'train.lock')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):      # read-only filesystem or permissions
+            raise PermissionError(errno.EACCES, 'not writable')
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 20, 0).decode(errors='replace').strip() or '?'
+        os.close(fd)
+        fail(f"out_dir {out_dir} is in use by another train.py (pid {pid} holds {path}): wait for it to end "
+             f"or stop it, or use another out_dir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, out_dir, created
+
+
+def unlock_out_dir(fd, out_dir, created):
+    os.close(fd)                 # releases the flock
+    try:                         # a run that stopped before writing anything leaves no out_dir behind
+        if created and os.listdir(out_dir) == ['train.lock']:
+            os.remove(os.path.join(out_dir, 'train.lock'))
+            os.rmdir(out_dir)
+    except OSError:
+        pass
+
+
+def claim_out_dir(cfg, run):
+    """A from-scratch run: out_dir must not hold another run's checkpoints or log.jsonl (they would be
+    mixed with this run's, and keep_last would prune the other run's checkpoints), unless
+    overwrite=True, which deletes them (and its plots and unreadable checkpoints) first and says so."""
+    out = cfg['out_dir']
+    ckpts = checkpoint_paths(out)
+    logged = os.path.exists(os.path.join(out, 'log.jsonl'))
+    if (ckpts or logged) and not cfg['overwrite']:
+        fail(f"out_dir {out} holds another run ({len(ckpts)} checkpoint(s){', log.jsonl' if logged else ''}): "
+             f"continue it with --init_from=resume, choose another out_dir, or pass --overwrite=True to "
+             f"delete its checkpoints and logs first")
+    if run['distributed']:
+        dist.barrier()           # every rank has looked before rank 0 deletes anything
+    old = ckpts + [os.path.join(out, f) for f in sorted(os.listdir(out)) if f.endswith('.corrupt')
+                   or f in ('log.jsonl', 'expert_usage.png', 'loss.png', 'depth_hist.png')] if ckpts or logged else []
+    if old and run['master']:
+        import shutil
+        for p in old:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        print(f"overwrite=True: deleted the previous run's {', '.join(os.path.basename(p) for p in old)} from {out}")
+
+
+def _train(cfg, run, on_exit):
     master = run['master']
+    if cfg['wandb_log'] and master:
+        try:
+            import wandb  # noqa: F401  (imported again where the run starts)
+        except ImportError:
+            fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     torch.manual_seed(cfg['seed'] + run['rank'])
     data_dir = ensure_data(cfg, run)
     meta = load_meta(data_dir)
@@ -578,12 +979,24 @@ def _train(cfg, run):
     batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], cfg['batch_size'],
                       accum_local, run['rank'], run['world'], cfg['seed'])
 
+    if master:                   # before anything reads or writes out_dir: killed saves take disk space
+        remove_partial_saves(cfg['out_dir'])
+    if run['distributed']:
+        dist.barrier()
     ckpt = None
     if cfg['init_from'] == 'resume':
-        path = latest_checkpoint(cfg['out_dir'])
+        path, ckpt, bad = newest_intact_checkpoint(cfg['out_dir'], ('config', 'model_config', 'meta', 'iter_num',
+                                                                   'best_val_loss', 'data_pos', 'rng'),
+                                                   ('model', 'optimizer'))
+        if run['distributed']:
+            dist.barrier()       # every rank has chosen before rank 0 renames the unreadable ones
+        for p, why in bad:       # set aside, so they are neither resumed nor counted by keep_last
+            if master:
+                os.replace(p, p + '.corrupt')
+                print(f"warning: {why}: renamed to {os.path.basename(p)}.corrupt"
+                      + (f", resuming from {path}" if path else ''))
         if path is None:
-            fail(f"init_from='resume' but no checkpoint in {cfg['out_dir']}")
-        ckpt = load_checkpoint_meta(path)
+            fail(f"init_from='resume' but no {'intact ' if bad else ''}checkpoint in {cfg['out_dir']}")
         old_batch = ckpt['config']['batch_size'] * ckpt['config']['gradient_accumulation_steps']
         if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
             fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "
@@ -592,10 +1005,15 @@ def _train(cfg, run):
             if ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} was trained with {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}: "
                      f"its data position would not carry over")
+        if ckpt['model_config'].get('vocab_size') != meta['vocab_size']:
+            fail(f"checkpoint {path} has vocab_size {ckpt['model_config'].get('vocab_size')}, {data_dir}/meta.json "
+                 f"says {meta['vocab_size']}: was the dataset prepared again, with another tokenizer?")
         for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
             if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
                 fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
-    elif cfg['init_from'] != 'scratch':
+    elif cfg['init_from'] == 'scratch':
+        claim_out_dir(cfg, run)
+    else:
         fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
     torch.manual_seed(cfg['seed'])            # identical initial weights on every rank
@@ -604,6 +1022,7 @@ def _train(cfg, run):
     optimizer = make_optimizer(wrapped, cfg, run)
     iter_num, best_val, resumed_at, scaler_state = 0, float('inf'), -1, None
     if ckpt is not None:
+        check_model_state(model, path, ckpt, 'the model its config describes')
         load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
         iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
         resumed_at = iter_num if ckpt.get('evaluated', True) else -1   # see the eval below
@@ -628,8 +1047,6 @@ def _train(cfg, run):
         scaler.load_state_dict(scaler_state)
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
     if master:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
-        remove_partial_saves(cfg['out_dir'])
         print(describe(mcfg))
         print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {tokens_per_step} tokens/step")
     wandb = None
@@ -637,14 +1054,23 @@ def _train(cfg, run):
         import wandb
         wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'], config=cfg)
 
+    flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
+    if master and run['device_type'] == 'cpu' and flops_step > 1e12:
+        print(f"warning: {flops_step / 1e12:.1f} TFLOP per step is a GPU-sized configuration: on this CPU each "
+              f"step takes minutes. Ctrl-C / SIGTERM are acknowledged at once but checkpoint only at the end of "
+              f"the step; Ctrl-C twice exits at once, without a checkpoint")
+
     stop = {'signal': None}                  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    unwatch = watch_signals(master)          # says so at once, and exits at once on a second Ctrl-C
     def on_signal(signum, frame):
-        if signum == signal.SIGINT and stop['signal'] is not None:
+        if signum == signal.SIGINT and stop['signal'] is not None and unwatch is None:
             # a second Ctrl-C means "now": skip the checkpoint. A save cut short is only a ckpt_*.tmp,
             # which the next start removes, so the last complete checkpoint stays the one to resume.
             raise SystemExit("interrupted twice: exiting without a checkpoint")
         stop['signal'] = signum
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if unwatch:
+        on_exit.append(unwatch)
 
     fmt = cfg['checkpoint_format']
     if fmt == 'auto':
@@ -674,7 +1100,6 @@ def _train(cfg, run):
         if run['distributed']:
             dist.barrier()
 
-    flops_step = 3 * flops_per_token(mcfg, cfg['block_size']) * tokens_per_step
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
@@ -803,6 +1228,8 @@ def _train(cfg, run):
             break
     for s, h in handlers.items():    # the loop is over: signals act as before it (train() also restores
         signal.signal(s, h)          # them when this function fails)
+    if unwatch:
+        unwatch()
     if wandb:
         wandb.finish()
     if cfg['overfit_batch'] and master and first_loss is not None:
@@ -944,16 +1371,24 @@ def trim_log(out_dir, iter_num):
             return False
     with open(path) as f:
         lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip() and keep(line)]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(lines)
+    try:
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(lines)
+    except OSError as e:
+        os.remove(path + '.tmp')
+        fail(f"cannot write {path}.tmp: {e.strerror} (log.jsonl is unchanged)")
     os.replace(path + '.tmp', path)
 
 
 def append_log(out_dir, record):
     """One JSON line per log interval in out_dir/log.jsonl (machine-readable loss curve)."""
     import json
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    path = os.path.join(out_dir, 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")
 
 
 if __name__ == '__main__':

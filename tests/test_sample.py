@@ -200,7 +200,7 @@ def test_bad_files_are_one_line_errors(checkpoint, tmp_path, kind):
     junk = tmp_path / 'junk.bin'
     junk.write_bytes(bytes(range(256)) * 4)
     args, msg = {'directory': ([f'--init_from={tmp_path}'], 'not a sharded checkpoint'),
-                 'binary': ([f'--init_from={junk}'], 'cannot read checkpoint'),
+                 'binary': ([f'--init_from={junk}'], 'not a readable checkpoint'),
                  'eval_file': ([f'--out_dir={out_dir}', f'--eval_file={junk}'], 'not UTF-8 text'),
                  'export': ([f'--out_dir={out_dir}', f'--export={tmp_path}/no/such/dir/m.pt'],
                             'does not exist')}[kind]
