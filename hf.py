@@ -475,7 +475,7 @@ def export_checkpoint(init_from, dest, out_dir='out/shakespeare', repo_id='', co
     tok = tokenizer_files(tok_name, model.cfg.block_size)
     import prepare
     eot = prepare.get_tokenizer(tok_name).eot_token
-    command = command or ' '.join(['python hf.py', *sys.argv[1:]])
+    command = command or ' '.join(['python', os.path.basename(sys.argv[0]), *sys.argv[1:]])  # hf.py's, or train.py's
     config = {'architectures': ['NanoMoEUTForCausalLM'], 'model_type': MODEL_TYPE, 'auto_map': AUTO_MAP,
               'torch_dtype': dtype.pop().removeprefix('torch.') if len(dtype) == 1 else 'float32',
               'tie_word_embeddings': False, 'use_cache': False, 'bos_token_id': eot, 'eos_token_id': eot,

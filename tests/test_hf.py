@@ -36,10 +36,10 @@ RUNS = {'moeut': ['--n_layers=2', '--group_size=2'],
 
 def env(**extra):
     e = dict(os.environ, OMP_NUM_THREADS='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
-             HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1', **extra)
+             HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'CVMM_IMPL', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN'):
         e.pop(k, None)
-    return e
+    return {**e, **extra}
 
 
 def run(args, cwd, check=True, **extra):
@@ -400,6 +400,23 @@ def test_push_to_hub_without_a_token_says_so_and_claims_nothing(root, tmp_path):
     one_line_error(p, 'no Hugging Face token')
     assert 'pushed' not in p.stdout
     assert (tmp_path / 'e' / 'model.safetensors').exists()      # the export itself was made
+
+
+def test_push_to_hub_without_network_says_so(root, tmp_path):
+    """A token but no way to the Hub (offline mode here): one line, nothing claimed as uploaded."""
+    pytest.importorskip('huggingface_hub')
+    p = run([os.path.join(ROOT, 'hf.py'), '--init_from=out/moeut', f'--export={tmp_path}/e', '--push_to_hub=someone/model'],
+            root, check=False, HF_HOME=str(tmp_path / 'hf_home'), HF_TOKEN='hf_' + 'x' * 34)
+    one_line_error(p, 'push_to_hub: upload to someone/model failed')
+    assert 'nothing uploaded' in p.stderr and 'pushed' not in p.stdout
+
+
+def test_load_hf_from_the_hub_offline_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip('huggingface_hub')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HOME', str(tmp_path))
+    with pytest.raises(SystemExit, match='cannot download someone/model from the Hub'):
+        hf.load_hf('someone/model')
 
 
 @pytest.mark.parametrize('case', ['no_export', 'not_an_export', 'no_checkpoint'])
