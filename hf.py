@@ -556,7 +556,8 @@ def export_dir(path_or_repo):
         return hub.snapshot_download(path_or_repo, allow_patterns=['*.json', WEIGHTS])
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        fail(f"cannot download {path_or_repo} from the Hub ({type(e).__name__}: {first})")
+        fail(f"{path_or_repo}: no such export directory here, and cannot download it from the Hub "
+             f"({type(e).__name__}: {first})")
 
 
 def read_export_config(path_or_repo):
@@ -601,8 +602,7 @@ def load_hf(path_or_repo, device='cpu'):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        fail(f"{path}/{WEIGHTS} does not fit its config.json: {str(e).splitlines()[0]} "
-             f"{' '.join(str(e).split())[:300]}")
+        fail(f"{path}/{WEIGHTS} does not fit its config.json: {' '.join(str(e).split())[:300]}")
     return model.to(device).eval(), asdict(model.cfg)
 
 

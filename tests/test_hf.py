@@ -415,7 +415,7 @@ def test_load_hf_from_the_hub_offline_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip('huggingface_hub')
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HOME', str(tmp_path))
-    with pytest.raises(SystemExit, match='cannot download someone/model from the Hub'):
+    with pytest.raises(SystemExit, match='someone/model: no such export directory here, and cannot download it from the Hub'):
         hf.load_hf('someone/model')
 
 
@@ -447,6 +447,15 @@ def test_load_hf_errors_are_one_line(root, tmp_path):
         hf.load_hf(str(tmp_path))
     with pytest.raises(SystemExit, match='not an export directory'):
         hf.load_hf(str(tmp_path / 'missing' / 'x' / 'y'))
+    d = tmp_path / 'e'
+    shutil.copytree(root / 'exp' / 'moeut', d)
+    config = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps({**config, 'd_model': 48}))
+    with pytest.raises(SystemExit, match='model.safetensors does not fit its config.json'):
+        hf.load_hf(str(d))
+    (d / 'config.json').write_text(json.dumps({**config, 'ff_k': 99}))
+    with pytest.raises(SystemExit, match=r'config.json: model config: ff_k \(99\)'):
+        hf.load_hf(str(d))
 
 
 def test_init_from_hf_copies_weights_and_checks_the_architecture(root):
