@@ -8,8 +8,10 @@ gives one clear line instead of a traceback (or a silently ignored typo).
 """
 import ast
 import difflib
+import io
 import os
 import sys
+import tokenize
 import traceback
 import types
 
@@ -144,13 +146,53 @@ def apply_overrides(config, argv, verbose=False, ignore_unknown_file_keys=False)
     return changed
 
 
+def key_comments(path):
+    """{key: comment} from the script `path`: the comment after each top-level `key = value` (on the
+    statement's last line), joined with the comment-only lines right below it that start in the same
+    column. Only for --help: a script that cannot be read or parsed just has no comments."""
+    try:
+        with tokenize.open(path) as f:          # honours a coding cookie, like Python itself
+            source = f.read()
+        tree = ast.parse(source)
+        comments = {t.start[0]: t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if t.type == tokenize.COMMENT}
+    except Exception:   # missing (python -c), unreadable, not Python: --help must still print the keys
+        return {}
+    lines = source.splitlines()
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        row = node.end_lineno
+        if row not in comments:
+            continue
+        col = comments[row].start[1]
+        parts = [comments[row].string]
+        while row + 1 in comments and comments[row + 1].start[1] == col and not lines[row][:col].strip():
+            row += 1
+            parts.append(comments[row].string)
+        text = ' '.join(p.lstrip('#').strip() for p in parts).strip()
+        for name in names:
+            if text:
+                found.setdefault(name, text)     # a later reassignment does not replace the documented default
+    return found
+
+
 def usage(config):
-    """What -h / --help prints: the running script's docstring, then every key with its default."""
+    """What -h / --help prints: the running script's docstring, then every key with its default and
+    what it does (the comment beside the default in the script's source)."""
     doc = (getattr(sys.modules.get('__main__'), '__doc__', None) or '').strip()
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'script.py'
+    # scripts pass globals() (which has __file__) or a copy of their config keys: then it is sys.argv[0]
+    source = config.get('__file__') or (sys.argv[0] if sys.argv else '')
+    comments = key_comments(source) if source else {}
     lines = [doc, ''] if doc else []
     lines.append(f"usage: python {script} [config.py ...] [--key=value ...]   (keys, with their defaults:)")
-    lines += [f"  --{k}={config[k]!r}" for k in config_keys(config)]
+    lines += [f"  --{k}={config[k]!r}" + (f"  {comments[k]}" if k in comments else '') for k in config_keys(config)]
     return '\n'.join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # so plain `pytest` works too, not only `python -m pytest` from the repo root
-from configurator import ConfigError, apply_overrides, config_keys, configure  # noqa: E402
+from configurator import ConfigError, apply_overrides, config_keys, configure, usage  # noqa: E402
 
 
 def make_config():
@@ -271,3 +271,67 @@ def test_script_subprocess_has_no_traceback(tmp_path, file_text, arg, expected_e
     h = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60)
     assert h.returncode == 0 and h.stdout.endswith('usage: python script.py [config.py ...] [--key=value ...]   '
                                                    '(keys, with their defaults:)\n  --max_iters=10\n')
+
+
+# ----------------------------------------------------------------------------- --help: what each key does
+
+DOCUMENTED = """\
+# settings
+out_dir = 'out'          # where checkpoints go
+max_iters = 100          # optimizer steps
+                         # (a second line of the same comment)
+# a section heading, not part of max_iters' comment
+learning_rate = 6e-4
+init_from = 'a # b'      # 'scratch' or 'resume'
+                            # another column: not a continuation
+betas = (0.9,
+         0.95)           # Adam betas
+seed: int = None  # an annotated one
+compile = True
+compile = False          # a later assignment: the first comment is the one shown
+def helper():
+    max_iters = 5        # inside a function: not a config default
+"""
+
+
+def help_lines(config):
+    return [ln for ln in usage(config).splitlines() if ln.startswith('  --')]
+
+
+def test_help_shows_the_comment_beside_each_default(tmp_path):
+    """Each key's line is its default and the comment after it in the script's source; a comment
+    continued on the lines below in the same column is joined; keys without one show only the default."""
+    c = dict(make_config(), __file__=write(tmp_path, DOCUMENTED, 'script.py'))
+    assert help_lines(c) == [
+        "  --learning_rate=0.0006",
+        "  --max_iters=100  optimizer steps (a second line of the same comment)",
+        "  --compile=True  a later assignment: the first comment is the one shown",
+        "  --out_dir='out'  where checkpoints go",
+        "  --init_from='scratch'  'scratch' or 'resume'",
+        "  --seed=None  an annotated one",
+        "  --betas=(0.9, 0.95)  Adam betas",
+    ]
+
+
+@pytest.mark.parametrize('source', [None, 'max_iters = = 1  # broken\n', b'\xff\xfe\x00binary'])
+def test_help_without_a_readable_source_shows_the_defaults(tmp_path, source):
+    """A script whose source is missing, does not parse or is not text: --help still lists every key."""
+    path = tmp_path / 'script.py'
+    if isinstance(source, bytes):
+        path.write_bytes(source)
+    elif source is not None:
+        path.write_text(source)
+    c = dict(make_config(), __file__=str(path))
+    assert help_lines(c) == [f"  --{k}={c[k]!r}" for k in config_keys(c)]
+
+
+@pytest.mark.parametrize('script, line', [
+    ('sample.py', "  --temperature=0.8  0 = greedy"),                  # passes a copy of its keys: sys.argv[0]
+    ('bench.py', "  --what='cvmm'  which section to run"),              # passes globals()
+    ('train.py', "  --batch_size=16  micro-batch per rank"),
+])
+def test_scripts_help_documents_their_keys(script, line):
+    p = subprocess.run([sys.executable, os.path.join(REPO, script), '--help'], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert line in p.stdout.splitlines()
