@@ -189,8 +189,12 @@ def main():
             fail(f"prompt file not found: {p}")
         prompt = read_text(p)
     ids = enc.encode_ordinary(prompt) or [enc.eot_token]
-    if len(ids) > model.cfg.block_size:
-        fail(f"prompt is {len(ids)} tokens, longer than the model's context ({model.cfg.block_size})")
+    block = model.cfg.block_size
+    if len(ids) > block:        # the model sees only its context: continue from the prompt's end (as nanoGPT)
+        print(f"note: prompt is {len(ids)} tokens, longer than the model's context ({block}): "
+              f"using its last {block}",
+              file=sys.stderr)
+        ids = ids[-block:]
     gen = torch.Generator(device=dev).manual_seed(cfg['seed'])
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None].repeat(cfg['num_samples'], 1)
     with autocast:

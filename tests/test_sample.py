@@ -176,7 +176,6 @@ def test_prompt_from_file(checkpoint, tmp_path):
 @pytest.mark.parametrize('args, msg', [
     (['--out_dir=/nonexistent/dir'], 'no checkpoint'),
     (['--init_from=/nonexistent/ckpt.pt'], 'checkpoint not found'),
-    (['--start=' + 'x' * 40], 'longer than the model'),
     (['--start=FILE:/nonexistent.txt'], 'prompt file not found'),
     (['--eval_file=/nonexistent.txt'], 'eval_file not found'),
     (['--compile=True'], 'compile=True compiles the CUDA-graph decode step'),
@@ -334,9 +333,28 @@ def test_prompt_of_exactly_block_size_tokens_is_accepted(checkpoint, monkeypatch
     code, lines, err = sample_main(monkeypatch, capsys, f'--out_dir={out_dir}', f'--start={prompt}',
                                    '--num_samples=1', '--max_new_tokens=3', '--temperature=0')
     assert code == 0, err
-    assert samples_of(lines)[0].startswith(prompt)
-    code, _, err = sample_main(monkeypatch, capsys, f'--out_dir={out_dir}', f'--start={prompt}x')
-    assert code != 0 and 'longer than the model' in err
+    assert samples_of(lines)[0].startswith(prompt) and 'note:' not in err
+
+
+def test_prompt_longer_than_the_context_is_cropped_to_its_end(checkpoint, monkeypatch, capsys):
+    """A prompt past block_size is not refused: the model continues from its last block_size tokens (it sees no
+    more), says so in one line on stderr, and prints the whole prompt before the continuation."""
+    out_dir, model = checkpoint
+    block = model.cfg.block_size
+    prompt = 'The quick brown fox jumps over the lazy dog. '     # 45 tokens of the bytes tokenizer
+    assert len(prompt) > block
+    base = [f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=6', '--temperature=0']
+    code, lines, err = sample_main(monkeypatch, capsys, *base, f'--start={prompt}')
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith('note:')]
+    assert notes == [f"note: prompt is {len(prompt)} tokens, longer than the model's context ({block}): "
+                     f"using its last {block}"]
+    long_sample = samples_of(lines)[0]
+    code, lines, err = sample_main(monkeypatch, capsys, *base, f'--start={prompt[-block:]}')
+    assert code == 0 and 'note:' not in err, err
+    short_sample = samples_of(lines)[0]
+    assert long_sample.startswith(prompt) and len(long_sample) > len(prompt)
+    assert long_sample[len(prompt):] == short_sample[block:]         # the same continuation
 
 
 def test_sample_stops_at_the_first_end_of_text(checkpoint, tmp_path, monkeypatch, capsys):
