@@ -5,6 +5,7 @@ Sample from a trained model, or measure its perplexity on a text file.
     python sample.py --start=FILE:prompt.txt --temperature=0          # greedy (deterministic)
     python sample.py --eval_file=some.txt                               # loss, perplexity, bits/byte
     python sample.py --init_from=out/run/ckpt_0001000 --export=model.pt  # one file from a sharded checkpoint
+    python sample.py --init_from=hf:hf/run --start="ROMEO:"            # an hf.py export directory
 """
 import math
 import os
@@ -17,7 +18,7 @@ from configurator import configure, config_keys
 from model import LM, ModelConfig
 
 # ----------------------------------------------------------------------------------------------
-init_from = 'resume'          # 'resume' = latest checkpoint in out_dir, or a path to a .pt file
+init_from = 'resume'          # 'resume' = latest checkpoint in out_dir, a .pt file path, or hf:DIR (an hf.py export)
 out_dir = 'out/shakespeare'
 start = '\n'                  # prompt text, or FILE:path to read it from a file
 num_samples = 3
@@ -40,7 +41,11 @@ def fail(msg):
 
 
 def load_checkpoint(init_from, out_dir, device):
-    """Model (eval mode, on device) and the tokenizer name from a train.py checkpoint."""
+    """(model in eval mode on device, tokenizer name, path read) from a train.py checkpoint, or from an
+    hf.py export directory (or Hub repo id) given as hf:DIR."""
+    if init_from.startswith('hf:'):     # safetensors weights and config.json, read with this model.py
+        from hf import hf_tokenizer_name, load_hf
+        return load_hf(init_from[3:], device)[0], hf_tokenizer_name(init_from[3:]), init_from[3:]
     # weights_only loads: a checkpoint holding pickled objects is refused unread (one line)
     from train import BadCheckpoint, load_checkpoint_meta, newest_intact_checkpoint
     if init_from == 'resume':    # the newest checkpoint that reads (a newer unreadable one is said and skipped)

@@ -176,6 +176,7 @@ def test_prompt_from_file(checkpoint, tmp_path):
 @pytest.mark.parametrize('args, msg', [
     (['--out_dir=/nonexistent/dir'], 'no checkpoint'),
     (['--init_from=/nonexistent/ckpt.pt'], 'checkpoint not found'),
+    (['--init_from=hf:/nonexistent/export'], '/nonexistent/export is not an export directory'),
     (['--start=FILE:/nonexistent.txt'], 'prompt file not found'),
     (['--eval_file=/nonexistent.txt'], 'eval_file not found'),
     (['--compile=True'], 'compile=True compiles the CUDA-graph decode step'),
@@ -189,6 +190,55 @@ def test_errors_are_one_line(checkpoint, args, msg):
     r = run_sample(f'--out_dir={out_dir}', '--device=cpu', *args)
     assert r.returncode != 0
     assert msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope='module')
+def hf_export(tmp_path_factory):
+    """A tiny model trained 2 iterations by train.py (bytes tokenizer) and exported by hf.py: (its
+    checkpoint, the export directory). The export needs only safetensors (transformers reads it, not
+    sample.py)."""
+    pytest.importorskip('safetensors', reason='hf.py exports (and load_hf reads) safetensors weights')
+    import random
+    import prepare
+    r = tmp_path_factory.mktemp('hf_export')
+    rng = random.Random(0)
+    words = 'the king and queen of a fair land spoke to all who would hear my lord said no more'.split()
+    (r / 'src.txt').write_text('\n'.join(' '.join(rng.choice(words) for _ in range(12)) for _ in range(300)))
+    prepare.prepare([str(r / 'src.txt')], str(r / 'data' / 'tiny'), 'bytes', 0.1, 1337, verbose=False)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'CVMM_IMPL')}
+    env.update(WANDB_MODE='disabled', OMP_NUM_THREADS='1')
+    for script, *args in [
+            ['train.py', '--dataset=tiny', '--device=cpu', '--d_model=32', '--n_layers=2', '--group_size=2',
+             '--n_heads=2', '--d_head=16', '--att_n_experts=2', '--ff_n_experts=4', '--ff_k=2', '--d_expert=16',
+             '--block_size=32', '--batch_size=4', '--max_iters=2', '--eval_interval=2', '--eval_iters=2',
+             '--warmup_iters=2', '--lr_decay_iters=100', '--out_dir=out'],
+            ['hf.py', '--init_from=out', '--export=exp']]:
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=r, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{script}: {p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    ckpts = sorted((r / 'out').glob('ckpt_*.pt'))
+    assert ckpts and (r / 'exp' / 'model.safetensors').is_file()
+    return str(ckpts[-1]), str(r / 'exp')
+
+
+def test_init_from_hf_export_samples_what_the_checkpoint_samples(hf_export, tmp_path, monkeypatch, capsys):
+    """--init_from=hf:DIR reads an hf.py export (config.json + safetensors) with this model.py and the
+    export's tokenizer: greedy samples and eval_file losses are those of the checkpoint it came from."""
+    ckpt, export = hf_export
+    (tmp_path / 'e.txt').write_text('my lord said the queen of a fair land')
+    runs = {}
+    for name, init in (('ckpt', ckpt), ('hf', f'hf:{export}')):
+        base = [f'--init_from={init}', '--out_dir=/nonexistent']
+        code, lines, err = sample_main(monkeypatch, capsys, *base, '--start=the king', '--temperature=0',
+                                       '--num_samples=2', '--max_new_tokens=24')
+        assert code == 0, err
+        code, evals, err2 = sample_main(monkeypatch, capsys, *base, f'--eval_file={tmp_path / "e.txt"}')
+        assert code == 0, err2
+        runs[name] = samples_of(lines), evals, err
+    (samples, evals, err), (hf_samples, hf_evals, hf_err) = runs['ckpt'], runs['hf']
+    assert len(samples) == 2 and samples[0].startswith('the king') and len(samples[0]) > len('the king')
+    assert hf_samples == samples and hf_evals == evals and 'loss' in evals[0]
+    assert f'loaded {export} (moeut, tokenizer bytes)' in hf_err
 
 
 @pytest.mark.parametrize('kind', ['directory', 'binary', 'eval_file', 'export'])
