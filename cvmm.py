@@ -46,6 +46,11 @@ tiles, and rows of cvmm_mlp's expert-sorted hidden tensors) are loaded by TMA on
 rows are 16-byte aligned (`CVMM_TMA=0` turns it off); gathered rows are loaded by pointer.
 Bad expert ids: cvmm_prepare raises on CPU; on CUDA (and under compile) it uses torch._assert_async, and
 the kernels never read out of bounds either way (ids outside [0, E) fall outside every expert's range).
+
+Null experts (MoE++, arXiv 2410.07348): `cvmm(..., n_null=n)` / `cvmm_mlp(..., n_null=n)` take a routing
+prepared for E + n ids with a bank of E experts. Ids E.. sort after the real ones, and the kernels walk
+only offsets[0..E], so those slots cost nothing: their output rows are 0 and they get no gradient. The
+outputs that only some slots write are then zero-filled (a memset; never on the n_null=0 path).
 """
 import os
 import threading
@@ -122,14 +127,16 @@ def topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _topk_impl(scores, k)
 
 
-def _check(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor, slot_weights: Optional[torch.Tensor]):
+def _check(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor, slot_weights: Optional[torch.Tensor],
+           n_null: int = 0):
     """Shape checks shared by every implementation; each failure is one line naming the shapes."""
     S = sel.slot.numel()
     if w.dim() != 3:
         raise ValueError(f"cvmm: expert bank must be [E, D_in, D_out], got shape {tuple(w.shape)}")
-    if sel.offsets.numel() != w.shape[0] + 1:
+    if sel.offsets.numel() != w.shape[0] + 1 + n_null:
+        nulls = f" and {n_null} null ids" if n_null else ""
         raise ValueError(f"cvmm: routing was prepared for {sel.offsets.numel() - 1} experts, "
-                         f"bank has {w.shape[0]}")
+                         f"bank has {w.shape[0]}{nulls}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"cvmm: x must be [..., D_in] with D_in >= 1, got shape {tuple(x.shape)}")
     if x.shape[-1] != w.shape[1]:
@@ -145,16 +152,18 @@ def _check(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor, slot_weights: Optiona
 
 
 def cvmm_reference(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
-                   slot_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   slot_weights: Optional[torch.Tensor] = None, n_null: int = 0) -> torch.Tensor:
     """Plain torch, differentiable by autograd in x, w and slot_weights. One matmul per expert over its
-    contiguous run of sorted rows; the Python loop is fine on CPU and for tests."""
-    _check(x, sel, w, slot_weights)
+    contiguous run of sorted rows; the Python loop is fine on CPU and for tests. Slots routed to the
+    n_null ids past the bank are left out (rows of zeros)."""
+    _check(x, sel, w, slot_weights, n_null)
     x2 = x.reshape(-1, x.shape[-1])
     S = sel.slot.numel()
-    slot = sel.slot.long()
+    E = w.shape[0]
+    counts = (sel.offsets[1:E + 1] - sel.offsets[:E]).tolist()
+    slot = sel.slot.long()[:sum(counts)] if n_null else sel.slot.long()
     src = slot // (S // x2.shape[0])
     xs = x2.index_select(0, src)                          # [S, D_in] in sorted (expert-major) order
-    counts = (sel.offsets[1:] - sel.offsets[:-1]).tolist()
     ys = torch.cat([xe @ w[e] for e, xe in enumerate(xs.split(counts))])   # [S, D_out], sorted
     out = ys.new_zeros(S, w.shape[2]).index_copy(0, slot, ys)              # back to slot order
     if slot_weights is None:
@@ -513,7 +522,8 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
     c.update(cfg or {})
-    out = torch.empty(S, N, device=a.device, dtype=a.dtype)
+    # slots routed to null ids (offsets past the bank) are never written: zeros, not garbage
+    out = (torch.zeros if _n_null(offsets, w) else torch.empty)(S, N, device=a.device, dtype=a.dtype)
     BK = max(16, _np2(K))
     desc = _w_desc(w, transpose, K, BK, c["BN"])
     _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
@@ -558,11 +568,12 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     while not cfg and BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
         BN //= 2
     n_tiles = triton.cdiv(N, BN)
+    new = torch.zeros if _n_null(offsets, w) else torch.empty   # null slots are never written
     if atomic:
         out = torch.zeros(S // group, N, device=a.device, dtype=torch.float32)
     else:
-        out = torch.empty(S, N, device=a.device, dtype=a.dtype)
-    dots = torch.empty(n_tiles, S, device=a.device, dtype=torch.float32) if x2 is not None else None
+        out = new(S, N, device=a.device, dtype=a.dtype)
+    dots = new(n_tiles, S, device=a.device, dtype=torch.float32) if x2 is not None else None
     desc = _w_desc(w, transpose, K, BK, BN)
     _cvmm_gemm_kernel[(m_tiles * n_tiles,)](
         a, w, out, slot, offsets, scale if scale is not None else a, x2 if x2 is not None else a,
@@ -652,10 +663,15 @@ def _sel(slot, offsets):
     return CVMMSel(torch.empty(0, dtype=torch.int32, device=slot.device), slot, offsets)
 
 
+def _n_null(offsets, w):
+    """Null ids past the bank's experts (see the module docstring): the offsets say so by their length."""
+    return offsets.numel() - 1 - w.shape[0]
+
+
 def _fwd_impl(x, slot, offsets, w, sw):
     with torch.autocast(x.device.type, enabled=False):
         if not _use_triton(x):
-            return cvmm_reference(x, _sel(slot, offsets), w, sw)
+            return cvmm_reference(x, _sel(slot, offsets), w, sw, _n_null(offsets, w))
         fan = slot.numel() // x.shape[0]
         return _gemm(x, fan, w, False, slot, offsets, sw, 1 if sw is None else sw.shape[1])[0]
 
@@ -676,8 +692,10 @@ def _torch_bwd(grad, x, slot, offsets, w, sw):
     one matmul per expert over its sorted rows. Returns (grad_x, grad_w, grad_sw or None)."""
     S, slot = slot.numel(), slot.long()
     fan, G = S // x.shape[0], (1 if sw is None else sw.shape[1])
+    E = w.shape[0]
+    counts = (offsets[1:E + 1] - offsets[:E]).tolist()
+    slot = slot[:sum(counts)]              # null slots (ids past the bank) get no gradient
     src = slot // fan
-    counts = (offsets[1:] - offsets[:-1]).tolist()
     xs = x.index_select(0, src)                               # [S, D_in], sorted
     gu = grad.index_select(0, slot // G)                      # [S, D_out], sorted, not yet scaled
     gxs = torch.cat([ge @ w[e].T for e, ge in enumerate(gu.split(counts))])   # d out_s / d (x W_e)
@@ -800,15 +818,16 @@ def _pad_width(n: int, slots: int, experts: int) -> int:
 
 
 def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
-         slot_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+         slot_weights: Optional[torch.Tensor] = None, n_null: int = 0) -> torch.Tensor:
     """out[s] = x[s // fan] @ w[expert of s], optionally contracted over groups of slots with
     slot_weights; see the module docstring. Returns [S, D_out] or [S/G, D_out].
     Under autocast x and w run in the autocast dtype (fp32 accumulation always); slot_weights keep
-    their dtype (they scale the fp32 accumulator)."""
-    _check(x, sel, w, slot_weights)
+    their dtype (they scale the fp32 accumulator). n_null: sel was prepared for E + n_null ids; slots
+    of the ids past the bank are null (zero rows, no compute)."""
+    _check(x, sel, w, slot_weights, n_null)
     x, (w,) = _checked_inputs("cvmm", x, sel, {"w": w}, slot_weights)
     if not _use_triton(x) and not torch.compiler.is_compiling():
-        return cvmm_reference(x, sel, w, slot_weights)
+        return cvmm_reference(x, sel, w, slot_weights, n_null)
     if slot_weights is not None:
         slot_weights = slot_weights.reshape(-1, slot_weights.shape[-1]).contiguous()
     D_out = w.shape[2]
@@ -853,9 +872,9 @@ def _mlp_fwd_impl(x, slot, offsets, w1, w2, sw):
     forward's h."""
     with torch.autocast(x.device.type, enabled=False):
         if not _use_triton(x):
-            sel = _sel(slot, offsets)
-            h = torch.relu(cvmm_reference(x, sel, w1))
-            return cvmm_reference(h, sel, w2, sw), h.index_select(0, slot.long())
+            sel, n = _sel(slot, offsets), _n_null(offsets, w1)
+            h = torch.relu(cvmm_reference(x, sel, w1, n_null=n))
+            return cvmm_reference(h, sel, w2, sw, n), h.index_select(0, slot.long())
         fan = slot.numel() // x.shape[0]
         h = _gemm(x, fan, w1, False, slot, offsets, None, 1, relu=True, hid_sorted=True)[0]
         return _gemm(h, 1, w2, False, slot, offsets, sw, sw.shape[1], a_sorted=True)[0], h
@@ -946,22 +965,23 @@ class _MLPFunction(torch.autograd.Function):
 
 
 def cvmm_mlp(x: torch.Tensor, sel: CVMMSel, w1: torch.Tensor, w2: torch.Tensor,
-             slot_weights: torch.Tensor) -> torch.Tensor:
+             slot_weights: torch.Tensor, n_null: int = 0) -> torch.Tensor:
     """The σ-MoE MLP: cvmm(relu(cvmm(x, sel, w1)), sel, w2, slot_weights) in one op, [N, D_out].
-    x [..., D_in] (N rows), w1 [E, D_in, d_expert], w2 [E, d_expert, D_out], slot_weights [N, K]."""
+    x [..., D_in] (N rows), w1 [E, D_in, d_expert], w2 [E, d_expert, D_out], slot_weights [N, K].
+    n_null: null ids past the bank, as in cvmm."""
     if slot_weights is None:
         raise TypeError("cvmm_mlp: slot_weights (the [rows, K] expert scores) are required")
     if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0] or w1.shape[2] != w2.shape[1]:
         raise ValueError(f"cvmm_mlp: banks must be [E, D_in, d_expert] and [E, d_expert, D_out], got "
                          f"{tuple(w1.shape)} and {tuple(w2.shape)}")
-    _check(x, sel, w1, slot_weights)
+    _check(x, sel, w1, slot_weights, n_null)
     R, S = x.numel() // x.shape[-1], sel.slot.numel()
     if slot_weights.numel() != S or slot_weights.shape[-1] != S // R:
         raise ValueError(f"cvmm_mlp: slot_weights {tuple(slot_weights.shape)} must be [rows, K] = "
                          f"[{R}, {S // R}]")
     x, (w1, w2) = _checked_inputs("cvmm_mlp", x, sel, {"w1": w1, "w2": w2}, slot_weights)
     if not _use_triton(x) and not torch.compiler.is_compiling():
-        return cvmm(torch.relu(cvmm(x, sel, w1)), sel, w2, slot_weights)   # the reference, by autograd
+        return cvmm(torch.relu(cvmm(x, sel, w1, n_null=n_null)), sel, w2, slot_weights, n_null)   # the reference
     D_out = w2.shape[2]
     if _use_triton(x):   # widths to multiples of 16 (see _pad_width); the padded hidden units stay 0
         p_in, p_hid, p_out = (_pad_width(n, S, w1.shape[0]) for n in (w1.shape[1], w1.shape[2], D_out))

@@ -68,10 +68,30 @@ class ModelConfig:
     qk_norm: bool = False           # RMS-normalise q and k per head (learned gain over d_head) before RoPE
     ssmax: bool = False             # Scalable-Softmax: logits × s_h·log(visible keys), s_h learned per head
     attn_window: int = 0            # sliding-window causal attention over the last W keys; 0 = all
+    # --- routing and balancing options (issue 22): all off by default, and off they change nothing.
+    #     Validated in _check_routing_options; README "Routing and balancing options" has the table. ---
+    moe_balance: str = 'entropy'    # 'entropy' (the regulariser above only) | 'aux_free' (per-expert choice
+                                    # bias, DeepSeek loss-free) | 'switch' (E·Σ f·P aux loss) | 'global' (the
+                                    # same loss with f of the whole global batch)
+    balance_coef: float = 0.01      # weight of the 'switch'/'global' loss of each σ-MoE layer
+    att_balance_coef: float = 0.001  # the same for the SwitchHead V and O routers (0: entropy term only)
+    bias_update_rate: float = 0.001  # 'aux_free': each bias moves by ± this after every optimizer step
+    router_noise: float = 0.0       # std of Gaussian noise on the top-k choice scores, training only
+    norm_topk: bool = False         # the k picked weights renormalised to sum to 1 (σ-MoE and V/O)
+    ff_n_shared: int = 0            # always-on shared experts beside the routed ones (one dense ReLU MLP)
+    d_shared: int = 0               # width of each shared expert; 0 = d_expert
+    shared_scale: str = 'auto'      # their output scale: 'auto' (matched to the routed output at init) or a number
+    ff_n_null: int = 0              # MoE++ zero experts: ids E.. that output 0 and cost no compute
+    ff_null_identity: int = 0       # MoE++ identity experts (output = weight * x), ids after the zero ones
+    ff_k_schedule: tuple = ()       # σ-MoE top-k per repeat of the group, e.g. (16, 12, 8); () = ff_k everywhere
+    router_type: str = 'linear'     # 'linear' | 'conv': a causal depthwise conv over the σ-MoE router input
+    router_kernel: int = 4          # 'conv': its length in tokens
+    # --- end of routing block ---
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"model config: {msg}")
+        self._check_routing_options(bad)
         if self.model_type not in ('moeut', 'dense'):
             bad(f"model_type must be 'moeut' or 'dense', got {self.model_type!r}")
         for k in ('vocab_size', 'block_size', 'd_model', 'n_layers', 'n_heads', 'd_head'):
@@ -105,6 +125,67 @@ class ModelConfig:
             bad(f"attn_window must be >= 0 (0 = attend to every earlier key), got {self.attn_window}")
         if self.attn_window and self.halting != 'none':
             bad("attn_window needs halting='none' (halting's per-step KV caches are not windowed)")
+
+    def _check_routing_options(self, bad):
+        """The routing block (issue 22). Every balancing method may run alongside the entropy term
+        (entropy_reg / att_entropy_reg stay as set: zero them for a method alone). Refused: keys that would
+        be ignored, and combinations not implemented (halting cores own their loop and regulariser)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        block = ('moe_balance', 'balance_coef', 'att_balance_coef', 'bias_update_rate', 'router_noise',
+                 'norm_topk', 'ff_n_shared', 'd_shared', 'shared_scale', 'ff_n_null', 'ff_null_identity',
+                 'ff_k_schedule', 'router_type', 'router_kernel')
+        changed = [k for k in block if getattr(self, k) != defaults[k]]
+        if self.model_type != 'moeut' and changed:
+            bad(f"{changed[0]}={getattr(self, changed[0])!r} needs model_type='moeut' "
+                f"(the dense baseline has no routers)")
+        if self.moe_balance not in ('entropy', 'aux_free', 'switch', 'global'):
+            bad(f"moe_balance must be 'entropy', 'aux_free', 'switch' or 'global', got {self.moe_balance!r}")
+        uses = {'balance_coef': ('switch', 'global'), 'att_balance_coef': ('switch', 'global'),
+                'bias_update_rate': ('aux_free',)}
+        for k, modes in uses.items():
+            if k in changed and self.moe_balance not in modes:
+                bad(f"{k} is used by moe_balance={' or '.join(map(repr, modes))} only "
+                    f"(moe_balance={self.moe_balance!r})")
+        if self.moe_balance == 'aux_free' and not self.bias_update_rate > 0:
+            bad(f"bias_update_rate must be > 0 with moe_balance='aux_free', got {self.bias_update_rate}")
+        aux = self.moe_balance in ('switch', 'global')
+        if aux and not (self.balance_coef > 0 and self.att_balance_coef >= 0):
+            bad(f"moe_balance={self.moe_balance!r} needs balance_coef > 0 and att_balance_coef >= 0, got "
+                f"{self.balance_coef} and {self.att_balance_coef}")
+        if not self.router_noise >= 0:
+            bad(f"router_noise must be >= 0, got {self.router_noise}")
+        for k in ('ff_n_shared', 'd_shared', 'ff_n_null', 'ff_null_identity'):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                bad(f"{k} must be an int >= 0, got {getattr(self, k)!r}")
+        if self.ff_n_shared == 0 and ('d_shared' in changed or 'shared_scale' in changed):
+            bad("d_shared / shared_scale set but ff_n_shared=0 (no shared expert)")
+        if self.shared_scale != 'auto':
+            try:
+                scale = float(self.shared_scale)
+            except (TypeError, ValueError):
+                scale = float('nan')
+            if not 0 < scale < float('inf'):
+                bad(f"shared_scale must be 'auto' or a number > 0, got {self.shared_scale!r}")
+        if self.router_type not in ('linear', 'conv'):
+            bad(f"router_type must be 'linear' or 'conv', got {self.router_type!r}")
+        if self.router_type == 'linear' and 'router_kernel' in changed:
+            bad("router_kernel is used by router_type='conv' only")
+        if not isinstance(self.router_kernel, int) or self.router_kernel < 1:
+            bad(f"router_kernel must be an int >= 1, got {self.router_kernel!r}")
+        sched = self.ff_k_schedule
+        if not isinstance(sched, (tuple, list)) or not all(isinstance(k, int) for k in sched):
+            bad(f"ff_k_schedule must be a tuple of ints (one top-k per repeat), got {sched!r}")
+        n_ids = self.ff_n_experts + self.ff_n_null + self.ff_null_identity
+        R = self.n_layers // self.group_size if self.group_size >= 1 else 0
+        if sched and (len(sched) != R or not all(1 <= k <= n_ids for k in sched)):
+            bad(f"ff_k_schedule needs {R} values (one per repeat: n_layers/group_size) in 1..{n_ids}, "
+                f"got {sched!r}")
+        if self.halting != 'none':
+            for k, ok in (('moe_balance', self.moe_balance in ('entropy', 'aux_free')),
+                          ('router_type', self.router_type == 'linear'), ('ff_k_schedule', not sched)):
+                if not ok:
+                    bad(f"{k}={getattr(self, k)!r} is not implemented with halting={self.halting!r} "
+                        f"(halting.py runs its own loop, cache and regulariser)")
 
     @property
     def n_rot(self) -> int:
@@ -141,35 +222,195 @@ class SigmaMoE(nn.Module):
         super().__init__()
         E, d, h = cfg.ff_n_experts, cfg.d_model, cfg.d_expert
         self.k, self.expert_dropout = cfg.ff_k, cfg.ff_expert_dropout
+        # MoE++ null ids after the E real experts (zero, then identity): router rows, no expert weights
+        self.n_zero, self.n_identity = cfg.ff_n_null, cfg.ff_null_identity
+        n_ids = E + self.n_zero + self.n_identity
         self.keys = nn.Parameter(torch.empty(E, d, h))        # W1
         self.values = nn.Parameter(torch.empty(E, h, d))      # W2
-        self.expert_sel = nn.Parameter(torch.empty(E, d))     # W_S (F.linear layout)
+        self.expert_sel = nn.Parameter(torch.empty(n_ids, d))  # W_S (F.linear layout)
         # routed slots per expert since the last routing_report(): free (the sort's offsets), no sync
-        self.register_buffer('usage', torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer('usage', torch.zeros(n_ids, dtype=torch.long), persistent=False)
+        # routing options (issue 22): nothing below exists or runs with the defaults
+        self.k_schedule = tuple(cfg.ff_k_schedule)
+        self.noise, self.norm_topk = cfg.router_noise, cfg.norm_topk
+        _balance_buffers(self, '', n_ids, 1, cfg)
+        if cfg.ff_n_shared:      # always-on shared expert(s): one dense ReLU MLP of their total width
+            W = cfg.ff_n_shared * (cfg.d_shared or h)
+            self.shared_up = nn.Parameter(torch.empty(W, d))
+            self.shared_down = nn.Parameter(torch.empty(d, W))
+            # λ, a buffer: the checkpoint keeps the one the run trained with ('auto': LM.reset_parameters)
+            self.shared_auto = cfg.shared_scale == 'auto'
+            lam = 1.0 if self.shared_auto else float(cfg.shared_scale)
+            self.register_buffer('shared_scale', torch.tensor(lam))
+        if cfg.router_type == 'conv':   # depthwise taps [d, kernel]; the last tap is the current token
+            self.router_conv = nn.Parameter(torch.empty(d, cfg.router_kernel))
 
-    def forward(self, x: torch.Tensor, router_in: torch.Tensor, routes: Optional[list] = None):
+    def forward(self, x: torch.Tensor, router_in: torch.Tensor, routes: Optional[list] = None, *,
+                cache: Optional[dict] = None, ctx: Optional['AttnContext'] = None, repeat: int = 0,
+                loads: Optional[list] = None):
+        """repeat: which application of the shared layer this is (ff_k_schedule); cache/ctx: the layer's
+        KV-cache dict and context (router_type='conv' keeps its last inputs there); loads: per-call
+        expert counts for the 'switch' loss (Routes.loads)."""
         B, T, d = x.shape
+        if hasattr(self, 'router_conv'):
+            router_in = self._conv(router_in, cache, ctx)
         # The matmul runs in the autocast dtype; sigmoid, top-K and the regulariser in fp32.
         logits = F.linear(router_in, self.expert_sel).float()             # [B, T, E]
         if routes is not None:
             routes.append(logits)
+        k = self.k_schedule[repeat] if self.k_schedule else self.k
+        idx, weights = self._pick(logits, k, self.training)
+        sel = cvmm_prepare(idx, self.expert_sel.shape[0])   # sorted once, used by both projections
+        counts = sel.offsets[1:] - sel.offsets[:-1]
+        self.usage += counts
+        if self.training:
+            _count_loads(self, '', counts, loads)
+        y = self._experts(x.reshape(B * T, d), sel, idx, weights.reshape(B * T, k))
+        y = y.view(B, T, d)
+        if hasattr(self, 'shared_up'):
+            y = y + self.shared_scale * self._shared(x)
+        return y
+
+    def _pick(self, logits, k: int, train: bool):
+        """(ids [..., k], weights [..., k]): top-k of the sigmoid scores; weights = their raw sigmoid,
+        no softmax (renormalised to sum 1 only with norm_topk)."""
         scores = torch.sigmoid(logits)
-        idx = _topk_indices(scores, self.k, self.expert_dropout if self.training else 0.0)
-        weights = scores.gather(-1, idx)              # raw sigmoid, no softmax, no renormalisation
-        sel = cvmm_prepare(idx, self.keys.shape[0])   # sorted once, used by both projections
-        self.usage += sel.offsets[1:] - sel.offsets[:-1]
-        # y = sum_k w_k relu(x W1[e_k]) W2[e_k]: both projections and the relu in one op (cvmm.cvmm_mlp)
-        y = cvmm_mlp(x.reshape(B * T, d), sel, self.keys, self.values, weights.reshape(B * T, self.k))
-        return y.view(B, T, d)
+        idx = _topk_indices(scores, k, self.expert_dropout if train else 0.0,
+                            getattr(self, 'balance_bias', None), self.noise if train else 0.0)
+        weights = scores.gather(-1, idx)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return idx, weights
+
+    def _experts(self, x, sel, idx, weights):
+        """y = sum_k w_k relu(x W1[e_k]) W2[e_k]: both projections and the relu in one op (cvmm.cvmm_mlp).
+        Null picks (ids past the bank) sort after the real ones and the kernels see only the real rows;
+        an identity pick adds w * x."""
+        n_null = self.n_zero + self.n_identity
+        if not n_null:
+            return cvmm_mlp(x, sel, self.keys, self.values, weights)
+        y = cvmm_mlp(x, sel, self.keys, self.values, weights, n_null=n_null)
+        if self.n_identity:
+            identity = idx.reshape(weights.shape) >= self.keys.shape[0] + self.n_zero
+            w_id = (weights * identity).sum(-1, keepdim=True)
+            y = y + (w_id * x).to(y.dtype)
+        return y
+
+    def _shared(self, x):
+        return F.linear(F.relu(F.linear(x, self.shared_up)), self.shared_down)
+
+    def _conv(self, r, cache: Optional[dict], ctx: Optional['AttnContext']):
+        """Causal depthwise conv over time: u_t = sum_j w[:, j] * r_{t-K+1+j} (zeros before the first
+        token). Decoding keeps the last K router inputs in the layer's cache dict, in a ring indexed by
+        absolute position mod K: a token written twice at one position (the static cache's CUDA-graph
+        warm-up step, later replayed) leaves it exact, as it does the K/V buffers."""
+        B, T, d = r.shape
+        K = self.router_conv.shape[1]
+        if cache is None:
+            hist = r.new_zeros(B, K - 1, d)
+        else:
+            if 'ff_conv' not in cache:
+                cache['ff_conv'] = r.new_zeros(B, K, d)
+            ring, pos = cache['ff_conv'], ctx.pos
+            # the K-1 positions before pos[0] (any before the sequence: slots not written yet, zeros)
+            past = pos[0] - (K - 1) + torch.arange(K - 1, device=r.device)
+            hist = ring.index_select(1, past.remainder(K))
+            n = min(T, K)
+            ring.index_copy_(1, pos[T - n:].remainder(K), r[:, T - n:].to(ring.dtype))
+        u = torch.cat([hist.to(r.dtype), r], dim=1).transpose(1, 2)                # [B, d, K-1+T]
+        return F.conv1d(u, self.router_conv.unsqueeze(1), groups=d).transpose(1, 2)
+
+    @torch.no_grad()
+    def _auto_shared_scale(self, n: int = 512) -> float:
+        """shared_scale='auto': λ = mean |routed output| / mean |shared output| over n random
+        unit-variance inputs, with the weights as they are (call at init), averaged over the repeats' k.
+        A fixed generator: the global RNG stream (the rest of the init) is not touched."""
+        d = self.keys.shape[1]
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(self.keys)
+        logits = F.linear(F.layer_norm(x, (d,)), self.expert_sel).float()   # the conv starts as identity
+        ks = self.k_schedule or (self.k,)
+        routed = 0.0
+        for k in ks:
+            idx, w = self._pick(logits, k, False)
+            sel = cvmm_prepare(idx, self.expert_sel.shape[0])
+            routed += self._experts(x, sel, idx, w).norm(dim=-1).mean().item() / len(ks)
+        return routed / self._shared(x).norm(dim=-1).mean().clamp(min=1e-30).item()
 
 
-def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float) -> torch.Tensor:
-    """Top-k expert ids. Expert dropout (train only) hides random experts from the choice; the weights
-    are still read from the undropped scores."""
+def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float,
+                  bias: Optional[torch.Tensor] = None, noise: float = 0.0) -> torch.Tensor:
+    """Top-k expert ids. The choice alone may be biased (moe_balance='aux_free'), noisy (router_noise,
+    train only), or miss randomly dropped experts (expert dropout, train only): the weights are still
+    read from the plain scores."""
+    if bias is not None:
+        scores = scores + bias
+    if noise > 0:
+        scores = scores + noise * torch.randn_like(scores)
     if expert_dropout > 0:
         drop = torch.rand_like(scores) < expert_dropout
         scores = scores.masked_fill(drop, float('-inf'))
     return topk_ids(scores, k)       # torch.topk on CPU, a Triton kernel on CUDA (cvmm.topk_ids)
+
+
+# ---- balancing state (moe_balance 'aux_free' / 'global'), shared by the σ-MoE and SwitchHead routers ----
+
+def _balance_buffers(m: nn.Module, suffix: str, n: int, groups: int, cfg: ModelConfig):
+    """load: slots routed to each id by training forwards since the last update_balance_bias() (int64,
+    exact; not checkpointed: zero after every step). aux_free: balance_bias, added to the choice scores
+    (checkpointed; no gradient). global: balance_f, the load fractions of the last global batch
+    (checkpointed, uniform at start). groups: routers sharing the buffers (SwitchHead: one per head)."""
+    m.balance, m.balance_groups, m.bias_update_rate = cfg.moe_balance, groups, cfg.bias_update_rate
+    if cfg.moe_balance in ('aux_free', 'global'):
+        m.register_buffer('load' + suffix, torch.zeros(n, dtype=torch.long), persistent=False)
+    if cfg.moe_balance == 'aux_free':
+        m.register_buffer('balance_bias' + suffix, torch.zeros(n))
+    if cfg.moe_balance == 'global':
+        m.register_buffer('balance_f' + suffix, torch.full((n,), groups / n))
+
+
+def _count_loads(m: nn.Module, suffix: str, counts: torch.Tensor, loads: Optional[list]):
+    """Training forwards: accumulate the loads update_balance_bias() reads; 'switch' hands this call's
+    counts to the regulariser (Routes.loads)."""
+    if m.balance in ('aux_free', 'global'):
+        getattr(m, 'load' + suffix).add_(counts)
+    elif m.balance == 'switch' and loads is not None:
+        loads.append(counts)
+
+
+def _balance_banks(model: nn.Module):
+    """(module, suffix) of every router bank with balancing state."""
+    for m in model.modules():
+        for suffix in ('', '_v', '_o'):
+            if isinstance(getattr(m, 'load' + suffix, None), torch.Tensor):
+                yield m, suffix
+
+
+@torch.no_grad()
+def update_balance_bias(model: nn.Module, group=None):
+    """Call after every optimizer step, on every rank (a collective under torch.distributed): sums
+    each router's loads over the step's micro-batches (accumulated by the forwards) and over the
+    data-parallel ranks of `group` (one all-reduce for all layers), then
+      aux_free: bias_e += rate * sign(mean load - load_e) per router (per head for SwitchHead), so every
+                rank applies the same update and the biases stay identical;
+      global:   balance_f = this global batch's load fractions, the f of the next step's loss;
+    and resets the loads. Nothing to do (no collective) when moe_balance is 'entropy' or 'switch'."""
+    banks = list(_balance_banks(model))
+    if not banks:
+        return
+    loads = [getattr(m, 'load' + s) for m, s in banks]
+    total = torch.cat(loads)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total, group=group)
+    for (m, s), part in zip(banks, total.split([t.numel() for t in loads])):
+        part = part.view(m.balance_groups, -1).double()          # [groups, ids]
+        if m.balance == 'aux_free':
+            err = part.mean(-1, keepdim=True) - part                # > 0: under-loaded, raise its bias
+            getattr(m, 'balance_bias' + s).add_((m.bias_update_rate * err.sign()).flatten().float())
+        else:
+            f = getattr(m, 'balance_f' + s).view_as(part)
+            n = part.sum(-1, keepdim=True)
+            f.copy_(torch.where(n > 0, part / n.clamp(min=1), f.double()))   # no routed slots: keep it
+        getattr(m, 'load' + s).zero_()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -357,23 +598,37 @@ class SwitchHead(nn.Module):
             self.sel_o = nn.Parameter(torch.empty(H * E, d))
             self.register_buffer('usage_v', torch.zeros(H * E, dtype=torch.long), persistent=False)
             self.register_buffer('usage_o', torch.zeros(H * E, dtype=torch.long), persistent=False)
+            # routing options (issue 22), per head; nothing exists or runs with the defaults
+            self.noise, self.norm_topk = cfg.router_noise, cfg.norm_topk
+            for bank in ('_v', '_o'):
+                _balance_buffers(self, bank, H * E, H, cfg)
         else:   # E == 1: dense V/O and a per-head sigmoid gate on each head's output
             self.v = nn.Parameter(torch.empty(H * dh, d))
             self.o = nn.Parameter(torch.empty(d, H * dh))
             self.sel_o = nn.Parameter(torch.empty(H, d))
 
-    def route(self, a: torch.Tensor, w: torch.Tensor, routes: Optional[list], usage: torch.Tensor):
-        """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. Returns the sorted
-        routing with expert ids shifted into head h's bank (h*E + e), and the weights [B, T, H, k]."""
+    def route(self, a: torch.Tensor, bank: str, routes: Optional['Routes']):
+        """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. bank: 'v' or 'o'.
+        Returns the sorted routing with expert ids shifted into head h's bank (h*E + e), and the
+        weights [B, T, H, k]. The routing options act per head (bias, noise, norm_topk, balancing)."""
+        w, usage = getattr(self, 'sel_' + bank), getattr(self, 'usage_' + bank)
         logits = F.linear(a, w).float().unflatten(-1, (self.H, self.E))             # [B, T, H, E]
         if routes is not None:
-            routes.append(logits)
+            routes[bank].append(logits)
         scores = torch.sigmoid(logits)
-        idx = _topk_indices(scores, self.top_k, self.expert_dropout if self.training else 0.0)
+        bias = getattr(self, 'balance_bias_' + bank, None)
+        idx = _topk_indices(scores, self.top_k, self.expert_dropout if self.training else 0.0,
+                            bias.view(self.H, self.E) if bias is not None else None,
+                            self.noise if self.training else 0.0)
         weights = scores.gather(-1, idx)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
         idx = idx + torch.arange(self.H, device=idx.device)[:, None] * self.E
         sel = cvmm_prepare(idx, self.H * self.E)
-        usage += sel.offsets[1:] - sel.offsets[:-1]
+        counts = sel.offsets[1:] - sel.offsets[:-1]
+        usage += counts
+        if self.training:
+            _count_loads(self, '_' + bank, counts, routes.loads[bank] if routes is not None else None)
         return sel, weights
 
     def forward(self, a, x, ctx: AttnContext, cache=None, routes=None):
@@ -383,8 +638,8 @@ class SwitchHead(nn.Module):
         q = qk_heads(self.q(a), H, dh, self.q_norm)
         k = qk_heads(self.k(a), self.Hkv, dh, self.k_norm)
         if self.E > 1:
-            v_sel, v_w = self.route(a, self.sel_v, routes['v'] if routes else None, self.usage_v)
-            o_sel, o_w = self.route(a, self.sel_o, routes['o'] if routes else None, self.usage_o)
+            v_sel, v_w = self.route(a, 'v', routes)
+            o_sel, o_w = self.route(a, 'o', routes)
             # V: slots [N, H, k] read token rows (fan H*k), contracted over each head's k picks
             v = cvmm(x.reshape(B * T, d), v_sel, self.v, v_w.reshape(B * T * H, self.top_k))
             v = v.view(B, T, H, dh).transpose(1, 2)
@@ -414,6 +669,16 @@ def marginal_neg_entropy(logits: list) -> torch.Tensor:
     return -entropy.mean()
 
 
+def switch_balance_loss(logits: list, f: torch.Tensor) -> torch.Tensor:
+    """The Switch / GShard load-balancing loss E * sum_e f_e P_e, averaged over heads: logits, R tensors
+    [B, T, ..., E] (one per application of the layer); f [heads, E], the fraction of picks each expert
+    got (no gradient). P_e is the mean router probability over every row, taken as the softmax of the
+    raw logits, as the entropy term does (the sigmoid scores do not sum to 1). 1 when uniform."""
+    z = torch.cat([t.flatten(0, 1) for t in logits]).float()                     # [rows, ..., E]
+    P = torch.softmax(z, dim=-1).mean(0).view_as(f)                               # [heads, E]
+    return (f.shape[-1] * (f.detach() * P).sum(-1)).mean()
+
+
 # -------------------------------------------------------------------------------------------------
 # 4-5. The layer with peri-LayerNorm (spec §2) and the grouped stack (layer grouping, spec §1)
 # -------------------------------------------------------------------------------------------------
@@ -427,13 +692,15 @@ class MoEUTLayer(nn.Module):
         self.ffn = SigmaMoE(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, ctx: AttnContext, cache=None, routes=None):
+    def forward(self, x, ctx: AttnContext, cache=None, routes=None, repeat: int = 0):
+        """repeat: which application of this shared layer (the σ-MoE's ff_k_schedule)."""
         # peri-LN: norms only in front of maps that feed a softmax/sigmoid; the residual, V, O and
         # the experts see raw x, so signal magnitude can grow across the shared, repeated layers.
         a = self.ln_att(x)
         x = x + self.drop(self.attention(a, x, ctx, cache, routes))
         # no dropout on the σ-MoE branch (spec §2, as the official layer)
-        return x + self.ffn(x, self.ln_ff(x), routes['ff'] if routes else None)
+        return x + self.ffn(x, self.ln_ff(x), routes['ff'] if routes else None, cache=cache, ctx=ctx,
+                            repeat=repeat, loads=routes.loads['ff'] if routes else None)
 
 
 class Routes:
@@ -444,6 +711,7 @@ class Routes:
 
     def __init__(self):
         self.lists = {'ff': [], 'v': [], 'o': []}
+        self.loads = {'ff': [], 'v': [], 'o': []}     # moe_balance='switch': each call's expert counts
 
     def __getitem__(self, kind):
         return self.lists[kind]
@@ -463,25 +731,55 @@ class MoEUT(nn.Module):
 
     def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
         G = len(self.layers)
-        collect = self.training and (self.cfg.entropy_reg > 0 or self.cfg.att_entropy_reg > 0)
+        aux = self.cfg.moe_balance in ('switch', 'global')
+        collect = self.training and (self.cfg.entropy_reg > 0 or self.cfg.att_entropy_reg > 0 or aux)
         routes = [Routes() if collect else None for _ in range(G)]
         for r in range(self.n_repeats):                   # A B A B ...: layer li at depth r*G + li
             for li, layer in enumerate(self.layers):
                 cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None
-                x = layer(x, ctx, cache, routes[li])
+                x = layer(x, ctx, cache, routes[li], r)
         return x, self.reg_loss(routes, x)
 
     def reg_loss(self, routes, x) -> torch.Tensor:
-        """γ Σ_layers L_mlp + δ Σ_layers (L_V + L_O); zero in eval mode (spec §6)."""
+        """γ Σ_layers L_mlp + δ Σ_layers (L_V + L_O); zero in eval mode (spec §6). moe_balance 'switch' /
+        'global' add their aux loss (balance_loss); an entropy term with a zero weight is then skipped."""
+        cfg = self.cfg
+        aux = cfg.moe_balance in ('switch', 'global')
         loss = x.new_zeros((), dtype=torch.float32)
         for rt in routes:
             if rt is None:
                 continue
-            if rt['ff']:
+            if rt['ff'] and not (aux and cfg.entropy_reg == 0):
                 loss = loss + self.cfg.entropy_reg * marginal_neg_entropy(rt['ff'])
-            if rt['v']:
+            if rt['v'] and not (aux and cfg.att_entropy_reg == 0):
                 loss = loss + self.cfg.att_entropy_reg * (marginal_neg_entropy(rt['v']) +
                                                           marginal_neg_entropy(rt['o']))
+        if aux:
+            loss = loss + self.balance_loss(routes)
+        return loss
+
+    def balance_loss(self, routes) -> torch.Tensor:
+        """moe_balance 'switch' / 'global': per shared layer, pooled over its applications,
+        balance_coef * L(σ-MoE) + att_balance_coef * (L(V) + L(O)) with L = switch_balance_loss.
+        'switch': f from this micro-batch's picks. 'global': f = balance_f, the load fractions of the
+        previous optimizer step's whole global batch (every micro-batch, every rank; update_balance_bias),
+        a one-step-stale estimate that costs no collective in the forward and gives every micro-batch
+        of a step the same f, however the batch is split (uniform before the first update)."""
+        cfg = self.cfg
+        loss = 0.0
+        for layer, rt in zip(self.layers, routes):
+            if rt is None:
+                continue
+            banks = [('ff', layer.ffn, '', cfg.balance_coef)]
+            if rt['v'] and cfg.att_balance_coef > 0:
+                banks += [(b, layer.attention, '_' + b, cfg.att_balance_coef) for b in ('v', 'o')]
+            for kind, m, suffix, coef in banks:
+                if cfg.moe_balance == 'switch':
+                    f = torch.stack(rt.loads[kind]).sum(0).view(m.balance_groups, -1).float()
+                    f = f / f.sum(-1, keepdim=True)
+                else:
+                    f = getattr(m, 'balance_f' + suffix).view(m.balance_groups, -1)
+                loss = loss + coef * switch_balance_loss(rt[kind], f)
         return loss
 
 
@@ -582,6 +880,12 @@ class LM(nn.Module):
                 _renorm_rows(m.expert_sel)
                 nn.init.normal_(m.keys, 0, s / math.sqrt(d))
                 nn.init.normal_(m.values, 0, s / math.sqrt(m.keys.shape[0] * cfg.d_expert))
+                if hasattr(m, 'shared_up'):      # fan-in init, as the dense baseline's MLP
+                    nn.init.normal_(m.shared_up, 0, s / math.sqrt(d))
+                    nn.init.normal_(m.shared_down, 0, s / math.sqrt(m.shared_down.shape[1]))
+                if hasattr(m, 'router_conv'):    # the identity: the router starts as the plain one
+                    nn.init.zeros_(m.router_conv)
+                    nn.init.ones_(m.router_conv[:, -1])
             elif isinstance(m, SwitchHead):
                 for w in (m.q.weight, m.k.weight, m.v):
                     nn.init.normal_(w, 0, s / math.sqrt(d))
@@ -597,6 +901,13 @@ class LM(nn.Module):
                     nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
                 nn.init.zeros_(m.fc.bias)
                 nn.init.zeros_(m.fc_out.bias)
+        auto = [m for m in self.modules() if getattr(m, 'shared_auto', False)]
+        if auto and not auto[0].keys.is_meta:    # shared_scale='auto': match the routed output's norm
+            lams = [m._auto_shared_scale() for m in auto]
+            for m, lam in zip(auto, lams):
+                m.shared_scale.fill_(lam)
+            print(f"shared experts: shared_scale='auto' -> {', '.join(f'{v:.4g}' for v in lams)} "
+                  f"(per σ-MoE layer: mean routed / shared output norm at init)")
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -878,9 +1189,13 @@ def routing_report(model: nn.Module) -> dict:
     """What the routers did since the last call, per shared layer li: for the σ-MoE ('ff{li}') and the
     SwitchHead V/O banks ('v{li}', 'o{li}'): the fraction of routed slots each expert got, how many got
     none (dead), and the entropy of that usage over its maximum log(E) (1 = perfectly balanced).
+    With MoE++ null experts the σ-MoE usage covers their ids too (after the real experts), and
+    'null_frac' / 'identity_frac' say what fraction of its picks went to null (zero or identity) /
+    identity ids.
     Reads and resets the usage counters (one host sync: call it at log time, not every step)."""
     report = {}
     for li, layer in enumerate(distinct_layers(model.core)):   # prelude/coda layers numbered after the group
+        ffn = getattr(layer, 'ffn', None)
         banks = {'ff': getattr(getattr(layer, 'ffn', None), 'usage', None),
                  'v': getattr(getattr(layer, 'attention', None), 'usage_v', None),
                  'o': getattr(getattr(layer, 'attention', None), 'usage_o', None)}
@@ -892,6 +1207,10 @@ def routing_report(model: nn.Module) -> dict:
             entropy = -(frac * frac.clamp(min=1e-30).log()).sum().item()
             report[f'{kind}{li}'] = {'usage': frac, 'dead': int((c == 0).sum()),
                                      'entropy_ratio': entropy / math.log(len(c)) if len(c) > 1 else 1.0}
+            if kind == 'ff' and len(c) > ffn.keys.shape[0]:    # MoE++ null ids: picks that cost nothing
+                E, n_zero = ffn.keys.shape[0], ffn.n_zero
+                report[f'{kind}{li}']['null_frac'] = frac[E:].sum().item()
+                report[f'{kind}{li}']['identity_frac'] = frac[E + n_zero:].sum().item()
             counts.zero_()
     return report
 
@@ -919,8 +1238,10 @@ def param_counts(cfg: ModelConfig) -> dict:
             att_active = att + 2 * H * k * d * dh + 2 * H * E * d
         else:
             att_total = att_active = att + 2 * H * dh * d + H * d
-        ff_total = 2 * cfg.ff_n_experts * d * cfg.d_expert + cfg.ff_n_experts * d
-        ff_active = 2 * cfg.ff_k * d * cfg.d_expert + cfg.ff_n_experts * d
+        ff_extra = _ff_extra_params(cfg)
+        ff_total = 2 * cfg.ff_n_experts * d * cfg.d_expert + _n_router_ids(cfg) * d + ff_extra
+        ff_k = max(cfg.ff_k_schedule) if cfg.ff_k_schedule else cfg.ff_k     # the largest top-k
+        ff_active = 2 * ff_k * d * cfg.d_expert + _n_router_ids(cfg) * d + ff_extra
         layers = cfg.group_size * (att_total + ff_total + 2 * ln)
         active_per = att_active + ff_active + 2 * ln
     total = layers + emb + ln
@@ -937,7 +1258,8 @@ def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
     """Forward FLOPs (2 per multiply-add) per token at context T: every weight matmul a token runs
     through in all layer applications (n_layers, plus prelude/coda layers of a halting model, every
     token at full depth), attention scores and mixing over the T/2 keys a causal query sees on
-    average, the routers, and the LM head."""
+    average, the routers, and the LM head. With MoE++ null experts, an upper bound: every pick counted
+    as a real expert (how many are null depends on the data)."""
     T = T or cfg.block_size
     d, H, dh, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size
     kv, W = cfg.kv_heads, cfg.attn_window
@@ -950,8 +1272,24 @@ def flops_per_token(cfg: ModelConfig, T: Optional[int] = None) -> int:
         E, k = cfg.att_n_experts, cfg.att_k
         vo = 2 * H * k * d * dh + 2 * H * E * d if E > 1 else 2 * H * dh * d + H * d
         per_layer = (d * H * dh + d * kv * dh + vo + att_scores + 2 * cfg.ff_k * d * cfg.d_expert
-                     + cfg.ff_n_experts * d)
+                     + _n_router_ids(cfg) * d + _ff_extra_params(cfg))
+        if cfg.ff_k_schedule:      # the top-k of each repeat instead of ff_k (no halting: no prelude/coda)
+            per_layer -= 2 * cfg.ff_k * d * cfg.d_expert
+            return 2 * (sum(cfg.group_size * (per_layer + 2 * k * d * cfg.d_expert) for k in cfg.ff_k_schedule)
+                        + d * V)
     return 2 * ((cfg.n_layers + cfg.n_prelude + cfg.n_coda) * per_layer + d * V)
+
+
+def _n_router_ids(cfg: ModelConfig) -> int:
+    """Rows of the σ-MoE router: the experts and the MoE++ null ids."""
+    return cfg.ff_n_experts + cfg.ff_n_null + cfg.ff_null_identity
+
+
+def _ff_extra_params(cfg: ModelConfig) -> int:
+    """Weights of the σ-MoE options every token multiplies by (shared experts, the conv router's
+    taps); as multiply-adds per token too (a depthwise tap is one per channel)."""
+    shared = 2 * cfg.d_model * cfg.ff_n_shared * (cfg.d_shared or cfg.d_expert)
+    return shared + (cfg.d_model * cfg.router_kernel if cfg.router_type == 'conv' else 0)
 
 
 def describe(cfg: ModelConfig) -> str:
