@@ -285,6 +285,162 @@ def test_symlinked_directories_are_followed_once_and_duplicates_count_once(tmp_p
     assert enc.decode(all_tokens(tmp_path / "out").tolist()) == "doc b<|endoftext|>doc a<|endoftext|>"
 
 
+# --- parquet and hub datasets ------------------------------------------------------------------
+
+def write_parquet(path, texts, row_group_size=7, column="content"):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"id": list(range(len(texts))), column: texts}), path, row_group_size=row_group_size)
+    return path
+
+
+PARQUET_TEXTS = [f"Document {i}: " + "Ünïcödé words 日本語 " * (i % 9) + "\nend." for i in range(97)] + ["", None, "last"]
+
+
+def test_parquet_equals_the_same_documents_as_jsonl(tmp_path):
+    """A .parquet file (several row groups, a null and an empty row) gives byte for byte what the same
+    documents give as a .jsonl: the same tokens, counts and document split."""
+    pq_file = write_parquet(tmp_path / "docs.parquet", PARQUET_TEXTS)
+    js = tmp_path / "docs.jsonl"
+    js.write_text("".join(json.dumps({"content": t or ""}) + "\n" for t in PARQUET_TEXTS))
+    a = run([pq_file], tmp_path / "a", val_fraction=0.1, text_column="content")
+    b = run([js], tmp_path / "b", val_fraction=0.1, text_column="content")
+    assert a["split"]["method"] == "documents" and a["val_documents"] == 10
+    assert a["train_documents"] + a["val_documents"] == 98  # 100 rows, 2 empty
+    for f in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+    enc = get_tokenizer("gpt2")
+    docs = enc.decode(all_tokens(tmp_path / "a").tolist()).split("<|endoftext|>")[:-1]
+    assert sorted(docs) == sorted(t for t in PARQUET_TEXTS if t)
+
+
+def test_parquet_in_a_directory_and_the_default_column(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    write_parquet(d / "b.parquet", ["from parquet 1", "from parquet 2"], column="text")
+    (d / "a.txt").write_text("from txt")
+    run([d], tmp_path / "out")
+    assert get_tokenizer("gpt2").decode(all_tokens(tmp_path / "out").tolist()) == \
+        "from txt<|endoftext|>from parquet 1<|endoftext|>from parquet 2<|endoftext|>"
+
+
+def test_parquet_is_read_in_row_batches(tmp_path):
+    """Memory stays at about one batch of rows: Arrow's allocations while streaming a 6 MB text column
+    stay well under the column's size (about 1.4 MB here; reading the whole table at once holds all of it)."""
+    pa = pytest.importorskip("pyarrow")
+    texts = [f"row {i} " + "some text here " * 20 for i in range(20000)]
+    path = write_parquet(tmp_path / "big.parquet", texts, row_group_size=1000)
+    column_bytes, base = sum(len(t) for t in texts), pa.total_allocated_bytes()
+    peak, n = 0, 0
+    for text, nbytes in prepare._parquet_documents(str(path), "content"):
+        assert text == texts[n] and nbytes == len(text)
+        peak, n = max(peak, pa.total_allocated_bytes() - base), n + 1
+    assert n == 20000 and peak < column_bytes / 3, peak
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("no_column", "no column 'text' (columns: id, content); choose one with --text_column"),
+    ("not_strings", "column 'id' holds int64, not strings"),
+    ("garbage", "not a readable parquet file"),
+])
+def test_bad_parquet_names_file_and_problem(tmp_path, kind, message):
+    path = tmp_path / "bad.parquet"
+    if kind == "garbage":
+        path.write_bytes(b"this is not parquet at all")
+    else:
+        write_parquet(path, ["a", "b"])
+    with pytest.raises(PrepareError) as e:
+        run([path], tmp_path / "out", text_column="id" if kind == "not_strings" else "text")
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1")
+    for mod in ("pyarrow", "pyarrow.parquet", "pyarrow.compute"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import pyarrow -> ImportError
+    with pytest.raises(PrepareError, match=r"reading \.parquet files needs pyarrow: pip install pyarrow"):
+        run([path], tmp_path / "out")
+
+
+def test_jsonl_text_column(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"body": "first"}\n{"body": "second"}\n')
+    run([src], tmp_path / "out", text_column="body")
+    assert get_tokenizer("gpt2").decode(all_tokens(tmp_path / "out").tolist()) == \
+        "first<|endoftext|>second<|endoftext|>"
+    with pytest.raises(PrepareError, match=f'{src}:1: no "text" field'):
+        run([src], tmp_path / "out2")
+
+
+class FakeDatasets:
+    """Stands in for the datasets package: load_dataset returns rows, or raises what it was given."""
+
+    def __init__(self, rows=None, error=None):
+        self.rows, self.error, self.calls = rows, error, []
+
+    def load_dataset(self, name, config=None, split=None, streaming=False):
+        self.calls.append((name, config, split, streaming))
+        if self.error:
+            raise self.error
+        return iter(self.rows)
+
+
+def test_hf_dataset_without_the_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(PrepareError, match="--hf_dataset needs the datasets package: pip install datasets"):
+        prepare.prepare(None, str(tmp_path / "out"), hf_dataset="owner/name", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_dataset_offline_is_one_line(tmp_path, monkeypatch):
+    """The hub unreachable (what datasets raises then varies by version: here a ConnectionError) gives
+    one line naming the dataset, config and split, from the API and from the command line."""
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(error=ConnectionError(
+        "Couldn't reach 'owner/name' on the Hub (LocalEntryNotFoundError)\nmore detail")))
+    with pytest.raises(PrepareError) as e:
+        prepare.prepare(None, str(tmp_path / "out"), hf_dataset="owner/name", hf_config="c1", verbose=False)
+    assert str(e.value) == ("Hugging Face dataset 'owner/name' (config 'c1'), split 'train' cannot be read "
+                            "(ConnectionError: Couldn't reach 'owner/name' on the Hub (LocalEntryNotFoundError))")
+    assert not (tmp_path / "out").exists()
+    # the command line, in a subprocess where the datasets package is missing (or the hub unreachable)
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['datasets'] = None; sys.argv[0] = "
+                        f"'prepare.py'; sys.path.insert(0, {str(ROOT)!r}); import prepare; prepare.main()",
+                        "--hf_dataset=owner/name", f"--out_dir={tmp_path / 'o'}"], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "needs the datasets package" in lines[0], r.stderr
+
+
+def test_hf_dataset_streams_rows(tmp_path, monkeypatch):
+    """Rows of a (stand-in) hub dataset are tokenized in order from --text_column; each is drawn for val
+    with probability val_fraction by the seeded RNG, so the same rows and seed give the same bytes."""
+    rows = [{"id": i, "content": f"hub document {i} " + "text " * (i % 13)} for i in range(300)]
+    fake = FakeDatasets(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    kw = dict(hf_dataset="owner/corpus", hf_split="train", text_column="content", val_fraction=0.1, verbose=False)
+    a = prepare.prepare(None, str(tmp_path / "a"), **kw)
+    b = prepare.prepare(None, str(tmp_path / "b"), **kw)
+    assert fake.calls[0] == ("owner/corpus", None, "train", True)
+    assert a["source"] == "huggingface:owner/corpus[train]" and a["split"]["method"] == "documents"
+    assert a["train_documents"] + a["val_documents"] == 300 and 15 <= a["val_documents"] <= 45
+    for f in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    draw = random.Random(1337)
+    expected_val = [r["content"] for r in rows if draw.random() < 0.1]
+    enc = get_tokenizer("gpt2")
+    assert enc.decode(bin_tokens(tmp_path / "a", "val").tolist()).split("<|endoftext|>")[:-1] == expected_val
+    fake.rows = [{"id": 0, "body": "x"}]
+    with pytest.raises(PrepareError, match="row 0 has no 'content' field .fields: id, body."):
+        prepare.prepare(None, str(tmp_path / "c"), **kw)
+    with pytest.raises(PrepareError, match="input files or --hf_dataset, not both"):
+        prepare.prepare([str(tmp_path)], str(tmp_path / "c"), **kw)
+    monkeypatch.chdir(tmp_path)
+    assert prepare.default_out_dir(None, "gpt2", "HuggingFaceFW/fineweb", "sample-10BT") == \
+        os.path.join("data", "fineweb_sample-10BT")
+
+
 def test_default_out_dir_names_the_tokenizer_and_the_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert prepare.default_out_dir([]) == os.path.join("data", "shakespeare")
@@ -301,7 +457,7 @@ def test_empty_inputs_are_errors(tmp_path):
     with pytest.raises(PrepareError, match="empty input"):
         run([tmp_path / "empty.txt"], tmp_path / "out")
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(PrepareError, match="has no .txt or .jsonl files"):
+    with pytest.raises(PrepareError, match="has no .txt, .jsonl or .parquet files"):
         run([tmp_path / "emptydir"], tmp_path / "out")
     with pytest.raises(PrepareError, match="input not found"):
         run([tmp_path / "nope.txt"], tmp_path / "out")
