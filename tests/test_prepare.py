@@ -523,6 +523,71 @@ def test_streaming_forced_cuts_are_lossless(tmp_path):
     assert enc.decode(all_tokens(tmp_path / "out")[:-1].tolist()) == one_line
 
 
+# --- worker processes ------------------------------------------------------------------------
+
+def test_num_proc_gives_the_same_bytes(tmp_path, monkeypatch):
+    """Tokenizing in 2 worker processes writes exactly what 1 process writes (train.bin, val.bin,
+    meta.json): batches come back in order, whichever worker finishes first. Small chunks and batches
+    make many batches, and .txt documents that span several of them."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(6):
+        (d / f"t{i}.txt").write_text((TRICKY + f"part {i}\n") * (5 + 7 * i), encoding="utf-8")
+    texts = [f"json document {i} " + "x y z " * (20 + i % 11) for i in range(150)]
+    write_jsonl(d / "docs.jsonl", texts)
+    pools = []
+    real_pool = prepare.concurrent.futures.ProcessPoolExecutor
+
+    def pool(*a, **kw):
+        pools.append(a[0])
+        return real_pool(*a, **kw)
+    monkeypatch.setattr(prepare.concurrent.futures, "ProcessPoolExecutor", pool)
+    kw = dict(val_fraction=0.05, chunk_bytes=300, batch_bytes=2000)
+    one = run([d], tmp_path / "one", num_proc=1, **kw)
+    assert pools == []                      # one process: no pool
+    two = run([d], tmp_path / "two", num_proc=2, **kw)
+    assert pools == [2]                     # the worker path did run
+    assert one["split"]["method"] == "documents" and one["val_documents"] > 0
+    for f in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    enc = get_tokenizer("gpt2")            # and each document is its whole-document encoding
+    docs = [p.read_bytes().decode() for p in sorted(d.glob("*.txt"))] + texts
+    assert sorted(enc.decode(all_tokens(tmp_path / "two").tolist()).split("<|endoftext|>")[:-1]) == sorted(docs)
+    assert one["train_tokens"] + one["val_tokens"] == sum(len(enc.encode_ordinary(t)) + 1 for t in docs)
+
+
+def _die(texts, dtype):
+    os._exit(3)  # what the OOM killer does to a worker, as far as the pool can tell
+
+
+def test_a_dead_worker_is_one_line(tmp_path, monkeypatch):
+    import multiprocessing
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the stand-in worker function reaches the workers only through fork")
+    monkeypatch.setattr(prepare, "_worker_encode", _die)
+    (tmp_path / "a.txt").write_text(TRICKY * 30)
+    with pytest.raises(PrepareError, match=r"a tokenizer worker process died \(out of memory\?\): try a lower --num_proc"):
+        run([tmp_path / "a.txt"], tmp_path / "out", num_proc=2, chunk_bytes=200, batch_bytes=500)
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_line():
+    line = prepare._progress(10.0, 20_000_000, 80_000_000, 300, 2000, 5_000_000, 2)
+    assert line == "prepare: 20.0/80.0 MB, 300/2000 docs, 5.00M tokens, 500.0k tokens/s (2 processes), ETA 30s"
+    line = prepare._progress(100.0, 1_000_000, 80_000_000, 3, 20, 250_000, 1)
+    assert line.endswith("2.5k tokens/s (1 process), ETA 2h11m")
+    # a streamed hub dataset: no totals, no ETA
+    assert prepare._progress(2.0, 3_000_000, None, 40, None, 1000, 4) == \
+        "prepare: 3.0 MB, 40 docs, 1.0k tokens, 500 tokens/s (4 processes)"
+
+
+@pytest.mark.parametrize("num_proc", [0, -2, 1.5])
+def test_bad_num_proc(tmp_path, num_proc):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(PrepareError, match=f"num_proc must be a whole number of processes, at least 1, got {num_proc}"):
+        run([tmp_path / "a.txt"], tmp_path / "out", num_proc=num_proc)
+
+
 # --- the default corpus, atomic output, meta -------------------------------------------------
 
 def test_shakespeare_discovery():
