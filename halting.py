@@ -326,6 +326,9 @@ class HaltingMoEUT(nn.Module):
         if cfg.backprop_repeats < 0 or not (cfg.mean_repeats == 0 or cfg.mean_repeats >= 1):
             bad(f"backprop_repeats must be >= 0 and mean_repeats 0 (= n_layers/group_size) or >= 1, got "
                 f"{cfg.backprop_repeats} and {cfg.mean_repeats}")
+        if cfg.backprop_repeats and cfg.input_injection == 'none':
+            bad("backprop_repeats needs input_injection='add' or 'concat': without it the embedding and prelude "
+                "reach the loss only through the first repeat, which runs without gradient")
         if cfg.random_init_state and cfg.input_injection == 'none':
             bad("random_init_state needs input_injection='add' or 'concat' (else the loop never sees the input)")
         cap = tuple(cap) if isinstance(cap, (tuple, list)) and cap else tuple((R - r) / R for r in range(R))
