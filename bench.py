@@ -8,6 +8,7 @@ Benchmarks (GPU). One function per section, picked with --what:
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
     $ python bench.py --what=halting               # forced-depth halting step times
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
+    $ python bench.py --what=depth_curve --depth_ckpt=out/addition_act --device=cpu   # loss vs test-time repeats
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
@@ -33,6 +34,11 @@ decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
 halting_compile = False  # halting: torch.compile the plain model, compile_layers() the halting ones
 halting_skip = 0.75     # halting_profile: fraction of token-steps skipped (spread depths); < 0 = plain loop
+depth_ckpt = ""         # depth_curve: a train.py checkpoint (.pt), or an out_dir (its latest)
+depth_windows = 64      # depth_curve: validation windows (of the checkpoint's block_size) per point
+depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
+depth_exit = -1.0       # depth_curve: >= 0: per-token exit (KL) at this threshold, for models without halting
+depth_plot = "depth_curve.png"   # depth_curve: written if matplotlib is installed ('' = none)
 
 from configurator import configure  # noqa: E402
 
@@ -553,6 +559,43 @@ def bench_halting():
     """MoEUT-126M step time with forced per-token depths (halting_table); --device=cpu: a tiny smoke run."""
     halting_table(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile,
                   smoke=device == "cpu")
+
+
+def bench_depth_curve():
+    """Validation loss against the repeats run at inference (1 .. 2R) of a trained looped model: the
+    curve of spec/recurrence.md (halting.depth_curve). For the synthetic addition data, also the mean
+    depth per difficulty of the position (synthetic.py)."""
+    import os
+    import numpy as np
+    from halting import build_lm, depth_curve, set_depth
+    from model import ModelConfig
+    from train import latest_checkpoint, load_checkpoint_meta, read_windows
+    path = latest_checkpoint(depth_ckpt) if os.path.isdir(depth_ckpt) else depth_ckpt
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"bench.py: depth_ckpt={depth_ckpt!r}: no checkpoint file (ckpt_*.pt) there")
+    ck = load_checkpoint_meta(path)
+    model = build_lm(ModelConfig(**ck['model_config']))
+    model.load_state_dict({k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ck['model'].items()})
+    model.to(device).eval()
+    if depth_exit >= 0:
+        set_depth(model, exit_threshold=depth_exit)
+    block, data = model.cfg.block_size, os.path.join('data', ck['config']['dataset'], 'val.bin')
+    dt = np.dtype(ck['meta']['dtype'])
+    n_win = (os.path.getsize(data) // dt.itemsize - 1) // block
+    starts = np.linspace(0, n_win - 1, min(depth_windows, n_win)).astype(np.int64) * block
+    batches = [tuple(t.to(device) for t in read_windows(data, dt, starts[i:i + 16], block))
+               for i in range(0, len(starts), 16)]
+    R = model.core.n_repeats
+    print(f"{path}: {ck['config']['dataset']}, {len(starts)} windows of {block} tokens"
+          + (f", per-token exit at KL < {depth_exit}" if depth_exit >= 0 else ''))
+    depth_curve(model, batches, range(1, (depth_max or 2 * R) + 1), plot=depth_plot)
+    if ck['config']['dataset'] == 'addition' and hasattr(model.core, 'trace'):
+        import synthetic
+        ids = np.memmap(data, dtype=dt, mode='r')[:depth_windows * block].tolist()
+        set_depth(model, exit_threshold=depth_exit if depth_exit >= 0 else None)
+        by = synthetic.depth_by_difficulty(model.cpu(), ids, block)
+        print("mean depth by difficulty (0 random digit / end, 1 sum digit, 2 sum digit with a carry in): "
+              + ", ".join(f"{lab}: {d:.2f} ({n} tokens)" for lab, (d, n) in by.items()))
 
 
 def bench_halting_profile():

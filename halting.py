@@ -22,7 +22,9 @@ Mechanisms (config `halting`):
          so report eval loss in that mode.
          token-choice: a router picks each token's depth once at entry (softmax over R, argmax); the
          update of its last step is scaled by alpha·p; a balancing loss spreads the depths. Causal.
-  Forced depths (`forced_depths(core, depths)`) override both: for tests and benchmarks.
+  'none' no halting unit: the plain loop (every token runs every step, no host syncs), for the options
+         below. Same parameter names as model.MoEUT, so a plain checkpoint loads into this core.
+  Forced depths (`forced_depths(core, depths)`) override all: for tests and benchmarks.
 
 Compute: per-token maps (LayerNorms, σ-MoE, SwitchHead's V/O experts and routers) run on the flat
 active rows; only attention re-pads them per sequence ([B, T_active_max], valid slots first), which with
@@ -34,11 +36,27 @@ Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
       to tokens that also run step r. The decode cache of step r holds exactly those tokens.
   'last-kv': a halted token stays visible with the K/V it had at its last step; the (step, layer) caches
       get its frozen K/V copied forward, so decoding still equals the full forward.
+  Per-token exit (below) names them as Huginn does: 'latest' = last-kv (its default; zero-shot, since
+  the model trained with every token at every step), 'skip' = active-only.
 Positions travel explicitly (slot ≠ position after compaction); masks are built from positions, never
 is_causal on queries ≠ keys; a query with no visible key attends to itself (no NaN), output discarded.
 
 Also: per-token running mean of step outputs as the final state (halt_output='mean'), and
 "middle-cycle" sharing: n_prelude / n_coda unique layers around the looped group (MoR §2.1).
+
+Recurrent depth beyond a fixed R (../shared/spec/recurrence.md; Huginn: Geiping et al. 2025, arXiv
+2502.05171):
+  test-time depth   set_depth(model, n_repeats=n): eval mode runs n repeats instead of the trained R
+                    (plain MoEUT too); ACT runs until every token halts, at most n. depth_curve() prints
+                    the loss against n.
+  random depth      recurrence='random' (halting='none'): each training step's R ~ a log-normal Poisson
+                    with mean mean_repeats (DepthSampler: the same on every rank, state in the
+                    state_dict); backprop_repeats=k: only the last k repeats carry gradient.
+  input injection   input_injection='add' (state + e) or 'concat' (Huginn's adapter on [state, e]) before
+                    every repeat, e = the prelude's output; random_init_state: training starts from noise.
+  per-token exit    set_depth(model, exit_threshold=t) for a model without a halting unit: a token stops
+                    once KL(p_r || p_r-1) < t (or the entropy change, exit_criterion='entropy').
+This file builds on model.py, never the reverse: build_lm(cfg) is how a config becomes a model.
 """
 import math
 import os

@@ -568,3 +568,93 @@ def test_exit_saves_compute():
     rows = [math.prod(s[:2]) for s in calls]
     d = lm.core.trace['depth']
     assert rows == [int((d > r).sum()) for r in range(R)] and rows[-1] < rows[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Depth follows difficulty: the synthetic addition corpus, and ACT trained on it
+# -------------------------------------------------------------------------------------------------
+
+def test_addition_corpus_and_its_difficulty_labels(tmp_path):
+    import random
+    import numpy as np
+    import synthetic
+    rng = random.Random(3)
+    for _ in range(200):                     # the text is the column-wise sum, least significant first
+        p = synthetic.addition_problem(rng, 4)
+        a = int(''.join(p[0:12:3])[::-1])
+        b = int(''.join(p[1:12:3])[::-1])
+        assert int((''.join(p[2:12:3]) + p[12])[::-1]) == a + b and len(p) == 13
+    ids = synthetic.token_stream('addition', 50, seed=0)
+    labels = synthetic.difficulty(ids)
+    assert labels[:13] == [-1] * 13 and labels[13] == 0        # the first problem's start is unseen
+    for s0 in [i + 1 for i, t in enumerate(ids[:-1]) if t == 256]:
+        p = bytes(ids[s0:s0 + 13]).decode()
+        carry_in = [0]
+        for i in range(4):
+            carry_in.append((int(p[3 * i]) + int(p[3 * i + 1]) + carry_in[-1]) // 10)
+        want = [0, 1 + carry_in[0], 0, 0, 1 + carry_in[1], 0, 0, 1 + carry_in[2], 0, 0, 1 + carry_in[3],
+                1 + carry_in[4], 0]
+        assert labels[s0:s0 + 13] == want, p
+    meta = synthetic.prepare_synthetic('addition', str(tmp_path / 'add'), n=400, verbose=False)
+    train = np.memmap(tmp_path / 'add' / 'train.bin', dtype=meta['dtype'], mode='r')
+    assert meta['vocab_size'] == 257 and meta['train_tokens'] + meta['val_tokens'] == 400 * 14
+    assert set(np.unique(train).tolist()) <= set(range(48, 58)) | {256}
+    assert sorted(os.listdir(tmp_path / 'add')) == ['meta.json', 'problems.jsonl', 'train.bin', 'val.bin']
+    with pytest.raises(ValueError, match='unknown synthetic task'):
+        synthetic.prepare_synthetic('parity', str(tmp_path / 'p'))
+    assert not (tmp_path / 'p').exists()
+
+
+def addition_config(**over):
+    """config/addition_act.py's model, as train.py would read it."""
+    from dataclasses import fields
+    from configurator import apply_overrides
+    settings = {f.name: f.default for f in fields(ModelConfig)}
+    settings.update(batch_size=0, learning_rate=0.0, warmup_iters=0)      # the training keys used here
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        apply_overrides(settings, ['config/addition_act.py'], ignore_unknown_file_keys=True)
+    finally:
+        os.chdir(cwd)
+    train = {k: settings[k] for k in ('batch_size', 'block_size', 'learning_rate', 'warmup_iters')}
+    return ModelConfig.from_dict({**settings, 'vocab_size': 257, **over}), train
+
+
+def train_addition(steps, seed=0, **over):
+    """AdamW on random windows of the addition stream, as train.py would with config/addition_act.py
+    (linear warm-up, then constant: the test stops well before its cosine would matter)."""
+    import synthetic
+    cfg, t = addition_config(**over)
+    data = torch.tensor(synthetic.token_stream('addition', 20000, seed=seed))
+    torch.manual_seed(seed)
+    lm = build_lm(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=t['learning_rate'], betas=(0.9, 0.99), weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    T = t['block_size']
+    for it in range(steps):
+        for group in opt.param_groups:
+            group['lr'] = t['learning_rate'] * min(1.0, (it + 1) / t['warmup_iters'])
+        st = torch.randint(0, len(data) - T - 1, (t['batch_size'],), generator=g)
+        xy = torch.stack([data[s:s + T + 1] for s in st])
+        loss = lm(xy[:, :-1], xy[:, 1:]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+    return lm
+
+
+@pytest.mark.slow
+def test_act_depth_follows_difficulty_on_addition():
+    """config/addition_act.py's model, 800 steps on the CPU (about a minute): ACT runs the positions that
+    predict a sum digit deeper than those that predict a random operand digit. Mean repeats by
+    difficulty 0 / 1 / 2 at step 800 were 2.07 / 4.27 / 4.68 (seed 0) and 2.95 / 3.71 / 4.28 (seed 1);
+    the margins below are under half the smaller of those gaps. (Carry vs no carry, 2 vs 1, was in
+    that order in both but by 0.4-0.6 only, and not in every setting tried: not asserted.)"""
+    import synthetic
+    lm = train_addition(800)
+    val = synthetic.token_stream('addition', 400, seed=99)        # problems the training never saw
+    by = synthetic.depth_by_difficulty(lm, val, 64)
+    d = {lab: depth for lab, (depth, _) in by.items()}
+    assert d[1] > d[0] + 0.3 and d[2] > d[0] + 0.5, d
