@@ -658,3 +658,28 @@ def test_act_depth_follows_difficulty_on_addition():
     by = synthetic.depth_by_difficulty(lm, val, 64)
     d = {lab: depth for lab, (depth, _) in by.items()}
     assert d[1] > d[0] + 0.3 and d[2] > d[0] + 0.5, d
+
+
+def test_bench_depth_curve_from_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """python bench.py --what=depth_curve --depth_ckpt=DIR: reads the checkpoint's validation data,
+    prints the loss per repeats and, on the addition corpus, the depth per difficulty."""
+    from dataclasses import asdict
+    import synthetic
+    monkeypatch.chdir(tmp_path)
+    meta = synthetic.prepare_synthetic('addition', n=600, val_fraction=0.2, verbose=False)
+    lm = make(halting='act', vocab_size=257, block_size=16)
+    os.makedirs('out')
+    torch.save({'model': lm.state_dict(), 'model_config': asdict(lm.cfg), 'config': {'dataset': 'addition'},
+                'meta': meta}, 'out/ckpt_0000010.pt')
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    monkeypatch.setattr(bench, 'depth_ckpt', 'out')
+    monkeypatch.setattr(bench, 'depth_windows', 8)
+    bench.bench_depth_curve()
+    out = capsys.readouterr().out
+    assert 'ckpt_0000010.pt: addition, 8 windows of 16 tokens' in out
+    assert out.count('\n| ') == 2 * R + 1 and 'mean depth by difficulty' in out
+    monkeypatch.setattr(bench, 'depth_ckpt', 'nowhere')
+    with pytest.raises(SystemExit, match='no checkpoint'):
+        bench.bench_depth_curve()
