@@ -8,6 +8,7 @@ Benchmarks (GPU). One function per section, picked with --what:
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
     $ python bench.py --what=halting               # forced-depth halting step times
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
+    $ python bench.py --what=depth_curve --depth_ckpt=out/addition_act --device=cpu   # loss vs test-time repeats
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
@@ -33,6 +34,11 @@ decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
 halting_compile = False  # halting: torch.compile the plain model, compile_layers() the halting ones
 halting_skip = 0.75     # halting_profile: fraction of token-steps skipped (spread depths); < 0 = plain loop
+depth_ckpt = ""         # depth_curve: a train.py checkpoint (.pt), or an out_dir (its latest)
+depth_windows = 64      # depth_curve: validation windows (of the checkpoint's block_size) per point
+depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
+depth_exit = -1.0       # depth_curve: >= 0: per-token exit (KL) at this threshold, for models without halting
+depth_plot = "depth_curve.png"   # depth_curve: written if matplotlib is installed ('' = none)
 
 from configurator import configure  # noqa: E402
 
@@ -323,9 +329,9 @@ def model_config(path, **over):
 
 def train_step(cfg, compiled, batch, block):
     """A closure running one bf16 forward+backward+AdamW step of a fresh model on fixed random tokens."""
-    from model import LM
+    from halting import build_lm
     torch.manual_seed(seed)
-    model = LM(cfg).to(device)
+    model = build_lm(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     fwd = torch.compile(model) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
@@ -402,11 +408,12 @@ def bench_decode():
     the whole decode_ctx-token window for every new token (eager, and as a CUDA graph too, so the
     comparison is not only about launch overhead). Plus generate() end to end (prefill + capture +
     decode_new tokens)."""
-    from model import LM, static_kv_cache
+    from halting import build_lm
+    from model import static_kv_cache
     path = train_models.split(",")[0].partition(":")[0]
     cfg = model_config(path, vocab_size=train_vocab, block_size=decode_ctx + decode_new)
     torch.manual_seed(seed)
-    model = LM(cfg).to(device).eval()
+    model = build_lm(cfg).to(device).eval()
     low = getattr(torch, dtype)
 
     def amp():   # autocast without its weight-cast cache (graphs are captured inside it)
@@ -461,10 +468,134 @@ def bench_decode():
     table(["batch", "decode", "ms/step", "tokens/s", "vs uncached eager", "vs uncached graph"], rows)
 
 
+# ----------------------------------------------------------------------------------------------------
+# per-token dynamic depth (halting.py): step time and peak memory vs the fraction of token-steps skipped
+HALTING_SHAPE = dict(d_model=768, n_layers=18, group_size=2, n_heads=4, d_head=96, att_n_experts=10,
+                     att_k=2, ff_n_experts=254, ff_k=12, d_expert=128)           # MoEUT-126M
+HALTING_SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
+                           att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
+
+
+def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='active-only', compile=False,
+                 smoke=False, device='cuda', dtype=torch.bfloat16):
+    """A fresh MoEUT-126M (HALTING_SMOKE_SHAPE if smoke) and a function running one fwd+bwd on random
+    tokens under autocast (off on CPU). skip: forced depths skipping that fraction of the token-steps
+    (None: the mechanism decides; halting='none': the plain loop). compile: torch.compile for the plain
+    model, compile_layers() for halting ones. Returns (model, step)."""
+    from contextlib import nullcontext
+    from halting import build_lm, forced_depths, random_depths
+    from model import ModelConfig
+    cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none', halt_kv=kv,
+                      **(HALTING_SMOKE_SHAPE if smoke else HALTING_SHAPE))
+    model = build_lm(cfg).to(device)
+    fwd = model
+    if compile and halting == 'none':
+        fwd = torch.compile(model)
+    elif compile:
+        model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
+    idx = torch.randint(0, vocab, (B, seq), device=device)
+    depths = None if skip is None else \
+        random_depths(B, seq, cfg.n_layers // cfg.group_size, skip, device=device, spread=spread)
+    forced = (lambda: forced_depths(model.core, depths)) if depths is not None else nullcontext
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=device != 'cpu'), forced():
+            loss = fwd(idx, idx).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return model, step
+
+
+def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
+    """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
+    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
+    compile: the plain model under torch.compile, halting ones with compile_layers().
+    smoke: tiny shapes on the CPU (checks that the table runs)."""
+    cuda = torch.cuda.is_available() and not smoke
+    dev = 'cuda' if cuda else 'cpu'
+    if smoke:
+        batches, seq, vocab, iters, warmup = (2,), 64, 97, 2, 1
+    # depths spread over 1..R (every step keeps some tokens), except 'tight' (floor/ceil of the mean)
+    runs = [('plain MoEUT', 'none', None), ('halting, skip 0%', 'act', 0.0), ('halting, skip 25%', 'act', 0.25),
+            ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
+            ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
+            ('MoR expert-choice, capacities (R-r)/R', 'mor', None)]
+    print(f"{'compiled' if compile else 'eager'}\n| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | "
+          f"peak GiB |\n|---|---|---|---|---|---|")
+    for B in batches:
+        base_ms = None
+        for name, halting, skip in runs:
+            torch.manual_seed(0)
+            model, one = halting_step(B, seq, vocab, halting, skip, spread='tight' not in name,
+                                      kv='last-kv' if 'last-kv' in name else 'active-only', compile=compile,
+                                      smoke=smoke, device=dev)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(warmup):
+                one()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(iters):
+                    one()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / iters
+                peak = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    one()
+                ms, peak = (time.perf_counter() - t0) * 1000 / iters, float('nan')
+            skipped = float(model.core.stats['skipped']) if halting != 'none' else 0.0
+            base_ms = base_ms or ms
+            print(f"| {B}×{seq} | {name} | {skipped:.0%} | {ms:.1f} | {base_ms / ms:.2f}× | {peak:.2f} |")
+            del model, one
+
+
 def bench_halting():
-    """MoEUT-126M step time with forced per-token depths (see halting.bench)."""
-    import halting
-    halting.bench(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile)
+    """MoEUT-126M step time with forced per-token depths (halting_table); --device=cpu: a tiny smoke run."""
+    halting_table(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile,
+                  smoke=device == "cpu")
+
+
+def bench_depth_curve():
+    """Validation loss against the repeats run at inference (1 .. 2R) of a trained looped model: the
+    curve of spec/recurrence.md (halting.depth_curve). For the synthetic addition data, also the mean
+    depth per difficulty of the position (synthetic.py)."""
+    import os
+    import numpy as np
+    from halting import build_lm, depth_curve, set_depth
+    from model import ModelConfig
+    from train import latest_checkpoint, load_checkpoint_meta, read_windows
+    path = latest_checkpoint(depth_ckpt) if os.path.isdir(depth_ckpt) else depth_ckpt
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"bench.py: depth_ckpt={depth_ckpt!r}: no checkpoint file (ckpt_*.pt) there")
+    ck = load_checkpoint_meta(path)
+    model = build_lm(ModelConfig(**ck['model_config']))
+    model.load_state_dict({k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ck['model'].items()})
+    model.to(device).eval()
+    if depth_exit >= 0:
+        set_depth(model, exit_threshold=depth_exit)
+    block, data = model.cfg.block_size, os.path.join('data', ck['config']['dataset'], 'val.bin')
+    dt = np.dtype(ck['meta']['dtype'])
+    n_win = (os.path.getsize(data) // dt.itemsize - 1) // block
+    starts = np.linspace(0, n_win - 1, min(depth_windows, n_win)).astype(np.int64) * block
+    batches = [tuple(t.to(device) for t in read_windows(data, dt, starts[i:i + 16], block))
+               for i in range(0, len(starts), 16)]
+    R = model.core.n_repeats
+    print(f"{path}: {ck['config']['dataset']}, {len(starts)} windows of {block} tokens"
+          + (f", per-token exit at KL < {depth_exit}" if depth_exit >= 0 else ''))
+    depth_curve(model, batches, range(1, (depth_max or 2 * R) + 1), plot=depth_plot)
+    if ck['config']['dataset'] == 'addition' and hasattr(model.core, 'trace'):
+        import synthetic
+        ids = np.memmap(data, dtype=dt, mode='r')[:depth_windows * block].tolist()
+        set_depth(model, exit_threshold=depth_exit if depth_exit >= 0 else None)
+        by = synthetic.depth_by_difficulty(model.cpu(), ids, block)
+        print("mean depth by difficulty (0 random digit / end, 1 sum digit, 2 sum digit with a carry in): "
+              + ", ".join(f"{lab}: {d:.2f} ({n} tokens)" for lab, (d, n) in by.items()))
 
 
 def bench_halting_profile():
@@ -472,12 +603,11 @@ def bench_halting_profile():
     at halting_batch x 1024 with halting_skip of the token-steps skipped, then the top ops by CUDA and
     by CPU time (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
-    import halting
     B, skip, T = int(str(halting_batch).split(",")[0]), float(halting_skip), train_block
     cpu = device == "cpu"
     torch.manual_seed(seed)
-    _, one = halting.bench_step(B, T, 8000, "act" if skip >= 0 else "none", skip if skip >= 0 else None,
-                                compile=halting_compile, smoke=cpu, device=device, dtype=getattr(torch, dtype))
+    _, one = halting_step(B, T, 8000, "act" if skip >= 0 else "none", skip if skip >= 0 else None,
+                          compile=halting_compile, smoke=cpu, device=device, dtype=getattr(torch, dtype))
     n = 1 if cpu else 3
     for _ in range(n + 1):
         one()

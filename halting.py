@@ -22,7 +22,9 @@ Mechanisms (config `halting`):
          so report eval loss in that mode.
          token-choice: a router picks each token's depth once at entry (softmax over R, argmax); the
          update of its last step is scaled by alpha·p; a balancing loss spreads the depths. Causal.
-  Forced depths (`forced_depths(core, depths)`) override both: for tests and benchmarks.
+  'none' no halting unit: the plain loop (every token runs every step, no host syncs), for the options
+         below. Same parameter names as model.MoEUT, so a plain checkpoint loads into this core.
+  Forced depths (`forced_depths(core, depths)`) override all: for tests and benchmarks.
 
 Compute: per-token maps (LayerNorms, σ-MoE, SwitchHead's V/O experts and routers) run on the flat
 active rows; only attention re-pads them per sequence ([B, T_active_max], valid slots first), which with
@@ -34,14 +36,31 @@ Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
       to tokens that also run step r. The decode cache of step r holds exactly those tokens.
   'last-kv': a halted token stays visible with the K/V it had at its last step; the (step, layer) caches
       get its frozen K/V copied forward, so decoding still equals the full forward.
+  Per-token exit (below) names them as Huginn does: 'latest' = last-kv (its default; zero-shot, since
+  the model trained with every token at every step), 'skip' = active-only.
 Positions travel explicitly (slot ≠ position after compaction); masks are built from positions, never
 is_causal on queries ≠ keys; a query with no visible key attends to itself (no NaN), output discarded.
 
 Also: per-token running mean of step outputs as the final state (halt_output='mean'), and
 "middle-cycle" sharing: n_prelude / n_coda unique layers around the looped group (MoR §2.1).
+
+Recurrent depth beyond a fixed R (../shared/spec/recurrence.md; Huginn: Geiping et al. 2025, arXiv
+2502.05171):
+  test-time depth   set_depth(model, n_repeats=n): eval mode runs n repeats instead of the trained R
+                    (plain MoEUT too); ACT runs until every token halts, at most n. depth_curve() prints
+                    the loss against n.
+  random depth      recurrence='random' (halting='none'): each training step's R ~ a log-normal Poisson
+                    with mean mean_repeats (DepthSampler: the same on every rank, state in the
+                    state_dict); backprop_repeats=k: only the last k repeats carry gradient.
+  input injection   input_injection='add' (state + e) or 'concat' (Huginn's adapter on [state, e]) before
+                    every repeat, e = the prelude's output; random_init_state: training starts from noise.
+  per-token exit    set_depth(model, exit_threshold=t) for a model without a halting unit: a token stops
+                    once KL(p_r || p_r-1) < t (or the entropy change, exit_criterion='entropy').
+This file builds on model.py, never the reverse: build_lm(cfg) is how a config becomes a model.
 """
 import math
-from contextlib import contextmanager
+import os
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import Optional
 
@@ -49,8 +68,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (AttnContext, ModelConfig, MoEUTLayer, Routes, distinct_layers, marginal_neg_entropy, rope,
-                   sdpa)
+from model import (LM, AttnContext, ModelConfig, MoEUTLayer, Routes, distinct_layers, marginal_neg_entropy,
+                   rope, sdpa)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -62,12 +81,16 @@ class Rows:
     (or, when every token runs, the untouched [B, T, ...] tensors: then the step is the plain MoEUT
     step, bit for bit). Attention sees them re-padded per sequence: [B, Tm] slots, valid ones first.
     per_row: [B, k] sorted token indices when every sequence runs exactly k tokens (MoR top-k): no
-    host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them)."""
+    host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them).
+    everyone: the caller knows that every token runs (halting='none'): no sync either."""
 
-    def __init__(self, run: torch.Tensor, pos: torch.Tensor, per_row: Optional[torch.Tensor] = None):
+    def __init__(self, run: torch.Tensor, pos: torch.Tensor, per_row: Optional[torch.Tensor] = None,
+                 everyone: bool = False):
         B, T = run.shape
         self.B, self.T, self.run, self.pos = B, T, run, pos          # pos: [B, T] absolute positions
-        if per_row is not None:
+        if everyone:                 # the caller knows every token runs: no host sync (the plain loop)
+            self.n, self.tm = B * T, T
+        elif per_row is not None:
             self.n, self.tm = per_row.numel(), per_row.shape[1]
         else:
             counts = run.sum(1)
@@ -286,15 +309,20 @@ class RouteLog:
 # -------------------------------------------------------------------------------------------------
 
 class HaltingMoEUT(nn.Module):
+    """The looped group with everything round the plain loop: halting (ACT, MoR), prelude/coda,
+    random depth, input injection, test-time depth and per-token exit. halting='none' is the plain
+    loop (every token runs every repeat) with the same parameter names as model.MoEUT, so a plain
+    checkpoint loads into it."""
     rows_cls = Rows          # tests swap in a dense torch.where reference
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         def bad(msg):
             raise ValueError(f"model config: {msg}")
-        checks = (('halting', ('act', 'mor')), ('halt_kv', ('active-only', 'last-kv')),
+        checks = (('halting', ('none', 'act', 'mor')), ('halt_kv', ('active-only', 'last-kv')),
                   ('halt_output', ('auto', 'last', 'mean', 'weighted')), ('mor_routing', ('expert', 'token')),
-                  ('mor_gate', ('router', 'none')))
+                  ('mor_gate', ('router', 'none')), ('recurrence', ('fixed', 'random')),
+                  ('input_injection', ('none', 'add', 'concat')))
         for key, allowed in checks:
             if getattr(cfg, key) not in allowed:
                 bad(f"{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -312,6 +340,17 @@ class HaltingMoEUT(nn.Module):
                 not cap or (len(cap) == R and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in cap)))):
             bad(f"mor_capacity needs {R} fractions in (0, 1] (one per step), or () for the default, "
                 f"got {cap!r}")
+        if (cfg.recurrence == 'random' or cfg.backprop_repeats) and cfg.halting != 'none':
+            bad("recurrence='random' and backprop_repeats need halting='none' (ACT and MoR set each "
+                "token's depth themselves)")
+        if cfg.backprop_repeats < 0 or not (cfg.mean_repeats == 0 or cfg.mean_repeats >= 1):
+            bad(f"backprop_repeats must be >= 0 and mean_repeats 0 (= n_layers/group_size) or >= 1, got "
+                f"{cfg.backprop_repeats} and {cfg.mean_repeats}")
+        if cfg.backprop_repeats and cfg.input_injection == 'none':
+            bad("backprop_repeats needs input_injection='add' or 'concat': without it the embedding and prelude "
+                "reach the loss only through the first repeat, which runs without gradient")
+        if cfg.random_init_state and cfg.input_injection == 'none':
+            bad("random_init_state needs input_injection='add' or 'concat' (else the loop never sees the input)")
         cap = tuple(cap) if isinstance(cap, (tuple, list)) and cap else tuple((R - r) / R for r in range(R))
         self.capacity = cap
         self.kv = cfg.halt_kv
@@ -328,12 +367,20 @@ class HaltingMoEUT(nn.Module):
             self.halt = nn.Linear(d, 1)
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, cfg.act_bias_init)
-        else:
+        elif cfg.halting == 'mor':
             # MoR: one router column per step (expert-choice) or per depth (token-choice)
             self.router_norm = nn.LayerNorm(d)
             self.router = nn.Linear(d, R)
             nn.init.zeros_(self.router.bias)
+        if cfg.input_injection == 'concat':
+            # Huginn's adapter [state, e] -> state; fan-in init keeps the mean variance of the two
+            self.adapter = nn.Linear(2 * d, d, bias=False)
+            nn.init.normal_(self.adapter.weight, 0, (2 * d) ** -0.5)
+        if cfg.recurrence == 'random':
+            self.depth_sampler = DepthSampler(cfg.mean_repeats or R)
         self.forced_depths: Optional[torch.Tensor] = None     # [B, T] ints in 0..R, see forced_depths()
+        self.eval_repeats = 0         # > 0: repeats in eval mode (ACT: the cap), see set_depth()
+        self.exit = None              # per-token exit at inference (set_depth): threshold, criterion, kv, head
         self.stats: dict = {}
         self.trace: dict = {}
 
@@ -341,47 +388,64 @@ class HaltingMoEUT(nn.Module):
         """MoR router logits: matmul in the autocast dtype, the rest in fp32 (as model.py's routers)."""
         return self.router(self.router_norm(h)).float()
 
+    def repeats(self) -> int:
+        """Repeats of the next forward: drawn per training step (recurrence='random'), eval_repeats in
+        eval mode if set, else R = n_layers / group_size."""
+        if self.training and self.cfg.recurrence == 'random':
+            return self.depth_sampler()
+        return self.eval_repeats if self.eval_repeats and not self.training else self.n_repeats
+
     # ---- the loop ------------------------------------------------------------------------------
     def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
         B, T, _ = x.shape
-        cfg, G, R = self.cfg, len(self.layers), self.n_repeats
+        cfg, G = self.cfg, len(self.layers)
         collect = self.training and (cfg.entropy_reg > 0 or cfg.att_entropy_reg > 0)
         log = RouteLog(B) if collect else None
         pos = ctx.pos.expand(B, T) if ctx.pos.dim() == 1 else ctx.pos
-        x = self._unique(self.prelude, 0, x, ctx, kv_cache, log)
+        x = self._unique(self.prelude, range(cfg.n_prelude), x, ctx, kv_cache, log)
+        e = x                                        # input injection re-reads the prelude's output
+        if cfg.random_init_state:                    # Huginn: s_0 ~ N(0, σ²), σ the embedding's init std
+            x = nn.init.trunc_normal_(torch.empty_like(e), std=cfg.d_model ** -0.5, a=-3 * cfg.d_model ** -0.5,
+                                      b=3 * cfg.d_model ** -0.5) if self.training else torch.zeros_like(e)
 
-        s = self._start(x, pos, kv_cache)            # decides who runs step 0
+        R = self.repeats()
+        # truncated backprop: the first R - k repeats run without a graph (memory and time scale with k)
+        n_free = R - cfg.backprop_repeats if self.training and 0 < cfg.backprop_repeats < R else 0
+        s = self._start(x, pos, kv_cache, R)         # decides who runs step 0
+        kv = self.exit.kv if s.mode == 'exit' else self.kv
         out = torch.zeros_like(x) if s.output == 'weighted' else x      # 'weighted' Σp·x / 'mean'
         bufs = [{} for _ in range(G)]                # last-kv: each token's K/V at its last step
         steps = 0
         for r in range(R):
-            rows = self.rows_cls(s.run, pos, s.per_row)
+            rows = self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
             if rows.n == 0:
                 break                                # everyone has halted
             steps += 1
-            xa = rows.gather(x)                      # gather: only the active tokens
-            ya = self._step(xa, rows, r, ctx, kv_cache, bufs, log)      # the G shared layers
-            gate = s.gate(r) if s.gate is not None else None
-            if gate is not None:                     # MoR: the step's update scaled by the router
-                ya = xa + rows.gather(gate)[..., None] * (ya - xa)
-            x = rows.scatter(x, ya)                  # scatter: halted tokens keep their state
-            s.depth = s.depth + s.run
-            self._decide(r, rows, ya, s)             # decide who runs step r+1 (ACT: this step's p)
-            if s.output == 'weighted':
-                out = rows.add(out, rows.gather(s.p)[..., None] * ya)
-            elif s.output == 'mean':                 # v <- v + (x - v)/n over the token's own steps
-                va = rows.gather(out)
-                out = rows.scatter(out, va + (ya - va) / rows.gather(s.depth).clamp(min=1)[..., None])
+            with torch.no_grad() if r < n_free else nullcontext():
+                xa = rows.gather(x)                  # gather: only the active tokens
+                ya = self._step(xa, rows, r, ctx, kv_cache, bufs, log if r >= n_free else None, kv, e)
+                gate = s.gate(r) if s.gate is not None else None
+                if gate is not None:                 # MoR: the step's update scaled by the router
+                    ya = xa + rows.gather(gate)[..., None] * (ya - xa)
+                x = rows.scatter(x, ya)              # scatter: halted tokens keep their state
+                s.depth = s.depth + s.run
+                self._decide(r, rows, ya, s)         # decide who runs step r+1 (ACT: this step's p)
+                if s.output == 'weighted':
+                    out = rows.add(out, rows.gather(s.p)[..., None] * ya)
+                elif s.output == 'mean':             # v <- v + (x - v)/n over the token's own steps
+                    va = rows.gather(out)
+                    out = rows.scatter(out, va + (ya - va) / rows.gather(s.depth).clamp(min=1)[..., None])
         if s.output == 'last':
             out = x
-        if self.kv == 'last-kv' and kv_cache is not None:
+        if kv == 'last-kv' and kv_cache is not None:
             # decoding: deeper (step, layer) caches get the frozen K/V of tokens that stopped earlier
             for r in range(steps, R):
                 for l, buf in enumerate(bufs):
                     if buf:
                         _cache_append(kv_cache.setdefault(self._key(r, l), {}),
                                       buf['k'], buf['v'], buf['pos'], buf['valid'])
-        out = self._unique(self.coda, cfg.n_prelude + R * G, out, ctx, kv_cache, log)
+        # coda caches keyed apart from the loop's, whose keys grow with the repeats (test-time depth)
+        out = self._unique(self.coda, [('coda', i) for i in range(cfg.n_coda)], out, ctx, kv_cache, log)
 
         loss = log.loss(cfg, out) if log is not None else out.new_zeros((), dtype=torch.float32)
         if self.training and s.loss is not None:
@@ -393,24 +457,28 @@ class HaltingMoEUT(nn.Module):
         """kv_cache key of loop layer l at step r: absolute depth, like MoEUT's r*G + l."""
         return self.cfg.n_prelude + r * len(self.layers) + l
 
-    def _step(self, xa, rows, r, ctx, kv_cache, bufs, log):
-        """One step: the G shared layers (MoEUTLayer, unchanged) on the active rows."""
+    def _step(self, xa, rows, r, ctx, kv_cache, bufs, log, kv, e):
+        """One step: input injection, then the G shared layers (MoEUTLayer, unchanged) on the active rows."""
+        if self.cfg.input_injection == 'add':
+            xa = xa + rows.gather(e)
+        elif self.cfg.input_injection == 'concat':
+            xa = self.adapter(torch.cat([xa, rows.gather(e).to(xa.dtype)], -1))
         for l, layer in enumerate(self.layers):
             cache = kv_cache.setdefault(self._key(r, l), {}) if kv_cache is not None else None
             routes = Routes() if log is not None else None
-            xa = layer(xa, rows.attention(ctx, self.kv, bufs[l]), cache, routes)
+            xa = layer(xa, rows.attention(ctx, kv, bufs[l]), cache, routes)
             if log is not None:
                 log.add(('loop', l), routes, rows)
         return xa
 
-    def _unique(self, layers, first, x, ctx, kv_cache, log):
+    def _unique(self, layers, keys, x, ctx, kv_cache, log):
         """Prelude / coda layers: every token, plain MoEUT semantics and cache."""
-        for i, layer in enumerate(layers):
-            cache = kv_cache.setdefault(first + i, {}) if kv_cache is not None else None
+        for key, layer in zip(keys, layers):
+            cache = kv_cache.setdefault(key, {}) if kv_cache is not None else None
             routes = Routes() if log is not None else None
             x = layer(x, ctx, cache, routes)
             if log is not None:
-                log.add(('unique', first + i), routes, None)
+                log.add(('unique', key), routes, None)
         return x
 
     def compile_layers(self, **kwargs):
@@ -427,13 +495,14 @@ class HaltingMoEUT(nn.Module):
             layer.compile(dynamic=True, **kwargs)
 
     # ---- decisions -----------------------------------------------------------------------------
-    def _start(self, x, pos, kv_cache):
-        """Halting state at loop entry: depth so far, who runs step 0, per-mechanism bookkeeping."""
+    def _start(self, x, pos, kv_cache, R):
+        """Halting state at loop entry for R repeats: depth so far, who runs step 0, bookkeeping."""
         B, T, _ = x.shape
-        cfg, R = self.cfg, self.n_repeats
+        cfg = self.cfg
         s = SimpleNamespace(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
                             run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
-                            gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[])
+                            gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[],
+                            R=R, everyone=False)
         if self.forced_depths is not None:
             d = self.forced_depths.to(x.device)
             if d.shape != (B, T) or bool(((d < 0) | (d > R)).any()):
@@ -441,6 +510,10 @@ class HaltingMoEUT(nn.Module):
             s.mode, s.target, s.run = 'forced', d, d > 0
             if s.output == 'weighted':
                 s.output = 'last'
+        elif cfg.halting == 'none' and self.exit is not None and not self.training:
+            s.mode, s.prev = 'exit', None            # per-token exit, see _exit
+        elif cfg.halting == 'none':
+            s.mode, s.everyone = 'none', True        # the plain loop: no decisions, no host syncs
         elif cfg.halting == 'act':
             s.mode = 'act'
             s.cum = x.new_zeros(B, T, dtype=torch.float32)      # Σh of the steps taken so far
@@ -450,13 +523,15 @@ class HaltingMoEUT(nn.Module):
             s.mode = 'token'
             p = torch.softmax(self._route(x), dim=-1)            # [B, T, R]: depth of each token, once
             choice = p.argmax(-1)
-            s.target, s.run = choice + 1, torch.ones_like(s.run)
+            # test-time depth: a cap below the trained R truncates; above it, the deepest choice runs on
+            s.target, s.run = torch.where(choice == self.n_repeats - 1, R, (choice + 1).clamp(max=R)), \
+                torch.ones_like(s.run)
             g = cfg.mor_alpha * p.gather(-1, choice[..., None])[..., 0]
             if cfg.mor_gate == 'router':                         # scale the update of the last step
                 s.gate = lambda r: torch.where(s.target == r + 1, g, torch.ones_like(g))
             if self.training:                  # balancing (Switch-style): R · Σ_i f_i · P_i
-                f = F.one_hot(choice, R).float().mean((0, 1))
-                bal = R * (f * p.mean((0, 1))).sum()
+                f = F.one_hot(choice, self.n_repeats).float().mean((0, 1))
+                bal = self.n_repeats * (f * p.mean((0, 1))).sum()
                 s.aux = bal.detach()
                 s.loss = lambda: cfg.mor_balance_coef * bal
         else:
@@ -472,9 +547,11 @@ class HaltingMoEUT(nn.Module):
 
     def _decide(self, r, rows, ya, s):
         """After step r, from the new states of the rows that ran it: who runs step r+1."""
-        R = self.n_repeats
+        R = s.R
         if s.mode in ('forced', 'token'):
             s.run = s.target > r + 1
+        elif s.mode == 'exit':
+            self._exit(r, rows, ya, s)
         elif s.mode == 'act':
             h = torch.sigmoid(self.halt(self.halt_norm(ya)).float())[..., 0]
             h = rows.scatter(torch.zeros_like(s.cum), h)              # 0 for tokens that did not run
@@ -484,21 +561,50 @@ class HaltingMoEUT(nn.Module):
             s.cum = s.cum + torch.where(s.run & ~stop, h, torch.zeros_like(h))
             s.run = s.run & ~stop
             s.p_trace.append(s.p.detach())
-        elif r + 1 < R:
+        elif s.mode == 'expert' and r + 1 < R:
             self._mor_expert(r + 1, rows, ya, s)
-        else:
+        elif s.mode == 'expert':
             s.run = torch.zeros_like(s.run)
+
+    def _exit(self, r, rows, ya, s):
+        """Per-token exit (Huginn's zero-shot criterion): a token stops once its next-token distribution
+        barely moved over its last step: KL(p_r || p_{r-1}) < threshold, or |H(p_r) - H(p_{r-1})| <
+        threshold ('entropy'). p_r reads the state through the LM's output norm and head. The first check
+        is after step 2 (step 1 has nothing to compare with)."""
+        ex = self.exit
+        norm, head = ex.head
+        logp = F.log_softmax(head(norm(ya)).float(), dim=-1).flatten(0, -2)      # [N, V], rows in flat order
+        if ex.criterion == 'entropy':
+            logp_h = -(logp.exp() * logp).sum(-1)
+        if s.prev is None:
+            stop = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
+        elif ex.criterion == 'kl':
+            stop = (logp.exp() * (logp - s.prev)).sum(-1).clamp(min=0) < ex.threshold
+        else:
+            stop = (logp_h - s.prev).abs() < ex.threshold
+        if r == s.R - 1:
+            return
+        run = s.run.flatten().clone()
+        if rows.all:
+            run = ~stop
+        else:
+            run[rows.idx] = ~stop
+        s.run = run.view_as(s.run)
+        keep = logp_h if ex.criterion == 'entropy' else logp
+        s.prev = keep[~stop]                         # the next step's rows: these, in the same order
 
     def _mor_expert(self, r, rows, ya, s):
         """MoR expert-choice before step r: score the alive tokens (those that ran r-1); keep the top
-        capacity_r·T per sequence (training) or those with sigmoid(score) > 0.5 (causal mode)."""
-        logit = self._route(ya)[..., r]
+        capacity_r·T per sequence (training) or those with sigmoid(score) > 0.5 (causal mode). Steps past
+        the trained R (test-time depth) reuse the last step's router column and capacity."""
+        rt = min(r, self.n_repeats - 1)
+        logit = self._route(ya)[..., rt]
         score = rows.scatter(torch.full(s.run.shape, -math.inf, device=ya.device), logit)
         T = s.run.shape[1]
-        if self.capacity[r] >= 1:
+        if self.capacity[rt] >= 1:
             run, per_row = s.run, s.per_row
         elif s.topk:
-            s.k = min(max(1, int(self.capacity[r] * T)), s.k)   # hierarchical: a subset of the alive
+            s.k = min(max(1, int(self.capacity[rt] * T)), s.k)   # hierarchical: a subset of the alive
             per_row = score.topk(s.k, dim=1).indices.sort(dim=1).values     # time order, for causality
             run = torch.zeros_like(s.run).scatter(1, per_row, True)
         else:
@@ -513,7 +619,7 @@ class HaltingMoEUT(nn.Module):
 
     def _record(self, s):
         """Detached stats for logging (no .item(): no GPU sync) and per-token traces for sample.py."""
-        R = self.n_repeats
+        R = s.R
         depth = s.depth.detach()
         hist = torch.zeros(R + 1, device=depth.device).scatter_add_(
             0, depth.flatten(), torch.ones(depth.numel(), device=depth.device)) / depth.numel()
@@ -526,6 +632,166 @@ class HaltingMoEUT(nn.Module):
             self.trace['act_p'] = torch.stack(p, -1)
         if getattr(s, 'aux', None) is not None:
             self.stats['aux'] = s.aux.detach()
+
+
+# -------------------------------------------------------------------------------------------------
+# Random depth (Huginn, spec/recurrence.md): the number of repeats of each training step
+# -------------------------------------------------------------------------------------------------
+
+def sample_repeats(mean: float, generator: torch.Generator, sigma: float = 0.5) -> int:
+    """Huginn's log-normal Poisson depth: λ = (mean - 1)·exp(τ), τ ~ N(-σ²/2, σ), r = 1 + Poisson(λ).
+    E[exp(τ)] = 1, so E[r] = mean exactly (Huginn's sampler has mean r̄ + 1; here the +1 is inside
+    the mean). At least 1, heavy-tailed above."""
+    tau = torch.randn((), generator=generator, dtype=torch.float64) * sigma - sigma ** 2 / 2
+    lam = (mean - 1) * tau.exp()
+    return 1 + int(torch.poisson(lam.reshape(1), generator=generator))
+
+
+class DepthSampler(nn.Module):
+    """Draws each training step's repeats. Every rank must draw the same ones: the seed comes from the
+    global RNG at construction (train.py seeds it alike on every rank before building the model), and
+    draw i uses a generator seeded (seed + i). The state (seed, draws so far) is the module's extra
+    state: it rides in every state_dict and checkpoint, so a resumed run continues the sequence."""
+
+    def __init__(self, mean: float):
+        super().__init__()
+        self.mean = float(mean)
+        self.seed, self.draws = int(torch.randint(0, 2 ** 62, ())), 0
+
+    def forward(self) -> int:
+        g = torch.Generator().manual_seed(self.seed + self.draws)
+        self.draws += 1
+        return sample_repeats(self.mean, g)
+
+    def get_extra_state(self):
+        return torch.tensor([self.seed, self.draws])
+
+    def set_extra_state(self, state):
+        self.seed, self.draws = (int(v) for v in state)
+
+
+def recurrence_state(model) -> Optional[dict]:
+    """The random-depth sampler's state ({'seed', 'draws'}), None for models without random depth."""
+    sampler = getattr(model.core, 'depth_sampler', None)
+    return None if sampler is None else {'seed': sampler.seed, 'draws': sampler.draws}
+
+
+def set_recurrence_state(model, state: dict):
+    sampler = getattr(model.core, 'depth_sampler', None)
+    if sampler is None:
+        raise ValueError("set_recurrence_state: the model has no random depth (recurrence='random')")
+    sampler.seed, sampler.draws = int(state['seed']), int(state['draws'])
+
+
+# -------------------------------------------------------------------------------------------------
+# Building the LM, and its depth at inference
+# -------------------------------------------------------------------------------------------------
+
+def build_lm(cfg: ModelConfig) -> LM:
+    """The LM of any config: with this file's core where the config needs it (cfg.halting_core), else
+    model.py's own. Use it wherever a model is built from a config (train.py, sample.py)."""
+    return LM(cfg, core=HaltingMoEUT if cfg.halting_core else None)
+
+
+def set_depth(model: LM, n_repeats: int = 0, exit_threshold: Optional[float] = None, exit_criterion: str = 'kl',
+              exit_kv: str = 'latest') -> LM:
+    """Depth at inference (eval mode; training keeps its own). Returns the model, changed in place.
+
+    n_repeats > 0: run that many repeats of the shared group instead of the trained R (0 = as trained).
+        Plain MoEUT and the halting core run exactly n; ACT runs until every token has halted, at most
+        n (its remainder rule moves to the new cap); MoR expert-choice reuses its last step's router
+        column and capacity past R, token-choice sends the tokens that chose depth R on to n.
+    exit_threshold (models trained without a halting unit; None = off): per-token exit, see
+        HaltingMoEUT._exit; 0 computes the criterion and never exits (= full depth). A plain MoEUT's
+        core is swapped for halting.py's (same layers, shared, no new parameters).
+    exit_kv: what deeper repeats see of a token that exited:
+        'latest' (Huginn's rule; = halt_kv 'last-kv'): its K/V of the same layer-in-group from its last
+            repeat. Zero-shot: the model never trained with exits, so this only approximates the state
+            the token would have had. Decoding with the cache equals the full forward.
+        'skip' (= 'active-only'): exited tokens are invisible at deeper repeats."""
+    core = model.core
+    if not isinstance(n_repeats, int) or n_repeats < 0:
+        raise ValueError(f"n_repeats must be an int >= 0 (0 = as trained), got {n_repeats!r}")
+    if not hasattr(core, 'eval_repeats'):
+        if n_repeats or exit_threshold is not None:
+            raise ValueError("n_repeats / exit_threshold need a looped model (model_type='moeut')")
+        return model
+    if exit_threshold is not None:
+        cfg = model.cfg
+        if exit_threshold < 0 or exit_criterion not in ('kl', 'entropy') or exit_kv not in ('latest', 'skip'):
+            raise ValueError(f"per-token exit needs exit_threshold >= 0, exit_criterion 'kl' or 'entropy' and "
+                             f"exit_kv 'latest' or 'skip'; got {exit_threshold}, {exit_criterion!r}, {exit_kv!r}")
+        if cfg.halting != 'none':
+            raise ValueError(f"per-token exit is for models trained without a halting unit; halting="
+                             f"{cfg.halting!r} decides each token's depth itself")
+        if cfg.n_coda:
+            raise ValueError("per-token exit reads the state through the LM head and cannot run the coda "
+                             "layers at every repeat: it needs n_coda=0")
+        if not isinstance(core, HaltingMoEUT):        # plain MoEUT: the same layers in halting.py's core
+            with torch.device('meta'):
+                new = HaltingMoEUT(cfg)
+            new.layers = core.layers
+            model.core = core = new.train(core.training)
+        core.exit = SimpleNamespace(threshold=float(exit_threshold), criterion=exit_criterion,
+                                    kv='last-kv' if exit_kv == 'latest' else 'active-only',
+                                    head=(model.out_norm, model.lm_head))
+    elif isinstance(core, HaltingMoEUT):
+        core.exit = None
+    core.eval_repeats = n_repeats
+    return model
+
+
+@torch.no_grad()
+def depth_curve(model: LM, batches, repeats=None, plot: str = '', autocast=None) -> list:
+    """Mean next-token loss against the repeats run at inference (1 .. 2R by default), on batches of
+    (x, y) token tensors; prints a table and, if matplotlib is installed and `plot` names a file,
+    writes the curve there. A model that extrapolates has a curve that falls, then flattens.
+    Returns [(repeats, loss, mean depth)]."""
+    core = model.core
+    if not hasattr(core, 'eval_repeats'):
+        raise ValueError("depth_curve needs a looped model (model_type='moeut')")
+    repeats = list(repeats or range(1, 2 * core.n_repeats + 1))
+    was_training, old = model.training, core.eval_repeats
+    model.eval()
+    rows = []
+    try:
+        for r in repeats:
+            core.eval_repeats = r
+            tot = cnt = dep = 0.0
+            for x, y in batches:
+                with autocast or nullcontext():
+                    ce = model(x, y).ce
+                n = (y != -1).sum().item()
+                tot, cnt = tot + ce.item() * n, cnt + n
+                dep += float(core.stats['mean_depth']) * n if 'mean_depth' in getattr(core, 'stats', {}) else r * n
+            rows.append((r, tot / cnt, dep / cnt))
+    finally:
+        core.eval_repeats = old
+        model.train(was_training)
+    print(f"trained R = {core.n_repeats}\n| repeats | loss | mean depth |\n|---|---|---|")
+    for r, loss, dep in rows:
+        print(f"| {r} | {loss:.4f} | {dep:.2f} |")
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+            return rows
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r for r, _, _ in rows], [v for _, v, _ in rows], marker='o')
+        ax.axvline(core.n_repeats, color='grey', linestyle=':', label=f'trained R = {core.n_repeats}')
+        ax.set_xlabel('repeats at inference')
+        ax.set_ylabel('loss (nats/token)')
+        ax.legend()
+        fig.tight_layout()
+        tmp = plot + '.tmp.png'
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, plot)
+        print(f"wrote {plot}")
+    return rows
 
 
 # -------------------------------------------------------------------------------------------------
@@ -562,109 +828,3 @@ def random_depths(B: int, T: int, R: int, skip: float, generator=None, device=No
         lo, hi = (lam, hi) if float((p * levels).sum()) < m else (lo, lam)
     idx = torch.multinomial(p.float().expand(B * T, R), 1, replacement=True, generator=generator)
     return (idx.view(B, T) + 1).to(device)
-
-
-# -------------------------------------------------------------------------------------------------
-# python halting.py --bench : step time and peak memory vs the fraction of token-steps skipped
-# -------------------------------------------------------------------------------------------------
-
-BENCH_SHAPE = dict(d_model=768, n_layers=18, group_size=2, n_heads=4, d_head=96, att_n_experts=10,
-                   att_k=2, ff_n_experts=254, ff_k=12, d_expert=128)           # MoEUT-126M
-SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
-                   att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
-
-
-def bench_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='active-only', compile=False,
-               smoke=False, device='cuda', dtype=torch.bfloat16):
-    """A fresh MoEUT-126M (SMOKE_SHAPE if smoke) and a function running one fwd+bwd on random tokens
-    under autocast (off on CPU). skip: forced depths skipping that fraction of the token-steps (None: the
-    mechanism decides; halting='none': the plain loop). compile: torch.compile for the plain model,
-    compile_layers() for halting ones. Returns (model, step)."""
-    from contextlib import nullcontext
-    from model import LM
-    cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none', halt_kv=kv,
-                      **(SMOKE_SHAPE if smoke else BENCH_SHAPE))
-    model = LM(cfg).to(device)
-    fwd = model
-    if compile and halting == 'none':
-        fwd = torch.compile(model)
-    elif compile:
-        model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
-    idx = torch.randint(0, vocab, (B, seq), device=device)
-    depths = None if skip is None else \
-        random_depths(B, seq, cfg.n_layers // cfg.group_size, skip, device=device, spread=spread)
-    forced = (lambda: forced_depths(model.core, depths)) if depths is not None else nullcontext
-
-    def step():
-        with torch.autocast(device, dtype=dtype, enabled=device != 'cpu'), forced():
-            loss = fwd(idx, idx).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return model, step
-
-
-def bench(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
-    """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
-    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
-    compile: the plain model under torch.compile, halting ones with compile_layers()."""
-    import time
-    cuda = torch.cuda.is_available() and not smoke
-    dev = 'cuda' if cuda else 'cpu'
-    if smoke:     # tiny CPU check that the bench runs
-        batches, seq, vocab, iters, warmup = (2,), 64, 97, 2, 1
-    # depths spread over 1..R (every step keeps some tokens), except 'tight' (floor/ceil of the mean)
-    runs = [('plain MoEUT', 'none', None), ('halting, skip 0%', 'act', 0.0), ('halting, skip 25%', 'act', 0.25),
-            ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
-            ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
-            ('MoR expert-choice, capacities (R-r)/R', 'mor', None)]
-    print(f"{'compiled' if compile else 'eager'}\n| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | "
-          f"peak GiB |\n|---|---|---|---|---|---|")
-    for B in batches:
-        base_ms = None
-        for name, halting, skip in runs:
-            torch.manual_seed(0)
-            model, one = bench_step(B, seq, vocab, halting, skip, spread='tight' not in name,
-                                    kv='last-kv' if 'last-kv' in name else 'active-only', compile=compile,
-                                    smoke=smoke, device=dev)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(warmup):
-                one()
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                for _ in range(iters):
-                    one()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / iters
-                peak = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    one()
-                ms, peak = (time.perf_counter() - t0) * 1000 / iters, float('nan')
-            skipped = float(model.core.stats['skipped']) if halting != 'none' else 0.0
-            base_ms = base_ms or ms
-            print(f"| {B}×{seq} | {name} | {skipped:.0%} | {ms:.1f} | {base_ms / ms:.2f}× | {peak:.2f} |")
-            del model, one
-
-
-if __name__ == '__main__':
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[1])
-    ap.add_argument('--bench', action='store_true', help='time forced depths vs the plain loop')
-    ap.add_argument('--smoke', action='store_true', help='tiny shapes on CPU (checks the bench runs)')
-    ap.add_argument('--batch', default='8,32', help='comma-separated batch sizes')
-    ap.add_argument('--seq', type=int, default=1024)
-    ap.add_argument('--vocab', type=int, default=8000)
-    ap.add_argument('--iters', type=int, default=10)
-    ap.add_argument('--compile', action='store_true', help='torch.compile (halting: compile_layers)')
-    args = ap.parse_args()
-    if not args.bench:
-        ap.print_help()
-    else:
-        bench(tuple(int(b) for b in args.batch.split(',')), args.seq, args.vocab, args.iters, smoke=args.smoke,
-              compile=args.compile)

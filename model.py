@@ -87,6 +87,20 @@ class ModelConfig:
     router_type: str = 'linear'     # 'linear' | 'conv': a causal depthwise conv over the σ-MoE router input
     router_kernel: int = 4          # 'conv': its length in tokens
     # --- end of routing block ---
+    # --- recurrent depth (spec/recurrence.md): halting.py owns this block too ---
+    recurrence: str = 'fixed'       # 'fixed': R = n_layers/G repeats | 'random': R drawn per step (Huginn)
+    mean_repeats: float = 0.0       # random: mean of the log-normal Poisson depth (0 = n_layers/G)
+    backprop_repeats: int = 0       # > 0: only the last k repeats carry gradient, earlier ones run no_grad
+    input_injection: str = 'none'   # 'none' | 'add' (state + e) | 'concat' (adapter on [state, e]) per repeat
+    random_init_state: bool = False  # training starts the loop from noise, not e (needs input_injection)
+
+    @property
+    def halting_core(self) -> bool:
+        """Whether the looped group runs in halting.py's core (build the LM with halting.build_lm)."""
+        return self.model_type == 'moeut' and (
+            self.halting != 'none' or self.n_prelude > 0 or self.n_coda > 0 or self.recurrence != 'fixed'
+            or self.backprop_repeats > 0 or self.input_injection != 'none' or self.random_init_state)
+    # --- end of recurrent depth block ---
 
     def __post_init__(self):
         def bad(msg):
@@ -101,13 +115,19 @@ class ModelConfig:
             bad(f"d_ff must be >= 1, got {self.d_ff}")
         if self.model_type == 'dense' and self.halting != 'none':
             bad(f"halting={self.halting!r} needs model_type='moeut' (the dense baseline has no looped group)")
+        if self.model_type == 'dense' and (self.recurrence != 'fixed' or self.backprop_repeats or
+                                           self.input_injection != 'none' or self.random_init_state):
+            bad("recurrence / backprop_repeats / input_injection / random_init_state need model_type='moeut' "
+                "(the dense baseline has no looped group)")
         if not 0 <= self.dropout <= 1:
             bad(f"dropout must be in [0, 1], got {self.dropout}")
         for k in ('ff_expert_dropout', 'att_expert_dropout'):
             if not 0 <= getattr(self, k) < 1:    # 1 would hide every expert from the top-k
                 bad(f"{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.halting == 'none' and (self.n_prelude or self.n_coda):
-            bad("n_prelude/n_coda (unique layers around the looped group) need halting='act' or 'mor'")
+        if (self.n_prelude or self.n_coda) and self.halting == 'none' and self.recurrence == 'fixed' \
+                and self.input_injection == 'none':
+            bad("n_prelude/n_coda (unique layers around the looped group) need halting='act' or 'mor' "
+                "(or recurrence='random' / input_injection)")
         if self.model_type == 'moeut':
             for k in ('group_size', 'd_expert', 'ff_n_experts', 'att_n_experts'):
                 if getattr(self, k) < 1:
@@ -727,6 +747,7 @@ class MoEUT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_repeats = cfg.n_layers // cfg.group_size
+        self.eval_repeats = 0       # test-time depth: > 0 runs that many repeats in eval mode (halting.set_depth)
         self.layers = nn.ModuleList([MoEUTLayer(cfg) for _ in range(cfg.group_size)])
 
     def forward(self, x, ctx: AttnContext, kv_cache: Optional[dict] = None):
@@ -734,7 +755,8 @@ class MoEUT(nn.Module):
         aux = self.cfg.moe_balance in ('switch', 'global')
         collect = self.training and (self.cfg.entropy_reg > 0 or self.cfg.att_entropy_reg > 0 or aux)
         routes = [Routes() if collect else None for _ in range(G)]
-        for r in range(self.n_repeats):                   # A B A B ...: layer li at depth r*G + li
+        R = self.eval_repeats if self.eval_repeats and not self.training else self.n_repeats
+        for r in range(R):                                # A B A B ...: layer li at depth r*G + li
             for li, layer in enumerate(self.layers):
                 cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None
                 x = layer(x, ctx, cache, routes[li], r)
@@ -844,15 +866,20 @@ class LMOutput(NamedTuple):
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, core=None):
+        """core: the class of the part between embedding and output norm (called with cfg; MoEUT's
+        interface). Default: MoEUT or the dense stack. Configs with cfg.halting_core run halting.py's
+        core, which halting.build_lm(cfg) passes in: this file does not import halting.py."""
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.model_type == 'dense':
+        if core is not None:
+            self.core = core(cfg)
+        elif cfg.halting_core:
+            raise ValueError("model config: halting / n_prelude / n_coda / recurrence / input_injection run in "
+                             "halting.py's core: build the model with halting.build_lm(cfg)")
+        elif cfg.model_type == 'dense':
             self.core = Dense(cfg)
-        elif cfg.halting != 'none':
-            from halting import HaltingMoEUT      # same interface as MoEUT; see halting.py
-            self.core = HaltingMoEUT(cfg)
         else:
             self.core = MoEUT(cfg)
         self.out_norm = nn.LayerNorm(cfg.d_model)
@@ -965,7 +992,7 @@ class LM(nn.Module):
         if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
             raise ValueError(f"generate: need top_k >= 1 (or None) and 0 < top_p <= 1 (or None), got "
                              f"top_k={top_k}, top_p={top_p}")
-        static = self.cfg.halting == 'none'
+        static = isinstance(self.core, (MoEUT, Dense))     # halting.py's core: per-step caches grow
         if cuda_graph is None:
             cuda_graph = static and idx.is_cuda
         if cuda_graph and not (static and idx.is_cuda):
@@ -1245,11 +1272,14 @@ def param_counts(cfg: ModelConfig) -> dict:
         layers = cfg.group_size * (att_total + ff_total + 2 * ln)
         active_per = att_active + ff_active + 2 * ln
     total = layers + emb + ln
-    if cfg.model_type == 'moeut' and cfg.halting != 'none':
-        # prelude/coda layers and the halting unit/router: count the real module, built on the meta
-        # device (no memory), rather than repeat halting.py's layout here
-        with torch.device('meta'):
-            total = sum(p.numel() for p in LM(cfg).parameters())
+    if cfg.halting_core:
+        # halting.py's core: prelude/coda layers, the halting unit or router (LayerNorm + linear), the
+        # input-injection adapter. Counted here because this file does not import halting.py;
+        # tests/test_halting.py checks the sum against the module.
+        R = cfg.n_layers // cfg.group_size
+        total += (cfg.n_prelude + cfg.n_coda) * layers // cfg.group_size
+        total += {'act': 2 * d + d + 1, 'mor': 2 * d + d * R + R}.get(cfg.halting, 0)
+        total += 2 * d * d if cfg.input_injection == 'concat' else 0
     distinct = cfg.group_size + cfg.n_prelude + cfg.n_coda if cfg.model_type == 'moeut' else cfg.n_layers
     return {'total': total, 'non_embedding': total - emb, 'active_per_token': active_per * distinct}
 

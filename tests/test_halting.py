@@ -13,7 +13,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from model import LM, AttentionMask, ModelConfig, MoEUTLayer, make_attn_context, rope  # noqa: E402
-from halting import HaltingMoEUT, forced_depths, random_depths  # noqa: E402
+from halting import HaltingMoEUT, build_lm, forced_depths, random_depths  # noqa: E402
 
 BASE = dict(vocab_size=53, block_size=32, d_model=32, n_layers=8, group_size=2, n_heads=2, d_head=8,
             att_n_experts=3, att_k=2, ff_n_experts=5, ff_k=2, d_expert=8)
@@ -41,7 +41,7 @@ def one_thread():
 
 def make_lm(seed=0, **kw) -> LM:
     torch.manual_seed(seed)
-    lm = LM(ModelConfig(**{**BASE, **kw}))
+    lm = build_lm(ModelConfig(**{**BASE, **kw}))
     core = lm.core
     with torch.no_grad():     # halting params that make depths differ from token to token
         if hasattr(core, 'halt'):
@@ -74,7 +74,7 @@ def run(model, depths, *args, **kw):
 # -------------------------------------------------------------------------------------------------
 
 class DenseRows:
-    def __init__(self, run, pos, per_row=None):
+    def __init__(self, run, pos, per_row=None, everyone=False):
         self.run, self.pos, self.n, self.all = run, pos, int(run.sum()), False
 
     def _m(self, full):
@@ -150,7 +150,7 @@ def test_1_full_depth_equals_plain_loop_exactly(case, kv):
     kw, forced = PLAIN_EQUIV[case]
     torch.manual_seed(0)
     plain = LM(ModelConfig(**BASE))
-    halt = LM(ModelConfig(**BASE, **kw, halt_kv=kv))
+    halt = build_lm(ModelConfig(**BASE, **kw, halt_kv=kv))
     missing, unexpected = halt.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith(('core.halt', 'core.router')) for k in missing)
     idx = torch.randint(0, BASE['vocab_size'], (3, 13))
@@ -179,7 +179,7 @@ def test_1_full_depth_equals_plain_loop_exactly(case, kv):
 @pytest.mark.parametrize('kv', KV)
 def test_2_forced_exit_at_k_equals_k_step_model(kv):
     torch.manual_seed(0)
-    halt = LM(ModelConfig(**BASE, halting='act', halt_kv=kv))
+    halt = build_lm(ModelConfig(**BASE, halting='act', halt_kv=kv))
     idx = torch.randint(0, BASE['vocab_size'], (2, 11))
     for k in range(1, R):
         short = LM(ModelConfig(**{**BASE, 'n_layers': k * BASE['group_size']}))
@@ -420,7 +420,7 @@ def test_7_larger_tau_lowers_mean_depth():
     """Toy task (predict the token two back): after the same training, a larger τ runs shallower."""
     def train(tau):
         torch.manual_seed(0)
-        lm = LM(ModelConfig(**BASE, halting='act', act_tau=tau, act_bias_init=-1.0))
+        lm = build_lm(ModelConfig(**BASE, halting='act', act_tau=tau, act_bias_init=-1.0))
         opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(0)
         for _ in range(25):
@@ -494,7 +494,7 @@ def test_9_init_depth_counts_prelude_and_coda():
     torch.manual_seed(0)
     cfg = ModelConfig(**{**BASE, 'd_model': 256, 'ff_n_experts': 32, 'd_expert': 64}, halting='act',
                       n_prelude=2, n_coda=2)
-    lm = LM(cfg)
+    lm = build_lm(cfg)
     s = math.sqrt(2 / (cfg.n_layers + 4))
     for layer in (lm.core.prelude[0], lm.core.layers[0], lm.core.coda[1]):
         std = layer.ffn.keys.std().item()
@@ -545,7 +545,7 @@ def test_config_files_build_a_halting_model(name):
     cfg = ModelConfig.from_dict(settings)
     assert cfg.halting in ('act', 'mor')
     if name.startswith('shakespeare'):
-        lm = LM(cfg)
+        lm = build_lm(cfg)
         assert isinstance(lm.core, HaltingMoEUT)
         idx = torch.randint(0, cfg.vocab_size, (2, 8))
         assert torch.isfinite(lm(idx, idx).loss)
@@ -553,16 +553,42 @@ def test_config_files_build_a_halting_model(name):
 
 def test_bad_config_is_one_clear_error():
     with pytest.raises(ValueError, match='halt_kv'):
-        LM(ModelConfig(**BASE, halting='act', halt_kv='everything'))
+        build_lm(ModelConfig(**BASE, halting='act', halt_kv='everything'))
     with pytest.raises(ValueError, match='mor_capacity'):
-        LM(ModelConfig(**BASE, halting='mor', mor_capacity=(1.0, 0.5)))
+        build_lm(ModelConfig(**BASE, halting='mor', mor_capacity=(1.0, 0.5)))
     with pytest.raises(ValueError, match='weighted'):
-        LM(ModelConfig(**BASE, halting='mor', halt_output='weighted'))
+        build_lm(ModelConfig(**BASE, halting='mor', halt_output='weighted'))
     with pytest.raises(ValueError, match='mor_capacity'):     # a scalar, not one fraction per step
-        LM(ModelConfig(**BASE, halting='mor', mor_capacity=0.5))
+        build_lm(ModelConfig(**BASE, halting='mor', mor_capacity=0.5))
     with pytest.raises(ValueError, match=r'act_eps must be in \(0, 1\)'):
-        LM(ModelConfig(**BASE, halting='act', act_eps=1.0))
-    LM(ModelConfig(**BASE, halting='act', mor_capacity=(1.0, 0.5)))   # unused by ACT: no error
+        build_lm(ModelConfig(**BASE, halting='act', act_eps=1.0))
+    build_lm(ModelConfig(**BASE, halting='act', mor_capacity=(1.0, 0.5)))   # unused by ACT: no error
+
+
+def test_model_py_does_not_import_halting_py():
+    """model.py builds plain models and counts any config's parameters without halting.py; a config that
+    needs halting.py's core gets one clear line pointing at build_lm."""
+    code = ("import sys; from model import LM, ModelConfig, param_counts\n"
+            "LM(ModelConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=1, d_head=4, ff_n_experts=2, ff_k=1,"
+            " d_expert=4, att_n_experts=2, att_k=1))\n"
+            "param_counts(ModelConfig(halting='act', n_prelude=1))\n"
+            "assert 'halting' not in sys.modules, 'model.py imported halting.py'")
+    import subprocess
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(ValueError, match='halting.build_lm'):
+        LM(ModelConfig(**BASE, halting='act'))
+
+
+@pytest.mark.parametrize('kw', [dict(halting='act', n_prelude=1, n_coda=1), dict(halting='mor'),
+                                dict(halting='mor', mor_routing='token', input_injection='concat'),
+                                dict(recurrence='random', n_prelude=2, n_coda=1, input_injection='concat'),
+                                dict(input_injection='add', random_init_state=True)])
+def test_param_counts_match_the_module(kw):
+    """model.param_counts counts halting.py's core without building it: the sum must match the module."""
+    from model import param_counts
+    lm = build_lm(ModelConfig(**BASE, **kw))
+    assert param_counts(lm.cfg)['total'] == sum(p.numel() for p in lm.parameters())
 
 
 @pytest.mark.parametrize('spread', [True, False])
@@ -576,9 +602,11 @@ def test_random_depths_skip_fraction(spread):
             assert all((d > r).any() for r in range(9)) and (d == 1).any()
 
 
-def test_bench_smoke(capsys):
-    from halting import bench
-    bench(smoke=True)
+def test_bench_smoke(capsys, monkeypatch):
+    """The halting table (python bench.py --what=halting), tiny shapes on the CPU."""
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])      # bench.py reads its config from the command line
+    import bench
+    bench.halting_table(smoke=True)
     out = capsys.readouterr().out
     assert out.count('\n') == 3 + 8 and 'skip 50%' in out
 
@@ -630,7 +658,7 @@ NO_REG = dict(entropy_reg=0.0, att_entropy_reg=0.0)     # the model's loss is th
 def ref_core(seed=0, **kw):
     """A float64 HaltingMoEUT with BASE's shapes (R = 4 steps of G = 2 layers), regularisers off."""
     torch.manual_seed(seed)
-    return LM(ModelConfig(**{**BASE, **NO_REG, **kw})).core.double()
+    return build_lm(ModelConfig(**{**BASE, **NO_REG, **kw})).core.double()
 
 
 def ref_input(T, seed=3):
