@@ -29,7 +29,7 @@ from dataclasses import asdict, fields
 import torch
 
 from configurator import configure, config_keys
-from model import LM, ModelConfig, param_counts
+from model import ModelConfig, param_counts
 
 # ----------------------------------------------------------------------------------------------
 init_from = 'resume'          # 'resume' = latest checkpoint in out_dir; or a run directory, a ckpt_N.pt, a ckpt_N/
@@ -278,11 +278,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_nanomoeut import NanoMoEUTConfig
-from .model import LM, ModelConfig
-# model.py imports these two; importing them here too is what makes transformers 4.x copy them (it copies
-# only the files the modeling file itself imports relatively)
+from .model import ModelConfig
+# halting.build_lm builds any config's LM (halting configs get halting.py's core); model.py imports cvmm:
+# importing it here too is what makes transformers 4.x copy it (it copies only the files the modeling
+# file itself imports relatively)
 from .cvmm import cvmm as _cvmm  # noqa: F401
-from .halting import HaltingMoEUT as _HaltingMoEUT  # noqa: F401
+from .halting import build_lm
 
 
 class NanoMoEUTForCausalLM(PreTrainedModel, GenerationMixin):
@@ -293,7 +294,7 @@ class NanoMoEUTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: NanoMoEUTConfig):
         super().__init__(config)
-        self.lm = LM(ModelConfig(**config.model_config_dict()))
+        self.lm = build_lm(ModelConfig(**config.model_config_dict()))
         self.post_init()
 
     def _init_weights(self, module):
@@ -590,8 +591,9 @@ def load_hf(path_or_repo, device='cpu'):
         fail(f"{path}: model keys {unknown} are unknown to this model.py (exported by a newer version?)")
     kw = {k: config[RENAMED.get(k, k)] for k in names if RENAMED.get(k, k) in config}
     kw = {k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in kw.items()}
+    from halting import build_lm
     try:
-        model = LM(ModelConfig(**kw))
+        model = build_lm(ModelConfig(**kw))
     except (ValueError, TypeError) as e:
         fail(f"{path}/config.json: {e}")
     try:

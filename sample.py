@@ -15,7 +15,8 @@ from dataclasses import asdict
 import torch
 
 from configurator import configure, config_keys
-from model import LM, ModelConfig
+from halting import build_lm
+from model import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
 init_from = 'resume'          # 'resume' = latest checkpoint in out_dir, a .pt file path, or hf:DIR (an hf.py export)
@@ -67,7 +68,7 @@ def load_checkpoint(init_from, out_dir, device):
         if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'meta' not in ckpt:
             fail(f"{path} is not a train.py checkpoint (no model_config / meta)")
     try:
-        model = LM(ModelConfig(**ckpt['model_config']))
+        model = build_lm(ModelConfig(**ckpt['model_config']))
     except (TypeError, ValueError) as e:
         fail(f"{path} has a model_config this model.py cannot build: {e}")
     from train import check_model_state

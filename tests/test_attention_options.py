@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import (LM, AttentionMask, ModelConfig, flops_per_token, param_counts, sdpa,  # noqa: E402
+from model import (AttentionMask, ModelConfig, flops_per_token, param_counts, sdpa,  # noqa: E402
                    static_kv_cache)
+from halting import build_lm  # noqa: E402
 
 V = 61
 OPTIONS = {
@@ -46,7 +47,7 @@ def tiny(**kw):
 
 def make(kind, seed=0, **kw):
     torch.manual_seed(seed)
-    model = LM(tiny(model_type=kind, **kw))
+    model = build_lm(tiny(model_type=kind, **kw))
     with torch.no_grad():      # SSMax's s away from its init, so a wrong key count shows
         for m in model.modules():
             if getattr(m, 'ssmax', None) is not None:
@@ -338,7 +339,7 @@ def test_gradients_reach_the_new_parameters(kind):
 def test_ssmax_starts_at_plain_softmax_for_the_full_context():
     """s = 1/log(block_size) at init: the last query of a full block scales its logits by exactly 1."""
     torch.manual_seed(0)
-    model = LM(tiny(ssmax=True, block_size=48))
+    model = build_lm(tiny(ssmax=True, block_size=48))
     for m in attention_modules(model):
         close(m.ssmax * math.log(48), torch.ones(4))
 

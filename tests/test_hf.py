@@ -259,6 +259,7 @@ sys.modules['triton'] = None          # import triton now raises ImportError
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
+from halting import build_lm  # noqa: E402
 m = AutoModelForCausalLM.from_pretrained({str(root / 'exp' / 'act')!r}, trust_remote_code=True)
 x = torch.load('x.pt')
 with torch.no_grad():
@@ -462,11 +463,11 @@ def test_init_from_hf_copies_weights_and_checks_the_architecture(root):
     """What train.py's init_from='hf:DIR' calls: the export's weights into a fresh LM of the same
     architecture (training-only keys may differ); another architecture is one line."""
     from dataclasses import replace
-    from model import LM
+    from halting import build_lm
     model, _ = lm_of(root, 'moeut')
-    fresh = LM(replace(model.cfg, dropout=0.1, entropy_reg=0.0))
+    fresh = build_lm(replace(model.cfg, dropout=0.1, entropy_reg=0.0))
     hf.init_from_hf(fresh, str(root / 'exp' / 'moeut'))
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     with pytest.raises(SystemExit, match='ff_k=2, this run'):
-        hf.init_from_hf(LM(replace(model.cfg, ff_k=1)), str(root / 'exp' / 'moeut'))
+        hf.init_from_hf(build_lm(replace(model.cfg, ff_k=1)), str(root / 'exp' / 'moeut'))

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import (LM, AttentionMask, ModelConfig, SigmaMoE, SwitchHead, flops_per_token,  # noqa: E402
                    make_attn_context, param_counts, static_kv_cache)
+from halting import build_lm  # noqa: E402
 
 GOLDEN = os.path.join(ROOT, 'tests', 'golden')   # the official MoEUT's outputs (tests/golden/README.md)
 OFFICIAL_RENAMES = {'transformer.': 'core.', '.ln1.': '.ln_att.', '.ln2.': '.ln_ff.'}
@@ -45,7 +46,7 @@ KINDS = {
 
 def make(kind, seed=0, **kw):
     torch.manual_seed(seed)
-    return LM(tiny(**{**KINDS[kind], **kw}))
+    return build_lm(tiny(**{**KINDS[kind], **kw}))
 
 
 # ---- golden vectors: the direct proof that this is MoEUT (spec §10) ----------------------------
@@ -70,7 +71,7 @@ def test_golden_official_outputs(case, impl, monkeypatch):
                       n_heads=o['n_heads'], d_head=o['d_head'], group_size=o['group_size'],
                       att_n_experts=o['att_n_experts'], att_k=o['att_k'], ff_n_experts=o['ff_n_experts'],
                       ff_k=o['ff_k'], d_expert=o['ff_expert_size'], block_size=32)
-    model = LM(cfg)
+    model = build_lm(cfg)
     model.load_official_state_dict(g['state_dict'])
     model.train()
     tokens = g['tokens']
@@ -428,7 +429,7 @@ def test_entropy_reg_matches_straightforward_formula():
 
 def test_entropy_reg_near_minimum_at_init():
     cfg = tiny(d_model=64, ff_n_experts=16, att_n_experts=4)
-    model = LM(cfg).train()
+    model = build_lm(cfg).train()
     reg = model(torch.randint(0, 61, (4, 32))).reg_loss.item()
     G = cfg.group_size
     minimum = -(cfg.entropy_reg * G * math.log(cfg.ff_n_experts)
@@ -442,7 +443,7 @@ def test_init_stds_follow_spec():
     cfg = tiny(d_model=256, n_layers=8, n_heads=4, d_head=32, att_n_experts=8, ff_n_experts=32,
                d_expert=64, vocab_size=500)
     torch.manual_seed(0)
-    model = LM(cfg)
+    model = build_lm(cfg)
     s = math.sqrt(2 / cfg.n_layers)
     d = cfg.d_model
     layer = model.core.layers[0]

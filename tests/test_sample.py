@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import LM, ModelConfig, sample_next  # noqa: E402
+from model import ModelConfig, sample_next  # noqa: E402
+from halting import build_lm  # noqa: E402
 
 
 def test_top_k_keeps_exactly_the_k_most_likely():
@@ -80,7 +81,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=257, block_size=16, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
                       att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8)
-    model = LM(cfg)
+    model = build_lm(cfg)
     torch.save({'model': model.state_dict(), 'model_config': asdict(cfg), 'meta': {'tokenizer': 'bytes'}},
                out / 'ckpt_0000001.pt')
     return out, model.eval()
@@ -265,7 +266,7 @@ def halting_lm(block_size):
     cfg = ModelConfig(vocab_size=257, block_size=block_size, d_model=32, n_layers=3, group_size=1, n_heads=2,
                       d_head=16, att_n_experts=2, ff_n_experts=4, ff_k=2, d_expert=8, halting='act',
                       act_bias_init=0.0)
-    model = LM(cfg).eval()
+    model = build_lm(cfg).eval()
     with torch.no_grad():
         model.core.halt.weight.normal_(0, 1.5)
     return model

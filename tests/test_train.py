@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from halting import build_lm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -209,8 +210,8 @@ def test_checkpoints_are_pruned_atomic_and_complete(run_a):
     assert len(ck['rng']) == 1 and 'torch' in ck['rng'][0]
     assert ck['optimizer']['state']                               # Adam moments, not just hyperparameters
     assert not [k for k in ck['model'] if k.startswith(('_orig_mod.', 'module.')) or '._orig_mod.' in k]
-    from model import LM, ModelConfig
-    LM(ModelConfig(**ck['model_config'])).load_state_dict(ck['model'])       # strict: the keys are clean
+    from model import ModelConfig
+    build_lm(ModelConfig(**ck['model_config'])).load_state_dict(ck['model'])       # strict: the keys are clean
 
 
 def test_sigkill_during_training_leaves_a_loadable_checkpoint(root):
@@ -625,14 +626,14 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
     target tokens, not the mean of the two batch means."""
     import numpy as np
     from contextlib import nullcontext
-    from model import LM, ModelConfig
+    from model import ModelConfig
     from train import evaluate, read_windows
     block, n_win = 32, 7
     rng = np.random.default_rng(0)
     val = np.concatenate([np.zeros(4 * block, int), rng.integers(1, 257, 3 * block + 1)])  # easy, then hard
     write_data(str(tmp_path), rng.integers(0, 257, 4 * block + 1), val)
     torch.manual_seed(0)
-    model = LM(ModelConfig(vocab_size=257, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
+    model = build_lm(ModelConfig(vocab_size=257, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
                            ff_n_experts=4, ff_k=2, d_expert=16, att_n_experts=2))
     with torch.no_grad():
         model.lm_head.bias[0] = 8.0           # token 0 is cheap to predict: the two batches differ a lot
