@@ -60,7 +60,7 @@ def resolve(path):
 
 def load(path):
     sys.path.insert(0, ROOT)
-    from train import load_checkpoint_meta
+    from checkpoint import load_checkpoint_meta
     return load_checkpoint_meta(resolve(path))
 
 

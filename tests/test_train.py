@@ -348,7 +348,7 @@ def test_checkpoint_listing_ignores_partial_saves_and_prunes_directories(tmp_pat
     """Sharded checkpoints are directories; a save killed mid-way is left as *.tmp and never listed,
     and pruning removes old directories as well as files."""
     sys.path.insert(0, ROOT)
-    import train
+    import checkpoint as train
     (tmp_path / 'ckpt_0000001.pt').write_bytes(b'x')
     (tmp_path / 'ckpt_0000002').mkdir()
     (tmp_path / 'ckpt_0000003.tmp').mkdir()          # a sharded save that was killed
@@ -470,7 +470,7 @@ def test_train_puts_back_signal_handlers(root):
 
 def test_plots_without_matplotlib_say_so_once(tmp_path, monkeypatch, capsys):
     import builtins
-    import train as train_py
+    import plot
     real = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -478,9 +478,9 @@ def test_plots_without_matplotlib_say_so_once(tmp_path, monkeypatch, capsys):
             raise ImportError(f"No module named {name!r}")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_matplotlib)
-    monkeypatch.setattr(train_py, '_NO_PLOTS_SAID', [])
+    monkeypatch.setattr(plot, '_NO_PLOTS_SAID', [])
     for _ in range(2):
-        train_py.write_plots(str(tmp_path), None, [3, 1])
+        plot.write_plots(str(tmp_path), None, [3, 1])
     assert capsys.readouterr().out.count('no plots (matplotlib is not installed)') == 1
     assert not list(tmp_path.iterdir())
 
@@ -582,7 +582,7 @@ def test_each_epoch_is_a_new_seeded_permutation_of_all_windows(tmp_path):
     """Token i of the file is i, so a window is identified by its first token. Every epoch visits each
     window once; epochs differ; the order depends on the seed, and the same seed gives the same order."""
     import numpy as np
-    from train import Batches
+    from data import Batches
     block, n_win = 4, 24
     write_data(str(tmp_path), np.arange(n_win * block + 1), np.arange(block + 1))
 
@@ -607,7 +607,7 @@ def test_windows_of_a_file_of_whole_blocks_stay_in_bounds(tmp_path):
     """k*block tokens hold k-1 windows of block+1 tokens (input and shifted target), not k: the last
     block has no token after it to predict."""
     import numpy as np
-    from train import Batches
+    from data import Batches
     block, k = 8, 12
     write_data(str(tmp_path), np.arange(k * block), np.arange(block + 1))
     b = Batches(str(tmp_path / 'train.bin'), block, 1, 1, 0, 1, 1337)
@@ -626,7 +626,8 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
     import numpy as np
     from contextlib import nullcontext
     from model import LM, ModelConfig
-    from train import evaluate, read_windows
+    from data import read_windows
+    from train import evaluate
     block, n_win = 32, 7
     rng = np.random.default_rng(0)
     val = np.concatenate([np.zeros(4 * block, int), rng.integers(1, 257, 3 * block + 1)])  # easy, then hard
@@ -674,7 +675,7 @@ def test_resume_keeps_the_best_val_loss_of_the_evals_before_it(root, monkeypatch
 def test_failed_save_leaves_previous_checkpoints_and_no_new_one(tmp_path, monkeypatch):
     """A save that dies half-way (disk full, killed) must not leave a truncated ckpt_N.pt that resume
     would pick, nor prune the complete ones."""
-    import train as train_py
+    import checkpoint as train_py
     out = str(tmp_path)
     train_py.save_checkpoint(os.path.join(out, 'ckpt_0000001.pt'), {'iter_num': 1, 'w': torch.ones(3)}, 1)
 
@@ -755,3 +756,35 @@ def test_ranks_draw_different_dropout_streams(root, monkeypatch):
     assert len(states) == 3           # the first training forward of each run
     assert not torch.equal(states[0], states[1])
     assert torch.equal(states[1], states[2])
+
+
+def test_plot_usage_grids_are_heads_by_experts():
+    """SwitchHead banks count expert e of head h at h*E + e: plot.py shows them as heads x experts."""
+    import plot
+    routing = {'ff0': {'usage': torch.tensor([0.5, 0.25, 0.25, 0.0])},
+               'v0': {'usage': torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0])}}    # 2 heads x 3 experts
+    g = plot.usage_grids(routing, n_heads=2)
+    assert g['ff0'] == [[2.0, 1.0, 1.0, 0.0]]
+    assert g['v0'] == [[3.0, 0.0, 1.5], [1.5, 0.0, 0.0]]
+
+
+def test_plot_cli_draws_several_runs_from_their_logs(tmp_path):
+    """python plot.py out/a out/b: one loss plot of both runs, each run's heatmap and depth histogram,
+    and the files it wrote named."""
+    pytest.importorskip('matplotlib')
+    for run, loss in (('a', 3.0), ('b', 2.0)):
+        d = tmp_path / run
+        d.mkdir()
+        recs = [{'iter': 5, 'train/loss': loss, 'train/reg_loss': 0.1},
+                {'iter': 10, 'val/loss': loss - 0.5, 'train/eval_loss': loss - 0.4},
+                {'iter': 10, 'val/depth_hist': [0, 3, 5], 'val/mean_depth': 1.6},
+                {'iter': 10, 'train/loss': loss - 0.6, 'usage': {'ff0': [[1.0, 1.0]], 'v0': [[2.0, 0.0], [1.0, 1.0]]}}]
+        (d / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), 'a', 'b', '--to=.'], cwd=tmp_path,
+                       capture_output=True, text=True, env=env())
+    assert p.returncode == 0, p.stderr
+    for f in ('a/expert_usage.png', 'a/depth_hist.png', 'b/expert_usage.png', 'b/depth_hist.png', 'loss.png'):
+        assert (tmp_path / f).read_bytes()[:4] == b'\x89PNG' and f"wrote {f}" in p.stdout.replace('./', '')
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), 'nope'], cwd=tmp_path,
+                         capture_output=True, text=True, env=env())
+    assert bad.returncode != 0 and 'nope/log.jsonl' in bad.stderr and 'Traceback' not in bad.stderr
