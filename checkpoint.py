@@ -460,10 +460,10 @@ def resume_checkpoint(cfg, run, meta, data_dir):
                   + (f", resuming from {path}" if path else ''))
     if path is None:
         fail(f"init_from='resume' but no {'intact ' if bad else ''}checkpoint in {cfg['out_dir']}")
-    old_batch = ckpt['config']['batch_size'] * ckpt['config']['gradient_accumulation_steps']
-    if old_batch != cfg['batch_size'] * cfg['gradient_accumulation_steps']:
-        fail(f"checkpoint {path} was trained with a global batch of {old_batch} sequences, this run has "
-             f"{cfg['batch_size'] * cfg['gradient_accumulation_steps']}: its data position would not carry over")
+    from data import global_batch
+    if global_batch(ckpt['config']) != global_batch(cfg):
+        fail(f"checkpoint {path} was trained with a global batch of {global_batch(ckpt['config'])} sequences, this "
+             f"run has {global_batch(cfg)} (total_batch_size): its data position would not carry over")
     for k in ('dataset', 'seed'):         # the data position counts windows of this stream
         if ckpt['config'].get(k) != cfg[k]:
             fail(f"checkpoint {path} was trained with {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}: "

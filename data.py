@@ -11,6 +11,38 @@ import torch.distributed as dist
 from configurator import fail
 
 
+def global_batch(cfg):
+    """Sequences per optimizer step of a config (also of a checkpoint's: those before 2026-12-06 have no
+    total_batch_size, and meant batch_size x gradient_accumulation_steps)."""
+    return cfg.get('total_batch_size') or cfg['batch_size'] * cfg['gradient_accumulation_steps']
+
+
+def batch_plan(cfg, world):
+    """(global batch, micro-batch, accumulation steps) of one optimizer step over `world` processes: each
+    takes total/world sequences, in micro-batches of min(batch_size, total/world). fail() with the nearest
+    values that work when total does not split so."""
+    total, b, gas = global_batch(cfg), cfg['batch_size'], cfg['gradient_accumulation_steps']
+    if cfg.get('total_batch_size') and gas != 1 and total != b * gas:
+        fail(f"total_batch_size={total} and gradient_accumulation_steps={gas} disagree: the accumulation follows from "
+             f"total_batch_size, batch_size and the world size; for {b} x {gas} sequences per step say "
+             f"--total_batch_size={b * gas} and drop gradient_accumulation_steps")
+    name = 'total_batch_size' if cfg.get('total_batch_size') else 'batch_size x gradient_accumulation_steps'
+    if total % world:
+        lo, hi = total // world * world, (total // world + 1) * world
+        fail(f"{name} = {total} sequences do not split over {world} processes: use total_batch_size="
+             + (f"{lo} or {hi}" if lo else f"{hi}"))
+    per_rank = total // world
+    micro = min(b, per_rank)
+    if per_rank % micro:
+        lo = max(d for d in range(1, micro + 1) if per_rank % d == 0)
+        hi = min(d for d in range(micro + 1, per_rank + 1) if per_rank % d == 0)
+        step = micro * world
+        fail(f"batch_size={b} does not divide the {per_rank} sequences per process ({name} = {total} over {world} "
+             f"processes): use batch_size={lo} or {hi}, or total_batch_size={total // step * step} or "
+             f"{(total // step + 1) * step}")
+    return total, micro, per_rank // micro
+
+
 class Batches:
     """Deterministic, resumable batches. The train stream is cut into windows of block_size+1 tokens;
     each epoch visits them in a seeded permutation (the same on every rank). Step s takes the next
@@ -27,7 +59,7 @@ class Batches:
         self.global_batch = micro * accum_local * world
         if self.n_windows < self.global_batch:
             fail(f"{path} has {n_tokens} tokens: fewer than one global batch of {self.global_batch} "
-                 f"windows of {block + 1} (lower batch_size or block_size)")
+                 f"windows of {block + 1} (lower total_batch_size or block_size)")
         self.steps_per_epoch = self.n_windows // self.global_batch
         self.pos = 0                          # global batches consumed: the checkpointed state
         self._perm_epoch, self._perm = -1, None

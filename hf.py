@@ -376,7 +376,7 @@ def model_card(model, tok_name, path, record, name, command):
         rows.append(('iterations', f"{it:,}"))
         keys = ('batch_size', 'block_size', 'gradient_accumulation_steps')
         if all(isinstance(run.get(k), int) for k in keys):
-            per_step = run['batch_size'] * run['block_size'] * run['gradient_accumulation_steps']
+            per_step = (run.get('total_batch_size') or run['batch_size'] * run['gradient_accumulation_steps']) * run['block_size']
             rows.append(('training tokens', f"{it * per_step:,} ({per_step:,} per step)"))
     if run.get('dataset'):
         rows.append(('dataset', f"`{run['dataset']}`"))

@@ -8,8 +8,9 @@ overridden by config files and --key=value (configurator.py).
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 train.py ...
 
 Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and 'fsdp' shards it with
-FSDP2 (fully_shard). gradient_accumulation_steps is the GLOBAL number of micro-batches per step, split
-over the ranks, so a config means the same global batch at any world size.
+FSDP2 (fully_shard). total_batch_size is the GLOBAL batch (sequences per optimizer step) and batch_size
+the largest micro-batch per process; the gradient accumulation follows (data.batch_plan), so a config
+means the same training at any world size.
 """
 import gc
 import math
@@ -26,7 +27,7 @@ from checkpoint import (check_model_state, claim_out_dir, convert_checkpoint, lo
                         lock_out_dir, remove_partial_saves, resume_checkpoint, save_training_state, set_rng_state,
                         unlock_out_dir)
 from configurator import configure, config_keys, fail
-from data import Batches, ensure_data, load_meta, read_windows
+from data import Batches, batch_plan, ensure_data, load_meta, read_windows
 from diagnostics import diagnostics_record, grad_norms, halting_stats, logit_stats, show_example
 from model import LM, ModelConfig, describe, distinct_layers, flops_per_token, routing_report
 from muon import ExpertMuon, make_optimizer  # noqa: F401  (ExpertMuon: train.ExpertMuon, as before)
@@ -55,9 +56,11 @@ wandb_run_name = 'run'
 diagnostics = True              # routing/grad/logit diagnostics at log time, PNG plots at eval (matplotlib)
 # data
 dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepare.py
-batch_size = 16                 # micro-batch per rank
+total_batch_size = 0            # sequences per optimizer step, over all processes; 0 = batch_size x
+                                # gradient_accumulation_steps (how configs before 2026-12-06 said it)
+batch_size = 16                 # the largest micro-batch per process (GPU memory); accumulation makes up the rest
 block_size = 256
-gradient_accumulation_steps = 1  # global micro-batches per optimizer step
+gradient_accumulation_steps = 1  # only with total_batch_size=0: global micro-batches of batch_size per step
 overfit_batch = False           # debugging: train on the first batch forever (loss must go to ~0)
 # model (every ModelConfig field can be set here; vocab_size comes from the data's meta.json)
 model_type = 'moeut'
@@ -147,7 +150,7 @@ def setup_distributed(cfg):
               'eval_iters', 'max_bad_steps'):
         if not isinstance(cfg[k], int) or cfg[k] < 1:
             fail(f"{k} must be a positive integer, got {cfg[k]!r}")
-    for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'keep_last'):
+    for k in ('total_batch_size', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'keep_last'):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             fail(f"{k} must be an integer >= 0, got {cfg[k]!r}")
     # the optimizers reject some of these with a traceback, others (a negative min_lr) not at all
@@ -173,9 +176,6 @@ def setup_distributed(cfg):
         dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
         if cfg['parallelism'] not in ('ddp', 'fsdp'):
             fail(f"parallelism must be 'ddp' or 'fsdp', got {cfg['parallelism']!r}")
-    if cfg['gradient_accumulation_steps'] % world != 0:
-        fail(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
-             f"of the world size ({world}); it counts global micro-batches per step")
     dt = cfg['dtype']
     if dt == 'auto':
         dt = 'bfloat16' if dev.startswith('cuda') else 'float32'
@@ -307,12 +307,12 @@ def _train(cfg, run, on_exit):
             import wandb  # noqa: F401  (imported again where the run starts)
         except ImportError:
             fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
+    total, micro, accum = batch_plan(cfg, run['world'])
     torch.manual_seed(cfg['seed'] + run['rank'])
     data_dir = ensure_data(cfg, run)
     meta = load_meta(data_dir)
-    accum_local = cfg['gradient_accumulation_steps'] // run['world']
-    batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], cfg['batch_size'],
-                      accum_local, run['rank'], run['world'], cfg['seed'])
+    batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], micro, accum, run['rank'],
+                      run['world'], cfg['seed'])
 
     if master:                   # before anything reads or writes out_dir: killed saves take disk space
         remove_partial_saves(cfg['out_dir'])
@@ -355,10 +355,11 @@ def _train(cfg, run, on_exit):
     scaler = torch.amp.GradScaler(run['device_type'], enabled=run['dtype'] == 'float16')
     if scaler_state and scaler.is_enabled():   # fp16 resume: keep the calibrated loss scale
         scaler.load_state_dict(scaler_state)
-    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps']
+    tokens_per_step = total * cfg['block_size']
     if master:
         print(describe(mcfg))
-        print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {tokens_per_step} tokens/step")
+        print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {total} sequences/step = {micro} per "
+              f"micro-batch x {accum} accumulation x {run['world']} process(es), {tokens_per_step} tokens/step")
     wandb = None
     if cfg['wandb_log'] and master:
         import wandb

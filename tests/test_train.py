@@ -334,11 +334,13 @@ def test_error_typo_in_config_key(root):
     assert not os.path.exists(os.path.join(root, 'e5'))
 
 
-def test_error_accumulation_not_divisible_by_world_size(root):
+def test_error_batch_that_does_not_split_over_the_world_size(root):
+    # 4 x 3 = 12 sequences per step: 6 per rank, which micro-batches of 4 do not divide
     p = train(root, *TINY, '--out_dir=e6', '--gradient_accumulation_steps=3', check=False, launcher=torchrun(2))
     assert p.returncode != 0
     out = p.stdout + p.stderr
-    assert re.search(r'^error: gradient_accumulation_steps \(3\) .*world size \(2\)', out, re.M), out[-3000:]
+    assert re.search(r'^error: batch_size=4 does not divide the 6 sequences per process .*use batch_size=3 or 6, '
+                     r'or total_batch_size=8 or 16$', out, re.M), out[-3000:]
     # torchrun prints its own launcher traceback; train.py itself must not raise one
     assert not re.search(r'File ".*train\.py", line', out), out[-3000:]
     assert '[rank0]: Traceback' not in out and '[rank1]: Traceback' not in out
@@ -788,3 +790,49 @@ def test_plot_cli_draws_several_runs_from_their_logs(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), 'nope'], cwd=tmp_path,
                          capture_output=True, text=True, env=env())
     assert bad.returncode != 0 and 'nope/log.jsonl' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+PAPER = {'total_batch_size': 64, 'batch_size': 32, 'gradient_accumulation_steps': 1}
+
+
+@pytest.mark.parametrize('world,micro,accum', [(1, 32, 2), (2, 32, 1), (4, 16, 1), (8, 8, 1)])
+def test_paper_batch_is_global_at_any_world_size(world, micro, accum):
+    """config/paper_recipe.py: 64 sequences per step at any world size, in micro-batches of at most 32."""
+    from data import batch_plan
+    cfg = {}
+    exec(open(os.path.join(ROOT, 'config', 'paper_recipe.py')).read(), {}, cfg)
+    assert {k: cfg.get(k, 1) for k in PAPER} == PAPER
+    assert batch_plan(cfg | {'gradient_accumulation_steps': 1}, world) == (64, micro, accum)
+    assert micro * accum * world == 64
+
+
+@pytest.mark.parametrize('cfg,world,msg', [
+    ({'total_batch_size': 64, 'batch_size': 24}, 1,
+     'batch_size=24 does not divide the 64 sequences per process (total_batch_size = 64 over 1 processes): '
+     'use batch_size=16 or 32, or total_batch_size=48 or 72'),
+    ({'total_batch_size': 60, 'batch_size': 32}, 8,
+     'total_batch_size = 60 sequences do not split over 8 processes: use total_batch_size=56 or 64'),
+    ({'total_batch_size': 64, 'batch_size': 8, 'gradient_accumulation_steps': 2}, 1,
+     'say --total_batch_size=16 and drop gradient_accumulation_steps')])
+def test_batch_that_does_not_split_names_the_nearest_values(cfg, world, msg):
+    from data import batch_plan
+    with pytest.raises(SystemExit) as e:
+        batch_plan({'gradient_accumulation_steps': 1} | cfg, world)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+
+
+def test_old_format_batch_keys_resume(root):
+    """A checkpoint written before total_batch_size existed (batch_size x gradient_accumulation_steps in
+    its config) resumes under a config that says the same global batch with total_batch_size, and is
+    refused in one line when that differs."""
+    import checkpoint
+    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--gradient_accumulation_steps=2', '--out_dir=oldb')
+    path = os.path.join(root, 'oldb', 'ckpt_0000002.pt')
+    ck = checkpoint.load_checkpoint_meta(path)
+    del ck['config']['total_batch_size']          # as checkpoints before 2026-12-06 were
+    torch.save(ck, path)
+    p = train(root, *TINY, '--max_iters=3', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=8')
+    assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=16',
+              check=False)
+    assert_one_line_error(r, 'global batch of 8', 'has 16')
