@@ -383,7 +383,12 @@ def _train(cfg, run, on_exit):
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
+    compile_t0, first_iter = None, iter_num  # the first forward compiles (~1 min for MoEUT-126M on an H100): say so
     while True:
+        if cfg['compile'] and compile_t0 is None:
+            compile_t0 = time.time()
+            if master:
+                print("compiling the model (first step)...", flush=True)
         at_resume = iter_num == resumed_at      # that eval (and its checkpoint) happened before the save
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
                 and not (at_resume and not cfg['eval_only']):
@@ -457,6 +462,8 @@ def _train(cfg, run, on_exit):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        if compile_t0 and master and iter_num == first_iter + 1:     # (and the eval before it, if any)
+            print(f"compiled in {time.time() - compile_t0:.1f} s", flush=True)
 
         if iter_num % cfg['log_interval'] == 0 and run['distributed']:   # the global batch's loss, not rank 0's
             mean = torch.stack(losses).mean(0, keepdim=True)

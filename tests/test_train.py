@@ -836,3 +836,16 @@ def test_old_format_batch_keys_resume(root):
     r = train(root, *TINY, '--max_iters=4', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=16',
               check=False)
     assert_one_line_error(r, 'global batch of 8', 'has 16')
+
+
+@pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
+def test_compilation_is_announced_and_timed(root):
+    """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
+    log says so before it starts and how long it took after it."""
+    p = train(root, *TINY, '--compile=True', '--max_iters=2', '--eval_interval=1000', '--eval_iters=1',
+              '--out_dir=comp')
+    lines = p.stdout.splitlines()
+    i = lines.index('compiling the model (first step)...')
+    j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
+    assert i < j < next(k for k, ln in enumerate(lines) if ln.startswith('iter 1:'))
+    assert sum(ln.startswith('compiled in') for ln in lines) == 1
