@@ -471,9 +471,10 @@ def resume_checkpoint(cfg, run, meta, data_dir):
     if ckpt['model_config'].get('vocab_size') != meta['vocab_size']:
         fail(f"checkpoint {path} has vocab_size {ckpt['model_config'].get('vocab_size')}, {data_dir}/meta.json "
              f"says {meta['vocab_size']}: was the dataset prepared again, with another tokenizer?")
-    for k in asdict(ModelConfig()):       # the architecture must be the checkpoint's
-        if k in cfg and k != 'vocab_size' and ckpt['config'].get(k) != cfg[k]:
-            fail(f"checkpoint {path} has {k}={ckpt['config'].get(k)!r}, config says {cfg[k]!r}")
+    defaults = asdict(ModelConfig())      # a key the checkpoint predates: it was trained with its default
+    for k in defaults:                    # the architecture must be the checkpoint's
+        if k in cfg and k != 'vocab_size' and ckpt['config'].get(k, defaults[k]) != cfg[k]:
+            fail(f"checkpoint {path} has {k}={ckpt['config'].get(k, defaults[k])!r}, config says {cfg[k]!r}")
     return path, ckpt
 
 

@@ -46,7 +46,8 @@ always_save_checkpoint = True   # else only when val loss improves
 keep_last = 2                   # checkpoints kept in out_dir
 checkpoint_format = 'auto'      # 'file' (one ckpt_N.pt) | 'sharded' (ckpt_N/ via torch.distributed.checkpoint)
                                 # | 'auto' = sharded under FSDP, file otherwise. Both resume at any world size.
-init_from = 'scratch'           # 'scratch' or 'resume' (latest checkpoint in out_dir)
+init_from = 'scratch'           # 'scratch', 'resume' (latest checkpoint in out_dir), or 'hf:DIR' (an hf.py export's weights)
+export_hf = ''                  # a directory: when training ends, export the last checkpoint there (hf.py)
 overwrite = False               # scratch into an out_dir holding another run: delete its checkpoints and logs first
 convert_trusted_checkpoint = '' # a checkpoint path: rewrite a pre-2026-12-06 checkpoint so it loads safely, then exit
                                 # (unpickles it in full, which runs whatever it holds: only for a file you trust)
@@ -125,6 +126,9 @@ def main():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if cfg['export_hf'] and run['master']:
+        from hf import export_checkpoint
+        print(f"exported {export_checkpoint(cfg['out_dir'], cfg['export_hf'])} -> {cfg['export_hf']}")
 
 
 # ---- distributed / device ---------------------------------------------------------------------
@@ -321,13 +325,16 @@ def _train(cfg, run, on_exit):
     path, ckpt = None, None
     if cfg['init_from'] == 'resume':
         path, ckpt = resume_checkpoint(cfg, run, meta, data_dir)
-    elif cfg['init_from'] == 'scratch':
-        claim_out_dir(cfg, run)
+    elif cfg['init_from'] != 'scratch' and not cfg['init_from'].startswith('hf:'):
+        fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got {cfg['init_from']!r}")
     else:
-        fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+        claim_out_dir(cfg, run)             # a new run (from an export's weights, too)
 
     torch.manual_seed(cfg['seed'])            # identical initial weights on every rank
     model, mcfg = build_model(cfg, run, meta['vocab_size'])
+    if cfg['init_from'].startswith('hf:'):
+        from hf import init_from_hf
+        init_from_hf(model, cfg['init_from'][3:])
     wrapped = wrap_model(model, run, cfg)
     optimizer = make_optimizer(wrapped, cfg, run)
     iter_num, best_val, resumed_at, scaler_state = 0, float('inf'), -1, None
@@ -358,6 +365,10 @@ def _train(cfg, run, on_exit):
     tokens_per_step = total * cfg['block_size']
     if master:
         print(describe(mcfg))
+        val_tokens = meta.get('val_tokens') or \
+            os.path.getsize(os.path.join(data_dir, 'val.bin')) // np.dtype(meta['dtype']).itemsize
+        print(f"{data_dir}: {val_tokens:,} val tokens (each eval reads up to {cfg['eval_iters'] * cfg['batch_size']} "
+              f"windows of {cfg['block_size']})")
         print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {total} sequences/step = {micro} per "
               f"micro-batch x {accum} accumulation x {run['world']} process(es), {tokens_per_step} tokens/step")
     wandb = None

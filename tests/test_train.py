@@ -849,3 +849,27 @@ def test_compilation_is_announced_and_timed(root):
     j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
     assert i < j < next(k for k, ln in enumerate(lines) if ln.startswith('iter 1:'))
     assert sum(ln.startswith('compiled in') for ln in lines) == 1
+
+
+def test_resume_a_checkpoint_older_than_a_model_key(root):
+    """Model keys added later (qk_norm, ssmax, attn_window, n_kv_heads): a checkpoint saved before they
+    existed was trained with their defaults and resumes; a config that sets one differently is refused."""
+    import checkpoint
+    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=oldkey')
+    path = os.path.join(root, 'oldkey', 'ckpt_0000002.pt')
+    ck = checkpoint.load_checkpoint_meta(path)
+    for k in ('qk_norm', 'ssmax', 'attn_window', 'n_kv_heads'):
+        del ck['config'][k]
+    torch.save(ck, path)
+    p = train(root, *TINY, '--max_iters=3', '--out_dir=oldkey', '--init_from=resume')
+    assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=oldkey', '--init_from=resume', '--qk_norm=True', check=False)
+    assert_one_line_error(r, 'qk_norm=False', 'config says True')
+
+
+def test_start_says_how_many_val_tokens(root):
+    import json
+    with open(os.path.join(root, 'data', 'tiny', 'meta.json')) as f:
+        n = json.load(f)['val_tokens']
+    p = train(root, *TINY, '--max_iters=0', '--out_dir=valtok')
+    assert f"{n:,} val tokens" in p.stdout
