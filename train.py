@@ -102,6 +102,8 @@ max_bad_steps = 5               # non-finite losses in a row before giving up
 device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'                  # 'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16', 'float16'
 compile = False
+cpu_threads = 0                 # CPU runs: torch threads per process; 0 = auto (the cores other processes leave
+                                # idle, by the load average: extra threads on busy cores thrash, see README)
 parallelism = 'ddp'             # under torchrun: 'ddp' or 'fsdp'
 seed = 1337
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +178,8 @@ def setup_distributed(cfg):
             dev = f'cuda:{local}'
     if dev.startswith('cuda'):
         set_current_cuda_device(dev)
+    else:
+        set_cpu_threads(cfg, int(os.environ.get('LOCAL_WORLD_SIZE', 1)), rank == 0)
     if distributed:
         dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
         if cfg['parallelism'] not in ('ddp', 'fsdp'):
@@ -187,6 +191,25 @@ def setup_distributed(cfg):
         fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dt!r}")
     return dict(distributed=distributed, rank=rank, world=world, device=dev, dtype=dt,
                 master=rank == 0, device_type='cuda' if dev.startswith('cuda') else 'cpu')
+
+
+def set_cpu_threads(cfg, local_world, say):
+    """torch's CPU threads for this process: cpu_threads if set, else OMP_NUM_THREADS if set (torchrun sets
+    1), else this process's share of the cores that the 1-minute load average says are idle."""
+    if not isinstance(cfg['cpu_threads'], int) or cfg['cpu_threads'] < 0:
+        fail(f"cpu_threads must be an integer >= 0, got {cfg['cpu_threads']!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if cfg['cpu_threads']:
+        n, why = cfg['cpu_threads'], 'cpu_threads'
+    elif os.environ.get('OMP_NUM_THREADS'):
+        n, why = torch.get_num_threads(), 'OMP_NUM_THREADS'
+    else:
+        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+        n = max(1, min(cores - round(load), cores) // local_world)
+        why = f"auto: {cores} cores, load average {load:.1f}; set cpu_threads to choose"
+    torch.set_num_threads(n)
+    if say:
+        print(f"cpu threads per process: {n} ({why})")
 
 
 # ---- model / optimizer ------------------------------------------------------------------------

@@ -873,3 +873,15 @@ def test_start_says_how_many_val_tokens(root):
         n = json.load(f)['val_tokens']
     p = train(root, *TINY, '--max_iters=0', '--out_dir=valtok')
     assert f"{n:,} val tokens" in p.stdout
+
+
+def test_cpu_threads_are_chosen_and_said(root):
+    """cpu_threads sets torch's threads; 0 keeps OMP_NUM_THREADS when set, else counts the idle cores."""
+    p = train(root, *TINY, '--max_iters=0', '--out_dir=thr1', '--cpu_threads=1')
+    assert 'cpu threads per process: 1 (cpu_threads)' in p.stdout
+    e = {k: v for k, v in env().items() if k != 'OMP_NUM_THREADS'}
+    p = subprocess.run([sys.executable, TRAIN, *TINY, '--max_iters=0', '--out_dir=thr2'], cwd=root, env=e,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', p.stdout, re.M), p.stdout
+    r = train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False)
+    assert_one_line_error(r, 'cpu_threads must be an integer >= 0')
