@@ -468,7 +468,11 @@ class MoEUT(nn.Module):
         for r in range(self.n_repeats):                   # A B A B ...: layer li at depth r*G + li
             for li, layer in enumerate(self.layers):
                 cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None
-                x = layer(x, ctx, cache, routes[li])
+                if self.training and getattr(self, 'activation_checkpointing', False):   # train.py's key
+                    from torch.utils.checkpoint import checkpoint
+                    x = checkpoint(layer, x, ctx, cache, routes[li], use_reentrant=False)
+                else:
+                    x = layer(x, ctx, cache, routes[li])
         return x, self.reg_loss(routes, x)
 
     def reg_loss(self, routes, x) -> torch.Tensor:

@@ -102,6 +102,7 @@ max_bad_steps = 5               # non-finite losses in a row before giving up
 device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'                  # 'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16', 'float16'
 compile = False
+activation_checkpointing = False  # recompute each shared-layer application in backward: less memory, ~1/3 more compute
 cpu_threads = 0                 # CPU runs: torch threads per process; 0 = auto (the cores other processes leave
                                 # idle, by the load average: extra threads on busy cores thrash, see README)
 parallelism = 'ddp'             # under torchrun: 'ddp' or 'fsdp'
@@ -355,6 +356,11 @@ def _train(cfg, run, on_exit):
 
     torch.manual_seed(cfg['seed'])            # identical initial weights on every rank
     model, mcfg = build_model(cfg, run, meta['vocab_size'])
+    if cfg['activation_checkpointing']:
+        if type(model.core).__name__ != 'MoEUT':
+            fail("activation_checkpointing=True is implemented for MoEUT without halting (model_type='moeut', "
+                 "halting='none')")
+        model.core.activation_checkpointing = True
     if cfg['init_from'].startswith('hf:'):
         from hf import init_from_hf
         init_from_hf(model, cfg['init_from'][3:])

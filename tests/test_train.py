@@ -885,3 +885,29 @@ def test_cpu_threads_are_chosen_and_said(root):
     assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', p.stdout, re.M), p.stdout
     r = train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False)
     assert_one_line_error(r, 'cpu_threads must be an integer >= 0')
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """activation_checkpointing recomputes each shared-layer application in backward (its forward runs
+    twice) and changes no gradient, expert dropout's random draws included."""
+    from dataclasses import replace
+    from model import LM, ModelConfig
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=16, ff_n_experts=4,
+                      ff_k=2, d_expert=16, att_n_experts=2, block_size=16, ff_expert_dropout=0.2)
+    x = torch.randint(0, 50, (2, 16))
+    grads, calls = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = LM(replace(cfg))
+        m.core.activation_checkpointing = ckpt
+        n = [0]
+        for layer in m.core.layers:
+            layer.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        torch.manual_seed(1)
+        m(x, x).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+        calls.append(n[0])
+    assert calls == [4, 8]
+    assert sorted(grads[0]) == sorted(grads[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-6, msg=lambda s: f"{k}: {s}")
