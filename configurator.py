@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A bad override. The message is a single line, meant to be shown to the user as-is."""
 
 
+def fail(msg):
+    """One clear line and a non-zero exit; raised on every rank so none hangs waiting for the others."""
+    raise SystemExit(f"error: {msg}")
+
+
 def _is_data(key, value):
     # a script's globals() also holds imports, helper functions/classes and dunders
     return not key.startswith('_') and not isinstance(value, types.ModuleType) and not callable(value)

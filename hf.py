@@ -69,7 +69,7 @@ def _need(module, purpose):
 def resolve_checkpoint(init_from, out_dir):
     """The checkpoint path sample.py's loader should read: 'resume' and a run directory mean its latest
     checkpoint; a ckpt_N.pt file or a ckpt_N/ sharded directory are taken as they are."""
-    from train import latest_checkpoint
+    from checkpoint import latest_checkpoint
     if init_from == 'resume' or (os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, 'meta.pt'))):
         run = out_dir if init_from == 'resume' else init_from
         path = latest_checkpoint(run)
@@ -84,7 +84,7 @@ def read_checkpoint(init_from, out_dir='out/shakespeare'):
     checkpoint, single-file or sharded. The model comes from sample.py's loader; the record (iteration,
     config, val loss) from the checkpoint's metadata, read the way that loader reads it."""
     from sample import load_checkpoint
-    from train import load_checkpoint_meta
+    from checkpoint import load_checkpoint_meta
     model, tok_name, path = load_checkpoint(resolve_checkpoint(init_from, out_dir), out_dir, 'cpu')
     try:
         meta = load_checkpoint_meta(path)
@@ -377,7 +377,7 @@ def model_card(model, tok_name, path, record, name, command):
         rows.append(('iterations', f"{it:,}"))
         keys = ('batch_size', 'block_size', 'gradient_accumulation_steps')
         if all(isinstance(run.get(k), int) for k in keys):
-            per_step = run['batch_size'] * run['block_size'] * run['gradient_accumulation_steps']
+            per_step = (run.get('total_batch_size') or run['batch_size'] * run['gradient_accumulation_steps']) * run['block_size']
             rows.append(('training tokens', f"{it * per_step:,} ({per_step:,} per step)"))
     if run.get('dataset'):
         rows.append(('dataset', f"`{run['dataset']}`"))

@@ -759,7 +759,11 @@ class MoEUT(nn.Module):
         for r in range(R):                                # A B A B ...: layer li at depth r*G + li
             for li, layer in enumerate(self.layers):
                 cache = kv_cache.setdefault(r * G + li, {}) if kv_cache is not None else None
-                x = layer(x, ctx, cache, routes[li], r)
+                if self.training and getattr(self, 'activation_checkpointing', False):   # train.py's key
+                    from torch.utils.checkpoint import checkpoint
+                    x = checkpoint(layer, x, ctx, cache, routes[li], r, use_reentrant=False)
+                else:
+                    x = layer(x, ctx, cache, routes[li], r)
         return x, self.reg_loss(routes, x)
 
     def reg_loss(self, routes, x) -> torch.Tensor:

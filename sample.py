@@ -48,7 +48,7 @@ def load_checkpoint(init_from, out_dir, device):
         from hf import hf_tokenizer_name, load_hf
         return load_hf(init_from[3:], device)[0], hf_tokenizer_name(init_from[3:]), init_from[3:]
     # weights_only loads: a checkpoint holding pickled objects is refused unread (one line)
-    from train import BadCheckpoint, load_checkpoint_meta, newest_intact_checkpoint
+    from checkpoint import BadCheckpoint, load_checkpoint_meta, newest_intact_checkpoint
     if init_from == 'resume':    # the newest checkpoint that reads (a newer unreadable one is said and skipped)
         path, ckpt, bad = newest_intact_checkpoint(out_dir)
         for p, why in bad:
@@ -71,10 +71,10 @@ def load_checkpoint(init_from, out_dir, device):
         model = build_lm(ModelConfig(**ckpt['model_config']))
     except (TypeError, ValueError) as e:
         fail(f"{path} has a model_config this model.py cannot build: {e}")
-    from train import check_model_state
+    from checkpoint import check_model_state
     check_model_state(model, path, ckpt, 'its own model_config')
     if os.path.isdir(path):      # sharded (FSDP) checkpoint: read the model's tensors, no process group needed
-        from train import load_sharded
+        from checkpoint import load_sharded
         state = {'model': model.state_dict()}
         load_sharded(state, path)
         model.load_state_dict(state['model'])
@@ -170,7 +170,7 @@ def main():
         except (OSError, RuntimeError) as e:     # read-only directory, full disk: no partial file left
             if os.path.exists(tmp):
                 os.remove(tmp)
-            from train import write_error
+            from checkpoint import write_error
             fail(f"export: cannot write {cfg['export']}: {write_error(e)}")
         print(f"exported {path} -> {cfg['export']}")
         return

@@ -3,9 +3,9 @@
 # python train.py config/shakespeare.py   then   python sample.py --out_dir=out/shakespeare
 out_dir = 'out/shakespeare'
 dataset = 'shakespeare_bytes'      # prepared automatically on first use (tokenizer 'bytes')
-batch_size = 16
+total_batch_size = 16              # sequences per step, over all processes (train.py's 0 = batch_size x 1 = 16)
+batch_size = 16                    # micro-batch per process: 1 x 16 on one process, 1 x 8 each on two
 block_size = 256
-gradient_accumulation_steps = 1
 model_type = 'moeut'
 d_model = 128
 n_layers = 4

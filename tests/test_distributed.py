@@ -60,7 +60,7 @@ def resolve(path):
 
 def load(path):
     sys.path.insert(0, ROOT)
-    from train import load_checkpoint_meta
+    from checkpoint import load_checkpoint_meta
     return load_checkpoint_meta(resolve(path))
 
 
@@ -215,3 +215,16 @@ def test_eval_with_windows_split_unevenly_over_ranks(root, name, extra):
     e1, e2 = evals(one.stdout), evals(two.stdout)
     assert sorted(e1) == sorted(e2) == [0]
     assert e2[0] == pytest.approx(e1[0], abs=1e-5)
+
+
+def test_default_batch_runs_on_two_processes(root):
+    """The default config's batch keys (total_batch_size 16, batch_size 16), unchanged, under torchrun with
+    2 processes: 8 sequences each, no accumulation, the same losses as one process of 16."""
+    args = [a for a in ARGS if not a.startswith(('--batch_size', '--gradient_accumulation_steps', '--max_iters',
+                                                 '--eval_interval'))]
+    args = [os.path.join(ROOT, 'config', 'shakespeare.py'), *args, '--max_iters=2', '--eval_interval=1000']
+    one = train(root, *args, '--out_dir=defb1')
+    two = train(root, *args, '--out_dir=defb2', nproc=2)
+    assert '16 sequences/step = 16 per micro-batch x 1 accumulation x 1 process(es)' in one.stdout
+    assert '16 sequences/step = 8 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
+    assert_same_losses(log(os.path.join(root, 'defb2')), log(os.path.join(root, 'defb1')), [1, 2])

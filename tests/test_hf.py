@@ -471,3 +471,17 @@ def test_init_from_hf_copies_weights_and_checks_the_architecture(root):
         assert torch.equal(fresh.state_dict()[k], v), k
     with pytest.raises(SystemExit, match='ff_k=2, this run'):
         hf.init_from_hf(build_lm(replace(model.cfg, ff_k=1)), str(root / 'exp' / 'moeut'))
+
+
+def test_train_init_from_hf_and_export_hf(root):
+    """train.py --init_from=hf:DIR starts a new run from an export's weights (its first eval is the
+    exported checkpoint's last one), and --export_hf=DIR exports the run's last checkpoint when it ends."""
+    import re
+    p = run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--init_from=hf:exp/moeut', '--out_dir=out/fromhf',
+             '--max_iters=1', '--eval_interval=1', '--export_hf=exp/fromhf'], root)
+    src = run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--out_dir=out/moeut', '--init_from=resume',
+               '--eval_only=True'], root)
+    val = lambda out, i: re.search(rf'^eval {i}: train [\d.]+, val ([\d.]+)', out, re.M)[1]   # noqa: E731
+    assert val(p.stdout, 0) == val(src.stdout, 2)
+    assert re.search(r'^exported .*ckpt_0000001\.pt -> exp/fromhf$', p.stdout, re.M), p.stdout[-2000:]
+    assert (root / 'exp' / 'fromhf' / 'config.json').exists()

@@ -164,12 +164,12 @@ def test_checkpoints_hold_only_tensors_and_plain_values(good):
 
 
 def test_numpy_rng_state_round_trips_exactly():
-    import train
+    import checkpoint
     np.random.seed(5)
     np.random.standard_normal(3)         # a cached Gaussian, too
-    saved = train.rng_state({'device_type': 'cpu'})
+    saved = checkpoint.rng_state({'device_type': 'cpu'})
     want = np.random.standard_normal(5)
-    train.set_rng_state(saved, {'device_type': 'cpu'})
+    checkpoint.set_rng_state(saved, {'device_type': 'cpu'})
     assert np.array_equal(np.random.standard_normal(5), want)
 
 
@@ -177,7 +177,7 @@ def test_old_checkpoint_is_refused_with_the_command_that_converts_it(root, good,
     """A checkpoint as train.py wrote it before 2026-12-06 (numpy RNG state as a pickled numpy array) is
     refused with the conversion command; after --convert_trusted_checkpoint it resumes, with the numpy
     stream it had."""
-    import train
+    import checkpoint
     out = os.path.join(root, 'old_format')
     os.makedirs(out)
     path = os.path.join(out, 'ckpt_0000001.pt')
@@ -190,7 +190,7 @@ def test_old_checkpoint_is_refused_with_the_command_that_converts_it(root, good,
     with pytest.raises(SystemExit) as e:
         train_here(root, *args, '--init_from=resume')
     one_line(e.value.code, 'numpy', '--convert_trusted_checkpoint=old_format/ckpt_0000001.pt')
-    train.convert_checkpoint(path)
+    checkpoint.convert_checkpoint(path)
     assert 'converted' in capsys.readouterr().out
     st = torch.load(path, weights_only=True)['rng'][0]['numpy']
     assert np.array_equal(st['key'].numpy(), old_state[1]) and st['pos'] == old_state[2]

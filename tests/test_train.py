@@ -335,11 +335,13 @@ def test_error_typo_in_config_key(root):
     assert not os.path.exists(os.path.join(root, 'e5'))
 
 
-def test_error_accumulation_not_divisible_by_world_size(root):
+def test_error_batch_that_does_not_split_over_the_world_size(root):
+    # 4 x 3 = 12 sequences per step: 6 per rank, which micro-batches of 4 do not divide
     p = train(root, *TINY, '--out_dir=e6', '--gradient_accumulation_steps=3', check=False, launcher=torchrun(2))
     assert p.returncode != 0
     out = p.stdout + p.stderr
-    assert re.search(r'^error: gradient_accumulation_steps \(3\) .*world size \(2\)', out, re.M), out[-3000:]
+    assert re.search(r'^error: batch_size=4 does not divide the 6 sequences per process .*use batch_size=3 or 6, '
+                     r'or total_batch_size=8 or 16$', out, re.M), out[-3000:]
     # torchrun prints its own launcher traceback; train.py itself must not raise one
     assert not re.search(r'File ".*train\.py", line', out), out[-3000:]
     assert '[rank0]: Traceback' not in out and '[rank1]: Traceback' not in out
@@ -349,7 +351,7 @@ def test_checkpoint_listing_ignores_partial_saves_and_prunes_directories(tmp_pat
     """Sharded checkpoints are directories; a save killed mid-way is left as *.tmp and never listed,
     and pruning removes old directories as well as files."""
     sys.path.insert(0, ROOT)
-    import train
+    import checkpoint as train
     (tmp_path / 'ckpt_0000001.pt').write_bytes(b'x')
     (tmp_path / 'ckpt_0000002').mkdir()
     (tmp_path / 'ckpt_0000003.tmp').mkdir()          # a sharded save that was killed
@@ -471,7 +473,7 @@ def test_train_puts_back_signal_handlers(root):
 
 def test_plots_without_matplotlib_say_so_once(tmp_path, monkeypatch, capsys):
     import builtins
-    import train as train_py
+    import plot
     real = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -479,9 +481,9 @@ def test_plots_without_matplotlib_say_so_once(tmp_path, monkeypatch, capsys):
             raise ImportError(f"No module named {name!r}")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_matplotlib)
-    monkeypatch.setattr(train_py, '_NO_PLOTS_SAID', [])
+    monkeypatch.setattr(plot, '_NO_PLOTS_SAID', [])
     for _ in range(2):
-        train_py.write_plots(str(tmp_path), None, [3, 1])
+        plot.write_plots(str(tmp_path), None, [3, 1])
     assert capsys.readouterr().out.count('no plots (matplotlib is not installed)') == 1
     assert not list(tmp_path.iterdir())
 
@@ -583,7 +585,7 @@ def test_each_epoch_is_a_new_seeded_permutation_of_all_windows(tmp_path):
     """Token i of the file is i, so a window is identified by its first token. Every epoch visits each
     window once; epochs differ; the order depends on the seed, and the same seed gives the same order."""
     import numpy as np
-    from train import Batches
+    from data import Batches
     block, n_win = 4, 24
     write_data(str(tmp_path), np.arange(n_win * block + 1), np.arange(block + 1))
 
@@ -608,7 +610,7 @@ def test_windows_of_a_file_of_whole_blocks_stay_in_bounds(tmp_path):
     """k*block tokens hold k-1 windows of block+1 tokens (input and shifted target), not k: the last
     block has no token after it to predict."""
     import numpy as np
-    from train import Batches
+    from data import Batches
     block, k = 8, 12
     write_data(str(tmp_path), np.arange(k * block), np.arange(block + 1))
     b = Batches(str(tmp_path / 'train.bin'), block, 1, 1, 0, 1, 1337)
@@ -627,7 +629,8 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
     import numpy as np
     from contextlib import nullcontext
     from model import ModelConfig
-    from train import evaluate, read_windows
+    from data import read_windows
+    from train import evaluate
     block, n_win = 32, 7
     rng = np.random.default_rng(0)
     val = np.concatenate([np.zeros(4 * block, int), rng.integers(1, 257, 3 * block + 1)])  # easy, then hard
@@ -675,7 +678,7 @@ def test_resume_keeps_the_best_val_loss_of_the_evals_before_it(root, monkeypatch
 def test_failed_save_leaves_previous_checkpoints_and_no_new_one(tmp_path, monkeypatch):
     """A save that dies half-way (disk full, killed) must not leave a truncated ckpt_N.pt that resume
     would pick, nor prune the complete ones."""
-    import train as train_py
+    import checkpoint as train_py
     out = str(tmp_path)
     train_py.save_checkpoint(os.path.join(out, 'ckpt_0000001.pt'), {'iter_num': 1, 'w': torch.ones(3)}, 1)
 
@@ -756,3 +759,156 @@ def test_ranks_draw_different_dropout_streams(root, monkeypatch):
     assert len(states) == 3           # the first training forward of each run
     assert not torch.equal(states[0], states[1])
     assert torch.equal(states[1], states[2])
+
+
+def test_plot_usage_grids_are_heads_by_experts():
+    """SwitchHead banks count expert e of head h at h*E + e: plot.py shows them as heads x experts."""
+    import plot
+    routing = {'ff0': {'usage': torch.tensor([0.5, 0.25, 0.25, 0.0])},
+               'v0': {'usage': torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0])}}    # 2 heads x 3 experts
+    g = plot.usage_grids(routing, n_heads=2)
+    assert g['ff0'] == [[2.0, 1.0, 1.0, 0.0]]
+    assert g['v0'] == [[3.0, 0.0, 1.5], [1.5, 0.0, 0.0]]
+
+
+def test_plot_cli_draws_several_runs_from_their_logs(tmp_path):
+    """python plot.py out/a out/b: one loss plot of both runs, each run's heatmap and depth histogram,
+    and the files it wrote named."""
+    pytest.importorskip('matplotlib')
+    for run, loss in (('a', 3.0), ('b', 2.0)):
+        d = tmp_path / run
+        d.mkdir()
+        recs = [{'iter': 5, 'train/loss': loss, 'train/reg_loss': 0.1},
+                {'iter': 10, 'val/loss': loss - 0.5, 'train/eval_loss': loss - 0.4},
+                {'iter': 10, 'val/depth_hist': [0, 3, 5], 'val/mean_depth': 1.6},
+                {'iter': 10, 'train/loss': loss - 0.6, 'usage': {'ff0': [[1.0, 1.0]], 'v0': [[2.0, 0.0], [1.0, 1.0]]}}]
+        (d / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), 'a', 'b', '--to=.'], cwd=tmp_path,
+                       capture_output=True, text=True, env=env())
+    assert p.returncode == 0, p.stderr
+    for f in ('a/expert_usage.png', 'a/depth_hist.png', 'b/expert_usage.png', 'b/depth_hist.png', 'loss.png'):
+        assert (tmp_path / f).read_bytes()[:4] == b'\x89PNG' and f"wrote {f}" in p.stdout.replace('./', '')
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), 'nope'], cwd=tmp_path,
+                         capture_output=True, text=True, env=env())
+    assert bad.returncode != 0 and 'nope/log.jsonl' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+PAPER = {'total_batch_size': 64, 'batch_size': 32, 'gradient_accumulation_steps': 1}
+
+
+@pytest.mark.parametrize('world,micro,accum', [(1, 32, 2), (2, 32, 1), (4, 16, 1), (8, 8, 1)])
+def test_paper_batch_is_global_at_any_world_size(world, micro, accum):
+    """config/paper_recipe.py: 64 sequences per step at any world size, in micro-batches of at most 32."""
+    from data import batch_plan
+    cfg = {}
+    exec(open(os.path.join(ROOT, 'config', 'paper_recipe.py')).read(), {}, cfg)
+    assert {k: cfg.get(k, 1) for k in PAPER} == PAPER
+    assert batch_plan(cfg | {'gradient_accumulation_steps': 1}, world) == (64, micro, accum)
+    assert micro * accum * world == 64
+
+
+@pytest.mark.parametrize('cfg,world,msg', [
+    ({'total_batch_size': 64, 'batch_size': 24}, 1,
+     'batch_size=24 does not divide the 64 sequences per process (total_batch_size = 64 over 1 processes): '
+     'use batch_size=16 or 32, or total_batch_size=48 or 72'),
+    ({'total_batch_size': 60, 'batch_size': 32}, 8,
+     'total_batch_size = 60 sequences do not split over 8 processes: use total_batch_size=56 or 64'),
+    ({'total_batch_size': 64, 'batch_size': 8, 'gradient_accumulation_steps': 2}, 1,
+     'say --total_batch_size=16 and drop gradient_accumulation_steps')])
+def test_batch_that_does_not_split_names_the_nearest_values(cfg, world, msg):
+    from data import batch_plan
+    with pytest.raises(SystemExit) as e:
+        batch_plan({'gradient_accumulation_steps': 1} | cfg, world)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+
+
+def test_old_format_batch_keys_resume(root):
+    """A checkpoint written before total_batch_size existed (batch_size x gradient_accumulation_steps in
+    its config) resumes under a config that says the same global batch with total_batch_size, and is
+    refused in one line when that differs."""
+    import checkpoint
+    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--gradient_accumulation_steps=2', '--out_dir=oldb')
+    path = os.path.join(root, 'oldb', 'ckpt_0000002.pt')
+    ck = checkpoint.load_checkpoint_meta(path)
+    del ck['config']['total_batch_size']          # as checkpoints before 2026-12-06 were
+    torch.save(ck, path)
+    p = train(root, *TINY, '--max_iters=3', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=8')
+    assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=16',
+              check=False)
+    assert_one_line_error(r, 'global batch of 8', 'has 16')
+
+
+@pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
+def test_compilation_is_announced_and_timed(root):
+    """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
+    log says so before it starts and how long it took after it."""
+    p = train(root, *TINY, '--compile=True', '--max_iters=2', '--eval_interval=1000', '--eval_iters=1',
+              '--out_dir=comp')
+    lines = p.stdout.splitlines()
+    i = lines.index('compiling the model (first step)...')
+    j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
+    assert i < j < next(k for k, ln in enumerate(lines) if ln.startswith('iter 1:'))
+    assert sum(ln.startswith('compiled in') for ln in lines) == 1
+
+
+def test_resume_a_checkpoint_older_than_a_model_key(root):
+    """Model keys added later (qk_norm, ssmax, attn_window, n_kv_heads): a checkpoint saved before they
+    existed was trained with their defaults and resumes; a config that sets one differently is refused."""
+    import checkpoint
+    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=oldkey')
+    path = os.path.join(root, 'oldkey', 'ckpt_0000002.pt')
+    ck = checkpoint.load_checkpoint_meta(path)
+    for k in ('qk_norm', 'ssmax', 'attn_window', 'n_kv_heads'):
+        del ck['config'][k]
+    torch.save(ck, path)
+    p = train(root, *TINY, '--max_iters=3', '--out_dir=oldkey', '--init_from=resume')
+    assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
+    r = train(root, *TINY, '--max_iters=4', '--out_dir=oldkey', '--init_from=resume', '--qk_norm=True', check=False)
+    assert_one_line_error(r, 'qk_norm=False', 'config says True')
+
+
+def test_start_says_how_many_val_tokens(root):
+    import json
+    with open(os.path.join(root, 'data', 'tiny', 'meta.json')) as f:
+        n = json.load(f)['val_tokens']
+    p = train(root, *TINY, '--max_iters=0', '--out_dir=valtok')
+    assert f"{n:,} val tokens" in p.stdout
+
+
+def test_cpu_threads_are_chosen_and_said(root):
+    """cpu_threads sets torch's threads; 0 keeps OMP_NUM_THREADS when set, else counts the idle cores."""
+    p = train(root, *TINY, '--max_iters=0', '--out_dir=thr1', '--cpu_threads=1')
+    assert 'cpu threads per process: 1 (cpu_threads)' in p.stdout
+    e = {k: v for k, v in env().items() if k != 'OMP_NUM_THREADS'}
+    p = subprocess.run([sys.executable, TRAIN, *TINY, '--max_iters=0', '--out_dir=thr2'], cwd=root, env=e,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', p.stdout, re.M), p.stdout
+    r = train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False)
+    assert_one_line_error(r, 'cpu_threads must be an integer >= 0')
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """activation_checkpointing recomputes each shared-layer application in backward (its forward runs
+    twice) and changes no gradient, expert dropout's random draws included."""
+    from dataclasses import replace
+    from model import LM, ModelConfig
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=16, ff_n_experts=4,
+                      ff_k=2, d_expert=16, att_n_experts=2, block_size=16, ff_expert_dropout=0.2)
+    x = torch.randint(0, 50, (2, 16))
+    grads, calls = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = LM(replace(cfg))
+        m.core.activation_checkpointing = ckpt
+        n = [0]
+        for layer in m.core.layers:
+            layer.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        torch.manual_seed(1)
+        m(x, x).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+        calls.append(n[0])
+    assert calls == [4, 8]
+    assert sorted(grads[0]) == sorted(grads[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-6, msg=lambda s: f"{k}: {s}")
