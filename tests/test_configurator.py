@@ -328,7 +328,7 @@ def test_help_without_a_readable_source_shows_the_defaults(tmp_path, source):
 @pytest.mark.parametrize('script, line', [
     ('sample.py', "  --temperature=0.8  0 = greedy"),                  # passes a copy of its keys: sys.argv[0]
     ('bench.py', "  --what='cvmm'  which section to run"),              # passes globals()
-    ('train.py', "  --batch_size=16  micro-batch per rank"),
+    ('train.py', "  --batch_size=16  the largest micro-batch per process (GPU memory); accumulation makes up the rest"),
 ])
 def test_scripts_help_documents_their_keys(script, line):
     p = subprocess.run([sys.executable, os.path.join(REPO, script), '--help'], capture_output=True, text=True,
