@@ -502,7 +502,7 @@ def test_paper_config_on_cpu_warns_and_ctrl_c_acts_at_once(root):
     import time
     from test_train import Proc
     proc = Proc(root, os.path.join(ROOT, 'config', 'moeut_44m.py'), '--dataset=tiny', '--device=cpu',
-                '--compile=False', '--batch_size=1', '--eval_iters=1', '--out_dir=paper_cpu')
+                '--compile=False', '--total_batch_size=8', '--batch_size=1', '--eval_iters=1', '--out_dir=paper_cpu')
     try:
         warning = proc.wait_for(r'^warning: .*GPU-sized')
         assert re.search(r'[\d.]+ TFLOP per step', warning)
