@@ -879,7 +879,8 @@ def prepare(inputs=None, out_dir=None, tokenizer=DEFAULT_TOKENIZER, val_fraction
     if verbose:
         print(f"prepare: {_fmt(total_tokens)} {tokenizer} tokens: {train.tokens:,} train / {val.tokens:,} val "
               f"({val.tokens / total_tokens:.2%}, {val.docs} doc{'s' * (val.docs != 1)}, split by {split['method']}"
-              f"{', raised to the floor' if floored else ''}), {total_docs} docs -> {out_dir} in {time.time() - t0:.1f}s")
+              f"{', raised to the floor' if floored else ''}), {total_docs} docs -> {out_dir} "
+              f"in {time.time() - t0:.1f}s")
     return meta
 
 
@@ -923,10 +924,12 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--val_min_tokens", type=int, default=VAL_MIN_TOKENS,
-                        help=f"the val split's floor, at most {VAL_FLOOR_MAX_FRACTION * 100:g}%% of the tokens (0: none)")
+                        help=f"the val split's floor, at most {VAL_FLOOR_MAX_FRACTION * 100:g}%% of the tokens "
+                             "(0: none)")
     parser.add_argument("--text_column", default="text", help="the text field of .jsonl/.parquet rows and hub datasets")
     parser.add_argument("--hf_dataset", default=None,
-                        help="a Hugging Face hub dataset (owner/name) to stream instead of input files; needs `datasets`")
+                        help="a Hugging Face hub dataset (owner/name) to stream instead of input files; "
+                             "needs `datasets`")
     parser.add_argument("--hf_split", default="train")
     parser.add_argument("--hf_config", default=None, help="the dataset's configuration (subset), e.g. sample-10BT")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1,

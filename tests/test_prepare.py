@@ -280,7 +280,7 @@ def test_val_floor_adds_whole_documents(tmp_path, monkeypatch):
     assert no_floor["split"]["method"] == "documents" and no_floor["val_documents"] == 3
     assert no_floor["val_tokens"] < 1000
     meta = run([src], tmp_path / "a", val_fraction=0.01, val_min_tokens=1000)
-    again = run([src], tmp_path / "b", val_fraction=0.01, val_min_tokens=1000)
+    run([src], tmp_path / "b", val_fraction=0.01, val_min_tokens=1000)
     assert meta["split"]["method"] == "documents" and meta["split"]["floor_tokens"] == 1000
     assert "more (drawn" in meta["split"]["rule"] and "floor of 1000 tokens" in meta["split"]["rule"]
     assert 1000 <= meta["val_tokens"] <= 2000 and meta["train_tokens"] + meta["val_tokens"] == total
@@ -419,7 +419,8 @@ def write_parquet(path, texts, row_group_size=7, column="content"):
     return path
 
 
-PARQUET_TEXTS = [f"Document {i}: " + "Ünïcödé words 日本語 " * (i % 9) + "\nend." for i in range(97)] + ["", None, "last"]
+PARQUET_TEXTS = [f"Document {i}: " + "Ünïcödé words 日本語 " * (i % 9) + "\nend." for i in range(97)] \
+    + ["", None, "last"]
 
 
 def test_parquet_equals_the_same_documents_as_jsonl(tmp_path):
@@ -547,7 +548,7 @@ def test_hf_dataset_streams_rows(tmp_path, monkeypatch):
     kw = dict(hf_dataset="owner/corpus", hf_split="train", text_column="content", val_fraction=0.1, verbose=False,
               val_min_tokens=0)  # the draw alone (the floor could add documents)
     a = prepare.prepare(None, str(tmp_path / "a"), **kw)
-    b = prepare.prepare(None, str(tmp_path / "b"), **kw)
+    prepare.prepare(None, str(tmp_path / "b"), **kw)
     assert fake.calls[0] == ("owner/corpus", None, "train", True)
     assert a["source"] == "huggingface:owner/corpus[train]" and a["split"]["method"] == "documents"
     assert a["train_documents"] + a["val_documents"] == 300 and 15 <= a["val_documents"] <= 45
@@ -671,7 +672,7 @@ def test_num_proc_gives_the_same_bytes(tmp_path, monkeypatch):
     kw = dict(val_fraction=0.05, chunk_bytes=300, batch_bytes=2000)
     one = run([d], tmp_path / "one", num_proc=1, **kw)
     assert pools == []                      # one process: no pool
-    two = run([d], tmp_path / "two", num_proc=2, **kw)
+    run([d], tmp_path / "two", num_proc=2, **kw)
     assert pools == [2]                     # the worker path did run
     assert one["split"]["method"] == "documents" and one["val_documents"] > 0
     for f in ("train.bin", "val.bin", "meta.json"):
@@ -692,7 +693,7 @@ def test_a_dead_worker_is_one_line(tmp_path, monkeypatch):
         pytest.skip("the stand-in worker function reaches the workers only through fork")
     monkeypatch.setattr(prepare, "_worker_encode", _die)
     (tmp_path / "a.txt").write_text(TRICKY * 30)
-    with pytest.raises(PrepareError, match=r"a tokenizer worker process died \(out of memory\?\): try a lower --num_proc"):
+    with pytest.raises(PrepareError, match=r"worker process died \(out of memory\?\): try a lower --num_proc"):
         run([tmp_path / "a.txt"], tmp_path / "out", num_proc=2, chunk_bytes=200, batch_bytes=500)
     assert not (tmp_path / "out").exists()
 
