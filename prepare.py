@@ -934,8 +934,16 @@ def main(argv=None):
     parser.add_argument("--hf_config", default=None, help="the dataset's configuration (subset), e.g. sample-10BT")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: os.cpu_count()); the output is the same for any number")
+    parser.add_argument("--synthetic", default=None,
+                        help="make a synthetic corpus instead of reading inputs: 'addition' (synthetic.py)")
     args = parser.parse_args(argv)
+    if args.synthetic and (args.inputs or args.hf_dataset):
+        parser.error("--synthetic makes its own corpus: give no inputs")
     try:
+        if args.synthetic:
+            import synthetic
+            synthetic.prepare_synthetic(args.synthetic, args.out_dir, args.seed, val_fraction=args.val_fraction)
+            return
         prepare(args.inputs, args.out_dir, args.tokenizer, args.val_fraction, args.seed, text_column=args.text_column,
                 hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, num_proc=args.num_proc,
                 val_min_tokens=args.val_min_tokens)

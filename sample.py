@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 
 from configurator import configure, config_keys
-from halting import build_lm
+from halting import build_lm, set_depth
 from model import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +32,9 @@ device = 'auto'
 dtype = 'auto'                # 'auto': bfloat16 on cuda, float32 on cpu
 eval_file = ''                # if set: print tokens, mean loss, perplexity and bits per byte of this file
 show_depth = False            # halting models: mark each token with the number of steps it took
+n_repeats = 0                 # looped models: repeats of the shared group (0 = as trained; ACT: the cap)
+exit_threshold = 0.0          # > 0: a token stops recurring once KL(p_r || p_r-1) < this (models without halting)
+exit_criterion = 'kl'         # per-token exit test: 'kl' | 'entropy' (|H(p_r) - H(p_r-1)| < exit_threshold)
 compile = False               # GPU: torch.compile the CUDA-graph decode step (pays off for long outputs)
 export = ''                   # if set: write the checkpoint's model as one file here (e.g. from a sharded FSDP run)
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +178,11 @@ def main():
         print(f"exported {path} -> {cfg['export']}")
         return
 
+    try:        # depth at inference (halting.set_depth): more or fewer repeats, per-token exit
+        set_depth(model, n_repeats=cfg['n_repeats'], exit_threshold=cfg['exit_threshold'] or None,
+                  exit_criterion=cfg['exit_criterion'])
+    except ValueError as e:
+        fail(str(e))
     if cfg['eval_file']:
         if not os.path.isfile(cfg['eval_file']):
             fail(f"eval_file not found: {cfg['eval_file']}")
@@ -183,11 +191,11 @@ def main():
               f"{r['bits_per_byte']:.4f} bits/byte")
         return
 
-    if cfg['compile'] and (not dev.startswith('cuda') or model.cfg.halting != 'none'):
+    if cfg['compile'] and (not dev.startswith('cuda') or hasattr(model.core, 'compile_layers')):
         fail("compile=True compiles the CUDA-graph decode step: it needs a CUDA device and a model "
              "without halting")
     if cfg['show_depth'] and not hasattr(model.core, 'trace'):
-        fail("show_depth needs a halting model (trained with halting='act' or 'mor')")
+        fail("show_depth needs a halting model (trained with halting='act' or 'mor') or --exit_threshold > 0")
     prompt = cfg['start']
     if prompt.startswith('FILE:'):
         p = prompt[5:]
@@ -244,7 +252,7 @@ def depth_view(model, enc, tokens, device, autocast, colour):
             parts.append(f"{COLOURS[min(max(d - 1, 0), len(COLOURS) - 1)]}{piece}\033[0m")
         else:
             parts.append(f"{piece}[{d}]")
-    R = model.core.n_repeats
+    R = len(model.core.stats['depth_hist']) - 1
     hist = [depth.count(d) for d in range(R + 1)]
     legend = ' '.join(f"{COLOURS[min(d - 1, len(COLOURS) - 1)]}{d}\033[0m" for d in range(1, R + 1)) if colour else ''
     summary = (f"\ndepth histogram (tokens with 0..{R} steps): {hist}, mean {sum(depth) / len(depth):.2f}"

@@ -29,7 +29,7 @@ from checkpoint import (check_model_state, claim_out_dir, convert_checkpoint, lo
 from configurator import configure, config_keys, fail
 from data import Batches, batch_plan, ensure_data, load_meta, read_windows
 from diagnostics import diagnostics_record, grad_norms, halting_stats, logit_stats, show_example
-from halting import build_lm
+from halting import build_lm, set_depth
 from model import ModelConfig, describe, distinct_layers, flops_per_token, routing_report, update_balance_bias
 from muon import ExpertMuon, make_optimizer  # noqa: F401  (ExpertMuon: train.ExpertMuon, as before)
 from plot import write_plots
@@ -84,6 +84,7 @@ ff_expert_dropout = 0.0
 att_expert_dropout = 0.0
 rope_base = 10000.0
 halting = 'none'                # per-token dynamic depth: 'none' | 'act' | 'mor' (halting.py)
+n_repeats = 0                   # eval with this many repeats of the shared group (0 = as trained; ACT: the cap)
 # ...and every other ModelConfig field (halt_kv, act_tau, mor_*, n_prelude, ...) at its default
 globals().update({f.name: f.default for f in fields(ModelConfig)
                   if f.name not in globals() and f.name != 'vocab_size'})
@@ -225,7 +226,7 @@ def build_model(cfg, run, vocab_size):
         fail("compile=True for a halting model compiles each layer, which has not been tested under "
              "FSDP: use parallelism='ddp' or compile=False")
     try:            # some checks live in the modules (halting.py): their ValueError is a config error too
-        model = build_lm(mcfg).to(run['device'])
+        model = set_depth(build_lm(mcfg), n_repeats=cfg['n_repeats']).to(run['device'])
     except ValueError as e:
         fail(str(e))
     return model, mcfg
@@ -382,7 +383,7 @@ def _train(cfg, run, on_exit):
     else:
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
     fwd = wrapped
-    if cfg['compile'] and mcfg.halting_core:
+    if cfg['compile'] and hasattr(model.core, 'compile_layers'):
         model.core.compile_layers()           # halting: per layer, dynamic shapes (see halting.py)
     elif cfg['compile']:
         fwd = torch.compile(wrapped)
