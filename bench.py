@@ -569,7 +569,8 @@ def bench_depth_curve():
     import numpy as np
     from halting import build_lm, depth_curve, set_depth
     from model import ModelConfig
-    from train import latest_checkpoint, load_checkpoint_meta, read_windows
+    from checkpoint import latest_checkpoint, load_checkpoint_meta
+    from data import read_windows
     path = latest_checkpoint(depth_ckpt) if os.path.isdir(depth_ckpt) else depth_ckpt
     if not path or not os.path.isfile(path):
         raise SystemExit(f"bench.py: depth_ckpt={depth_ckpt!r}: no checkpoint file (ckpt_*.pt) there")

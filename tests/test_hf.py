@@ -259,12 +259,12 @@ sys.modules['triton'] = None          # import triton now raises ImportError
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-from halting import build_lm  # noqa: E402
 m = AutoModelForCausalLM.from_pretrained({str(root / 'exp' / 'act')!r}, trust_remote_code=True)
 x = torch.load('x.pt')
 with torch.no_grad():
     save_file({{'logits': m(x).logits}}, 'out.safetensors')
-repo = [n for n, mod in list(sys.modules.items()) if {ROOT!r} in (getattr(mod, '__file__', None) or '')]
+files = {{n: getattr(mod, '__file__', None) or '' for n, mod in list(sys.modules.items())}}
+repo = [n for n, f in files.items() if f.startswith({ROOT!r}) and not f.startswith(sys.prefix)]   # a venv may sit inside the checkout
 cvmm = [mod for n, mod in sys.modules.items() if n.endswith('.cvmm')]
 print('REPO', repo, 'TRITON', [c.triton for c in cvmm], 'CVMM', [c.__name__ for c in cvmm])
 """

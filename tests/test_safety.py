@@ -454,7 +454,7 @@ def test_sample_counts_must_be_positive(good, monkeypatch, capsys, arg, msg):
 @pytest.mark.parametrize('arg, msg', [
     ('--learning_rate=-1', 'learning_rate must be > 0, got -1.0'),
     ('--beta2=1.5', 'beta2 must be in [0, 1)'),
-    ('--halting=actt', "halting must be one of ('act', 'mor'), got 'actt'"),
+    ('--halting=actt', "halting must be one of ('none', 'act', 'mor'), got 'actt'"),
 ])
 def test_bad_training_settings_are_one_line(root, arg, msg):
     with pytest.raises(SystemExit) as e:
