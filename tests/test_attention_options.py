@@ -30,13 +30,7 @@ OPTIONS = {
 KINDS = ('moeut', 'dense')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls: one thread is faster, and not disturbed by a second busy process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def tiny(**kw):

@@ -29,14 +29,7 @@ MECHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls: with a second busy process on a 2-core box, two OpenMP threads spin-wait and run
-    ~100x slower than one. Restored afterwards for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def make_lm(seed=0, **kw) -> LM:

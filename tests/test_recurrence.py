@@ -23,13 +23,19 @@ R = 4                     # n_layers / group_size
 V = BASE['vocab_size']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny matmuls: one thread is much faster than two spin-waiting ones on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
+
+
+def decode_matches(lm, idx, full, depth, chunk_plans):
+    """Cached decoding of idx in each plan's chunks gives the full forward's logits and per-token depths."""
+    for chunks in chunk_plans:
+        cache, outs, ds, t0 = {}, [], [], 0
+        for c in chunks:
+            outs.append(lm(idx[:, t0:t0 + c], kv_cache=cache).logits)
+            ds.append(lm.core.trace['depth'])
+            t0 += c
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+        assert torch.equal(torch.cat(ds, 1), depth), chunks
 
 
 def make(seed=0, **kw) -> LM:
@@ -177,14 +183,7 @@ def test_decode_with_more_repeats_equals_full_forward(case):
     idx = tokens(2, 12)
     full = lm(idx).logits
     depth = lm.core.trace['depth'].clone() if hasattr(lm.core, 'trace') else None
-    for chunks in ([1] * 12, [5, 4, 3]):
-        cache, outs, ds, t0 = {}, [], [], 0
-        for c in chunks:
-            outs.append(lm(idx[:, t0:t0 + c], kv_cache=cache).logits)
-            ds.append(lm.core.trace['depth'])
-            t0 += c
-        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
-        assert torch.equal(torch.cat(ds, 1), depth)
+    decode_matches(lm, idx, full, depth, ([1] * 12, [5, 4, 3]))
 
 
 def test_plain_generate_with_more_repeats():
@@ -537,14 +536,7 @@ def test_exit_decode_equals_full_forward(kv, n):
     full = lm(idx).logits
     depth = lm.core.trace['depth'].clone()
     assert depth.unique().numel() > 1
-    for chunks in ([1] * 12, [5, 4, 3], [1, 7, 4]):
-        cache, outs, ds, t0 = {}, [], [], 0
-        for c in chunks:
-            outs.append(lm(idx[:, t0:t0 + c], kv_cache=cache).logits)
-            ds.append(lm.core.trace['depth'])
-            t0 += c
-        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
-        assert torch.equal(torch.cat(ds, 1), depth), chunks
+    decode_matches(lm, idx, full, depth, ([1] * 12, [5, 4, 3], [1, 7, 4]))
 
 
 def test_exit_generate_is_the_argmax_of_full_forwards():
