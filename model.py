@@ -63,13 +63,13 @@ class ModelConfig:
     mor_balance_coef: float = 0.1   # token-choice balancing loss
     mor_causal_eval: bool = True    # eval: expert-choice uses sigmoid > 0.5 (causal) instead of top-k
     # --- end of halting block ---
-    # --- attention options (README "Attention options"); all off by default, and off changes nothing ---
+    # --- attention options (docs/options.md "Attention options"); all off by default, and off changes nothing ---
     n_kv_heads: int = 0             # GQA/MQA: K (and, in the dense baseline, V) heads; 0 = n_heads
     qk_norm: bool = False           # RMS-normalise q and k per head (learned gain over d_head) before RoPE
     ssmax: bool = False             # Scalable-Softmax: logits × s_h·log(visible keys), s_h learned per head
     attn_window: int = 0            # sliding-window causal attention over the last W keys; 0 = all
     # --- routing and balancing options (issue 22): all off by default, and off they change nothing.
-    #     Validated in _check_routing_options; README "Routing and balancing options" has the table. ---
+    #     Validated in _check_routing_options; docs/options.md "Routing and balancing options" has the table. ---
     moe_balance: str = 'entropy'    # 'entropy' (the regulariser above only) | 'aux_free' (per-expert choice
                                     # bias, DeepSeek loss-free) | 'switch' (E·Σ f·P aux loss) | 'global' (the
                                     # same loss with f of the whole global batch)
@@ -607,7 +607,7 @@ class SwitchHead(nn.Module):
         H, dh, d, E = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.att_n_experts
         self.H, self.dh, self.E, self.top_k = H, dh, E, cfg.att_k
         self.n_rot, self.base, self.expert_dropout = cfg.n_rot, cfg.rope_base, cfg.att_expert_dropout
-        self.Hkv = cfg.kv_heads     # GQA for K only: V experts stay per head (README "Attention options")
+        self.Hkv = cfg.kv_heads     # GQA for K only: V experts stay per head (docs/options.md "Attention options")
         self.q = nn.Linear(d, H * dh, bias=False)
         self.k = nn.Linear(d, self.Hkv * dh, bias=False)
         attention_extras(self, cfg)

@@ -1,4 +1,4 @@
-"""The attention options (README "Attention options"): n_kv_heads (GQA/MQA), qk_norm, ssmax
+"""The attention options (docs/options.md "Attention options"): n_kv_heads (GQA/MQA), qk_norm, ssmax
 (Scalable-Softmax), attn_window (sliding window). Each one: causal, decodes like the full forward (growing
 and static cache, token by token and chunked), trains its parameters, compiles; and off by default
 changes nothing (the golden tests in test_model.py are the bit-exact proof). Tiny models, CPU."""
