@@ -228,3 +228,18 @@ def test_default_batch_runs_on_two_processes(root):
     assert '16 sequences/step = 16 per micro-batch x 1 accumulation x 1 process(es)' in one.stdout
     assert '16 sequences/step = 8 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
     assert_same_losses(log(os.path.join(root, 'defb2')), log(os.path.join(root, 'defb1')), [1, 2])
+
+
+def test_paper_config_runs_on_two_processes(root):
+    """config/moeut_126m.py's batch keys unchanged (64 sequences per step, micro-batches of at most 32) under
+    torchrun with 2 processes: 32 each, no accumulation, the same losses as one process (2 x 32). Only the
+    shape, the context and the device are overridden, so a CPU can run it."""
+    shape = [a for a in ARGS if a.startswith(('--dataset', '--device', '--dtype', '--d_', '--n_', '--group_size',
+                                              '--ff_', '--att_n'))]
+    args = [os.path.join(ROOT, 'config', 'moeut_126m.py'), *shape, '--block_size=8', '--compile=False',
+            '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--log_interval=1', '--warmup_iters=0']
+    one = train(root, *args, '--out_dir=paper1')
+    two = train(root, *args, '--out_dir=paper2', nproc=2)
+    assert '64 sequences/step = 32 per micro-batch x 2 accumulation x 1 process(es)' in one.stdout
+    assert '64 sequences/step = 32 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
+    assert_same_losses(log(os.path.join(root, 'paper2')), log(os.path.join(root, 'paper1')), [1, 2])
