@@ -27,7 +27,7 @@ from checkpoint import (check_model_state, claim_out_dir, convert_checkpoint, lo
                         lock_out_dir, remove_partial_saves, resume_checkpoint, save_training_state, set_rng_state,
                         unlock_out_dir)
 from configurator import configure, config_keys, fail
-from data import Batches, batch_plan, ensure_data, load_meta, read_windows
+from data import batch_plan, describe_data, ensure_data, evaluate_sources, load_meta, make_batches, read_windows
 from diagnostics import diagnostics_record, grad_norms, halting_stats, logit_stats, show_example
 from halting import build_lm, set_depth
 from model import ModelConfig, describe, distinct_layers, flops_per_token, routing_report, update_balance_bias
@@ -57,7 +57,8 @@ wandb_project = 'nanomoeut'
 wandb_run_name = 'run'
 diagnostics = True              # routing/grad/logit diagnostics at log time, PNG plots at eval (matplotlib)
 # data
-dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepare.py
+dataset = 'shakespeare_bytes'   # data/<dataset>/{train,val}.bin, made by prepare.py; or a weighted mixture of
+                                # several, 'fineweb:0.7,code:0.3' (docs/data.md)
 total_batch_size = 0            # sequences per optimizer step, over all processes; 0 = batch_size x
                                 # gradient_accumulation_steps (how configs before 2026-12-06 said it)
 batch_size = 16                 # the largest micro-batch per process (GPU memory); accumulation makes up the rest
@@ -339,10 +340,10 @@ def _train(cfg, run, on_exit):
             fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     total, micro, accum = batch_plan(cfg, run['world'])
     torch.manual_seed(cfg['seed'] + run['rank'])
-    data_dir = ensure_data(cfg, run)
-    meta = load_meta(data_dir)
-    batches = Batches(os.path.join(data_dir, 'train.bin'), cfg['block_size'], micro, accum, run['rank'],
-                      run['world'], cfg['seed'])
+    sources = ensure_data(cfg, run)          # [(name, data_dir, weight)]: one dataset, or a mixture's
+    data_dir = sources[0][1]
+    meta = load_meta(data_dir)               # a mixture's datasets share its tokenizer
+    batches = make_batches(cfg, sources, micro, accum, run)
 
     if master:                   # before anything reads or writes out_dir: killed saves take disk space
         remove_partial_saves(cfg['out_dir'])
@@ -372,7 +373,8 @@ def _train(cfg, run, on_exit):
     if ckpt is not None:
         check_model_state(model, path, ckpt, 'the model its config describes')
         load_model_and_optim_state(wrapped, optimizer, path, ckpt, run, cfg)
-        iter_num, best_val, batches.pos = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['data_pos']
+        iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
+        batches.load_state(ckpt, path)
         resumed_at = iter_num if ckpt.get('evaluated', True) else -1   # see the eval below
         scaler_state = ckpt.get('scaler')
         set_rng_state(ckpt['rng'][run['rank']] if run['rank'] < len(ckpt['rng']) else ckpt['rng'][0], run)
@@ -396,10 +398,7 @@ def _train(cfg, run, on_exit):
     tokens_per_step = total * cfg['block_size']
     if master:
         print(describe(mcfg))
-        val_tokens = meta.get('val_tokens') or \
-            os.path.getsize(os.path.join(data_dir, 'val.bin')) // np.dtype(meta['dtype']).itemsize
-        print(f"{data_dir}: {val_tokens:,} val tokens (each eval reads up to {cfg['eval_iters'] * cfg['batch_size']} "
-              f"windows of {cfg['block_size']})")
+        print(describe_data(cfg, sources, total))
         print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {total} sequences/step = {micro} per "
               f"micro-batch x {accum} accumulation x {run['world']} process(es), {tokens_per_step} tokens/step")
     wandb = None
@@ -419,7 +418,7 @@ def _train(cfg, run, on_exit):
         """evaluated: the eval of iter_num ran before this save (a resume does not repeat it)."""
         save_training_state(wrapped, optimizer, run, cfg, {
             'config': cfg, 'model_config': asdict(mcfg), 'iter_num': iter_num, 'best_val_loss': best_val,
-            'data_pos': batches.pos, 'meta': meta, 'evaluated': evaluated,
+            **batches.state(), 'meta': meta, 'evaluated': evaluated,
             'scaler': scaler.state_dict() if scaler.is_enabled() else None})
 
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
@@ -434,18 +433,20 @@ def _train(cfg, run, on_exit):
         at_resume = iter_num == resumed_at      # that eval (and its checkpoint) happened before the save
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
                 and not (at_resume and not cfg['eval_only']):
-            ev = evaluate(fwd, data_dir, cfg, run, autocast, model.core)
+            ev = evaluate_sources(cfg, sources, lambda d: evaluate(fwd, d, cfg, run, autocast, model.core))
+            per_source = {k: v for k, v in ev.items() if k.startswith('val/')}    # a mixture's
             if master:
-                print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, "
-                      f"val ppl {math.exp(min(ev['val'], 30)):.2f}")
+                print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, val ppl "
+                      f"{math.exp(min(ev['val'], 30)):.2f}" + ''.join(f", {k} {v:.4f}" for k, v in per_source.items()))
                 if 'val_depth_hist' in ev:
                     h = ev['val_depth_hist']
                     mean = sum(d * n for d, n in enumerate(h)) / max(1, sum(h))
                     print(f"eval {iter_num}: val depth mean {mean:.2f}, tokens per depth 0..R {h}")
                     append_log(cfg['out_dir'], {'iter': iter_num, 'val/depth_hist': h, 'val/mean_depth': mean})
-                append_log(cfg['out_dir'], {'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
+                record = {'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train'], **per_source}
+                append_log(cfg['out_dir'], record)
                 if wandb:
-                    wandb.log({'iter': iter_num, 'val/loss': ev['val'], 'train/eval_loss': ev['train']})
+                    wandb.log(record)
             if master and cfg['diagnostics']:
                 write_plots(cfg['out_dir'], last_routing, ev.get('val_depth_hist'), wandb, mcfg.n_heads)
             if cfg['eval_only']:
