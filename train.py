@@ -234,8 +234,13 @@ def build_model(cfg, run, vocab_size):
 
 
 def wrap_model(model, run, cfg):
-    """DDP or FSDP2 under torchrun; plain module otherwise. Returns the module to call."""
+    """DDP or FSDP2 under torchrun (DDP only past one process); plain module otherwise. Returns the module
+    to call."""
     if not run['distributed']:
+        return model
+    if cfg['parallelism'] == 'ddp' and run['world'] == 1:
+        # nothing to synchronise, and torch.compile splits a DDP module's graph at every gradient bucket:
+        # under `torchrun --nproc_per_node=1` that cost MoEUT-126M a fifth of its tokens/s (H100)
         return model
     if cfg['parallelism'] == 'ddp':
         from torch.nn.parallel import DistributedDataParallel as DDP
