@@ -9,6 +9,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=halting               # forced-depth halting step times
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
     $ python bench.py --what=depth_curve --depth_ckpt=out/addition_act --device=cpu   # loss vs test-time repeats
+    $ python bench.py --what=ablation              # the MoE/attention options, one train.py run each (docs/options.md)
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
@@ -39,6 +40,18 @@ depth_windows = 64      # depth_curve: validation windows (of the checkpoint's b
 depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
 depth_exit = -1.0       # depth_curve: >= 0: per-token exit (KL) at this threshold, for models without halting
 depth_plot = "depth_curve.png"   # depth_curve: written if matplotlib is installed ('' = none)
+ablation_config = "config/moeut_44m.py"  # ablation: the base model and recipe of every variant
+ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one
+ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile')
+ablation_dataset = ""       # ablation: data/<name>; '' = 'shakespeare' (gpt2 tokens), 'shakespeare_bytes' in smoke
+ablation_iters = 80         # ablation: optimizer steps of every variant
+ablation_batch = 16         # ablation: sequences per step (one micro-batch)
+ablation_block = 1024       # ablation: tokens per sequence
+ablation_lr = 1e-3          # ablation: peak learning rate: 10 warmup steps, cosine to a tenth at ablation_iters
+ablation_log = 10           # ablation: log interval; tokens/s = the median of the intervals after the first
+ablation_eval_iters = 4     # ablation: eval batches per split (4 x 16 windows of 1024 cover Shakespeare's val split)
+ablation_out = "out/ablation"   # ablation: one out_dir per variant below it, and ablation.md (the table)
+ablation_smoke = False      # ablation: a tiny model, 4 steps (also with --device=cpu): checks that it all runs
 
 from configurator import configure  # noqa: E402
 
@@ -632,6 +645,213 @@ def bench_halting_profile():
     if not cpu:
         print(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=50))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ablation of the routing and attention options (docs/options.md): one train.py run per variant, same
+# seed, data and steps, read back from each run's log.jsonl into one markdown table
+ABLATION_SMOKE_SHAPE = dict(d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=16, att_n_experts=4,
+                            att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
+
+
+def ablation_rows(shape):
+    """(name, {key: value}) of every variant of a base model of this shape (ff_n_experts, ff_k, n_heads,
+    n_layers, group_size); 'paper' (the entropy regularisers, nothing else) first: the others' baseline.
+    The other balancing methods run alone (both entropy regularisers off), as docs/options.md says to
+    compare them. Null experts at 10% and 40% of E; the top-k schedule falls linearly over the repeats
+    from 4k/3 to 2k/3 with the same mean k (the same expert compute)."""
+    E, k, R = shape['ff_n_experts'], shape['ff_k'], shape['n_layers'] // shape['group_size']
+    alone = dict(entropy_reg=0.0, att_entropy_reg=0.0)
+    ks = [max(1, round(k * (4 / 3 - 2 / 3 * i / max(1, R - 1)))) for i in range(R)]
+    ks[R // 2] += R * k - sum(ks)
+    return [('paper', {}),
+            ('aux_free', dict(moe_balance='aux_free', **alone)),
+            ('switch', dict(moe_balance='switch', **alone)),
+            ('global', dict(moe_balance='global', **alone)),
+            ('shared', dict(ff_n_shared=1)),
+            ('null10', dict(ff_n_null=max(1, round(0.1 * E)))),
+            ('null40', dict(ff_n_null=max(1, round(0.4 * E)))),
+            ('k_schedule', dict(ff_k_schedule=tuple(ks))),
+            ('conv_router', dict(router_type='conv')),
+            ('gqa', dict(n_kv_heads=max(1, shape['n_heads'] // 2))),
+            ('qk_norm', dict(qk_norm=True)),
+            ('ssmax', dict(ssmax=True))]
+
+
+def ablation_arg(key, value):
+    """--key=value as configurator.py reads it back (a tuple without spaces: one argv entry)."""
+    if isinstance(value, tuple):
+        value = '(' + ','.join(map(str, value)) + (',)' if len(value) == 1 else ')')
+    return f"--{key}={value}"
+
+
+def ablation_setup(smoke):
+    """(train.py args shared by every variant, the base model's shape, a line describing the runs)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench.py: device={device!r} but CUDA is not available (--device=cpu runs the smoke version)")
+    ds = ablation_dataset or ('shakespeare_bytes' if smoke else 'shakespeare')
+    if smoke:
+        iters, batch, block, log, evals = 4, 4, 32, 2, 2
+        base = [ablation_arg(k, v) for k, v in ABLATION_SMOKE_SHAPE.items()]
+        shape = dict(ABLATION_SMOKE_SHAPE)
+    else:
+        iters, batch, block = ablation_iters, ablation_batch, ablation_block
+        log, evals = ablation_log, ablation_eval_iters
+        import train
+        from configurator import ConfigError, apply_overrides
+        shape = {k: getattr(train, k) for k in ('ff_n_experts', 'ff_k', 'n_heads', 'n_layers', 'group_size')}
+        try:        # the shape the runs will have: train.py's defaults, then the config file
+            apply_overrides(shape, [ablation_config], ignore_unknown_file_keys=True)
+        except ConfigError as e:
+            raise SystemExit(f"bench.py: ablation_config: {e}")
+        base = [ablation_config]
+    for k, v in (('ablation_iters', iters), ('ablation_batch', batch), ('ablation_block', block),
+                 ('ablation_log', log), ('ablation_eval_iters', evals)):
+        if not isinstance(v, int) or v < 1:
+            raise SystemExit(f"bench.py: {k} must be a positive integer, got {v!r}")
+    if iters % log:     # the last log record (its routing, with the usage grid) must be the last step's
+        raise SystemExit(f"bench.py: ablation_iters ({iters}) must be a multiple of ablation_log ({log})")
+    # train.py would prepare a missing Shakespeare set itself, but a missing tokenizer package would then
+    # fail every variant in turn: do it once here
+    from data import AUTO_DATASETS, ensure_data
+    try:
+        ensure_data({'dataset': ds, 'block_size': block}, {'master': True, 'distributed': False})
+    except SystemExit as e:
+        hint = f"; or copy data/{ds} from a machine where it is prepared" if ds in AUTO_DATASETS else ""
+        raise SystemExit(f"bench.py: {e}{hint}")
+    lr = float(ablation_lr)
+    common = base + [f"--dataset={ds}", f"--device={device}", f"--seed={seed}", f"--max_iters={iters}",
+                     f"--lr_decay_iters={iters}", f"--warmup_iters={min(10, iters // 4)}", f"--learning_rate={lr}",
+                     f"--min_lr={lr / 10}", f"--eval_interval={iters}", f"--eval_iters={evals}",
+                     f"--log_interval={log}", f"--batch_size={batch}", f"--total_batch_size={batch}",
+                     f"--block_size={block}", "--diagnostics=True", "--wandb_log=False", "--overwrite=True",
+                     "--init_from=scratch"]
+    if not device.startswith("cpu"):
+        common.append(f"--dtype={dtype}")
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device
+    about = (f"{'smoke shape' if smoke else ablation_config}, data/{ds}, {iters} steps of {batch} x {block} tokens, "
+             f"lr {lr:g} ({min(10, iters // 4)} warmup steps, cosine to {lr / 10:g}), seed {seed}; {gpu}, "
+             f"torch {torch.__version__}, {'float32' if device.startswith('cpu') else dtype}; "
+             f"{time.strftime('%Y-%m-%d')}")
+    return common, shape, about
+
+
+def ablation_run(args, out):
+    """train.py with args into out_dir `out` (its output in out/train.log). Returns (seconds, None) or
+    (seconds, the last line it printed) when it failed."""
+    import os
+    import subprocess
+    import sys
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, 'train.log')
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    t0 = time.time()
+    with open(log, 'w') as f:
+        p = subprocess.run([sys.executable, train_py, *args, f"--out_dir={out}"], stdout=f,
+                           stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    wall = time.time() - t0
+    if p.returncode == 0:
+        return wall, None
+    with open(log, errors='replace') as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return wall, f"exit {p.returncode}: {lines[-1] if lines else 'no output'} (see {log})"
+
+
+def ablation_metrics(out, n_experts):
+    """What a finished run logged: final val loss; tokens/s, the median of the log intervals after the
+    first (which holds the step-0 eval, compilation and kernel builds); and the routing of its last log
+    interval: σ-MoE balance over the E real experts (usage entropy / log E and the busiest expert's
+    load over the fair share, from the usage grid logged with it), real experts with no picks, the
+    share of picks that went to null experts, SwitchHead V/O balance and dead experts (as logged)."""
+    import math
+    from plot import read_log
+    recs = read_log(out)
+    train = [r for r in recs if 'train/loss' in r]
+    val = [r['val/loss'] for r in recs if 'val/loss' in r]
+    if not train or len(val) < 2:
+        return None
+    last = train[-1]
+    m = {'val': val[-1], 'tps': statistics.median(r['tokens_per_s'] for r in train[1:] or train)}
+    ent, load, dead = [], [], 0
+    for key, grid in sorted(last.get('usage', {}).items()):
+        if key.startswith('ff'):
+            u = [x for row in grid for x in row][:n_experts]    # fair-share multiples; null ids come after E
+            tot = sum(u)
+            p = [x / tot for x in u if x > 0]
+            ent.append(-sum(x * math.log(x) for x in p) / math.log(n_experts) if n_experts > 1 else 1.0)
+            load.append(max(u) * n_experts / tot)
+            dead += sum(x == 0 for x in u)
+    if ent:
+        m.update(ff_balance=statistics.mean(ent), ff_load=max(load), ff_dead=dead)
+    nulls = [v for k, v in last.items() if k.startswith('null/ff')]
+    if nulls:
+        m['null'] = statistics.mean(nulls)
+    att = [v for k, v in last.items() if k.startswith(('balance/v', 'balance/o'))]
+    if att:
+        m['att_balance'] = statistics.mean(att)
+        m['att_dead'] = sum(v for k, v in last.items() if k.startswith(('dead/v', 'dead/o')))
+    return m
+
+
+def ablation_table(rows):
+    """The markdown table of ablation rows: (name, keys set, seconds, metrics or the reason it failed)."""
+    header = ["variant", "keys set", "val loss", "Δ val", "tokens/s", "× paper", "ff balance", "ff max/fair",
+              "ff dead", "null picks", "att balance", "att dead", "wall s"]
+    got = {name: m for name, _, _, m in rows if isinstance(m, dict)}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, keys, wall, m in rows:
+        if not isinstance(m, dict):
+            cells = [name, keys or "(baseline)", "failed: " + str(m).replace("|", "/")]
+            cells += [""] * (len(header) - 4) + [f"{wall:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        base = got.get('paper+compile' if name.endswith('+compile') else 'paper')
+        f = lambda key, fmt: format(m[key], fmt) if key in m else '–'   # noqa: E731
+        lines.append("| " + " | ".join([
+            name, keys or '(baseline)', f"{m['val']:.4f}", f"{m['val'] - base['val']:+.4f}" if base else '–',
+            f"{m['tps']:,.0f}", f"{m['tps'] / base['tps']:.2f}" if base else '–', f('ff_balance', '.4f'),
+            f('ff_load', '.2f'), f('ff_dead', 'd'), f('null', '.3f'), f('att_balance', '.4f'), f('att_dead', 'd'),
+            f"{wall:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_ablation():
+    """The routing and attention options against the paper's MoEUT (docs/options.md, 'Ablation'): train.py
+    once per variant (ablation_rows; ablation_variants picks some) from ablation_config, same seed, data
+    and steps, eager (ablation_compiled: some again compiled), each in its own out_dir under
+    ablation_out; then one markdown table from their log.jsonl files, printed and written to
+    ablation_out/ablation.md (rewritten after every run, so a cut-short sweep keeps what it measured).
+    --device=cpu or --ablation_smoke=True: a tiny model for 4 steps (a check that it all runs)."""
+    import os
+    smoke = bool(ablation_smoke) or device.startswith("cpu")
+    common, shape, about = ablation_setup(smoke)
+    variants = dict(ablation_rows(shape))
+    wanted = list(variants) if ablation_variants == "all" else [v for v in str(ablation_variants).split(",") if v]
+    compiled = [v for v in str(ablation_compiled).split(",") if v]
+    unknown = [v for v in wanted + compiled if v not in variants]
+    if unknown or not wanted + compiled:
+        raise SystemExit(f"bench.py: unknown ablation variant(s) {unknown or ''}: choose from {', '.join(variants)}")
+    runs = [(v, False) for v in wanted] + [(v, True) for v in compiled]
+    os.makedirs(ablation_out, exist_ok=True)
+    table_path = os.path.join(ablation_out, "ablation.md")
+    print(f"ablation: {len(runs)} run(s), {about}", flush=True)
+    rows = []
+    for i, (name, comp) in enumerate(runs):
+        keys = variants[name]
+        label = name + ("+compile" if comp else "")
+        args = common + [ablation_arg(k, v) for k, v in keys.items()] + [f"--compile={comp}"]
+        wall, err = ablation_run(args, os.path.join(ablation_out, label))
+        n_experts = shape['ff_n_experts']
+        m = err or ablation_metrics(os.path.join(ablation_out, label), n_experts) or "no val loss in its log.jsonl"
+        rows.append((label, " ".join(ablation_arg(k, v)[2:] for k, v in keys.items()), wall, m))
+        table = ablation_table(rows)
+        print(f"[{i + 1}/{len(runs)}] {label}, {wall:.0f} s: {table.splitlines()[-1]}", flush=True)
+        text = f"{about}; eager (rows +compile: torch.compile)\n\n" + table
+        with open(table_path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(table_path + ".tmp", table_path)
+    print("\n" + text)
+    print(f"(written to {table_path})")
 
 
 if __name__ == "__main__":

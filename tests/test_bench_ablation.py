@@ -1,0 +1,74 @@
+"""bench.py --what=ablation in its CPU smoke mode: one train.py run per variant on a tiny model, and a
+table whose numbers are those the runs logged."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import env, make_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'bench.py')
+
+
+def bench(cwd, *args):
+    return subprocess.run([sys.executable, BENCH, '--what=ablation', '--device=cpu', '--ablation_dataset=tiny',
+                           '--ablation_out=abl', *args], cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def table(text):
+    """{variant: {column: cell}} of the last markdown table in text."""
+    lines = [line for line in text.splitlines() if line.startswith('| ')]
+    start = max(i for i, line in enumerate(lines) if line.startswith('| variant |'))
+    header = [c.strip() for c in lines[start].strip('|').split('|')]
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in lines[start + 1:]]
+    return {r[0]: dict(zip(header, r)) for r in rows}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ablation')
+    make_data(str(root))
+    return root
+
+
+def test_smoke_table_reads_the_runs_logs(data_dir):
+    p = bench(data_dir, '--ablation_variants=paper,aux_free,null10')
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = table(p.stdout)
+    assert list(rows) == ['paper', 'aux_free', 'null10']
+    assert rows['aux_free']['keys set'] == 'moe_balance=aux_free entropy_reg=0.0 att_entropy_reg=0.0'
+    assert rows['paper']['Δ val'] == '+0.0000' and rows['paper']['× paper'] == '1.00'
+    for name, r in rows.items():
+        with open(os.path.join(data_dir, 'abl', name, 'log.jsonl')) as f:
+            recs = [json.loads(line) for line in f]
+        assert float(r['val loss']) == pytest.approx([x['val/loss'] for x in recs if 'val/loss' in x][-1], abs=1e-4)
+        for col in ('val loss', 'Δ val', 'tokens/s', '× paper', 'ff balance', 'ff max/fair', 'att balance'):
+            v = float(r[col].replace(',', ''))
+            assert math.isfinite(v), (name, col, r[col])
+        assert float(r['tokens/s'].replace(',', '')) > 0
+        assert 0 < float(r['ff balance']) <= 1 and 0 < float(r['att balance']) <= 1
+        assert r['ff dead'].isdigit() and r['att dead'].isdigit()
+        last = [x for x in recs if 'train/loss' in x][-1]
+        if name != 'null10':     # no null ids: the σ-MoE balance is the logged one (mean over layers)
+            logged = [v for k, v in last.items() if k.startswith('balance/ff')]
+            assert float(r['ff balance']) == pytest.approx(sum(logged) / len(logged), abs=2e-3)
+            assert r['null picks'] == '–'
+    assert 0 < float(rows['null10']['null picks']) < 1
+    with open(os.path.join(data_dir, 'abl', 'ablation.md')) as f:
+        assert table(f.read()) == rows
+
+
+def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
+    p = bench(data_dir, '--ablation_variants=paper', '--ablation_lr=-1.0')
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'failed: exit 1: error: learning_rate must be > 0' in table(p.stdout)['paper']['val loss']
+    p = bench(data_dir, '--ablation_variants=paper,nul10')
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "bench.py: unknown ablation variant(s) ['nul10']: choose from paper, aux_free, switch, global, shared, "
+        "null10, null40, k_schedule, conv_router, gqa, qk_norm, ssmax"]
