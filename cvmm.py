@@ -900,7 +900,9 @@ def _mlp_bwd_impl(grad, x, slot, offsets, w1, w2, sw, h, need_x, need_w1, need_w
             gh, gw2, gsw = _torch_bwd(grad, h, slot, offsets, w2, sw)
             gx, gw1, _ = _torch_bwd(gh * (h > 0), x, slot, offsets, w1, None)
         else:
-            hs = torch.empty_like(h) if need_w2 else None
+            # hs rows of null slots are never written, but grad_W2 reads the rows after the last real
+            # expert's by TMA (against zero-masked rows of grad): they must be finite, hence zeros
+            hs = ((torch.zeros_like if _n_null(offsets, w1) else torch.empty_like)(h)) if need_w2 else None
             # grad wrt the up-projection's pre-activation (relu mask fused), grad_sw, and hs = sw * h
             gpre, gsw = _gemm(grad, G, w2, True, slot, offsets, sw, 1, h, 1, relu_mask=True, hs=hs,
                               hid_sorted=True)

@@ -469,10 +469,12 @@ def test_cvmm_null_ids_equal_a_zero_bank(impl, monkeypatch):
         pytest.skip('needs triton')
     dev = 'cuda' if impl == 'triton' and torch.cuda.is_available() else 'cpu'   # else the interpreter
     monkeypatch.setattr(C, 'IMPL', impl)
-    if impl == 'triton':
-        empty = torch.empty
+    if impl == 'triton':   # every fresh float buffer of the op starts as NaN
+        empty, empty_like = torch.empty, torch.empty_like
         monkeypatch.setattr(torch, 'empty', lambda *a, **k: empty(*a, **k).fill_(float('nan'))
                             if (k.get('dtype') or torch.float32).is_floating_point else empty(*a, **k))
+        monkeypatch.setattr(torch, 'empty_like', lambda t, **k: empty_like(t, **k).fill_(float('nan'))
+                            if empty_like(t, **k).is_floating_point() else empty_like(t, **k))
     g = torch.Generator().manual_seed(0)
     N, K, E, n, d, h = 12, 3, 5, 2, 16, 8
     ids = torch.randint(0, E + n, (N, K), generator=g)
