@@ -191,32 +191,34 @@ class PaddedRows(Rows):
     Compute: B·Tb rows instead of the N active ones (bench.py measures the trade). Same single host sync
     as Rows (N and the longest count), or none when the caller knows that every token runs."""
 
-    def __init__(self, run: torch.Tensor, pos: torch.Tensor, buckets: int, everyone: bool = False):
+    def __init__(self, run: torch.Tensor, pos: torch.Tensor, buckets: int, everyone: bool = False,
+                 counts: Optional[tuple] = None):
+        """counts: (N, longest count) when the caller read them already (no sync here)."""
         B, T = run.shape
         self.B, self.T, self.run, self.pos = B, T, run, pos
         if everyone:                 # the caller knows every token runs (step 0 of ACT, MoR token-choice)
             self.n, self.tm, self.all = B * T, T, True
             return
-        counts = run.sum(1)
-        self.n, tm = torch.stack([counts.sum(), counts.max()]).tolist()
+        dev = run.device
+        per_seq = run.sum(1)
+        # what needs no host value is queued before the sync: the GPU still has the last step to run
+        # then, while after it, it waits for whatever Python launches next
+        idx = torch.nonzero_static(run.flatten(), size=B * T, fill_value=0).squeeze(1)   # active first
+        b = idx // T
+        rank = torch.arange(B * T, device=dev) - (per_seq.cumsum(0) - per_seq)[b]     # place in its sequence
+        self.n, tm = counts or torch.stack([per_seq.sum(), per_seq.max()]).tolist()
         self.all = self.n == B * T
         if self.all or self.n == 0:
             return
         step = -(-T // buckets)
         self.tm = tm = min(T, -(-tm // step) * step)
-        dev = run.device
-        idx = torch.nonzero_static(run.flatten(), size=self.n).squeeze(1)         # sequence-major, then time
-        b = idx // T
-        start = counts.cumsum(0) - counts
-        self.idx = idx
-        self.pad_idx = b * tm + torch.arange(self.n, device=dev) - start[b]       # slot of each active token
-        self.src = idx.new_zeros(B * tm).index_copy(0, self.pad_idx, idx)        # token of each slot
-        self.valid_pad = torch.arange(tm, device=dev) < counts[:, None]           # [B, Tb]
+        self.idx = idx[:self.n]                                                     # sequence-major, then time
+        self.pad_idx = b[:self.n] * tm + rank[:self.n]                              # slot of each active token
+        self.src = idx.new_zeros(B * tm).index_copy(0, self.pad_idx, self.idx)     # token of each slot
+        self.valid_pad = torch.arange(tm, device=dev) < per_seq[:, None]           # [B, Tb]
         self.pad_rows = ~self.valid_pad.flatten()
         self.pos_pad = self.rope_pos = pos.flatten().index_select(0, self.src).view(B, tm)
         self.t_pad = (self.src % T).view(B, tm)
-        # last-kv: where each slot's K/V goes in the [B*T] buffer; padding into rows past it, dropped
-        self.kv_dest = torch.where(self.pad_rows, B * T + torch.arange(B * tm, device=dev), self.src)
 
     def gather(self, full):
         if self.all:
@@ -259,11 +261,13 @@ class PaddedRows(Rows):
         if 'k' not in buf:
             k0, v0 = (t.new_zeros(B, t.shape[1], T, t.shape[3]) for t in (k, v))
             buf.update(k=k0, v=v0, pos=self.pos, valid=torch.zeros_like(self.run))
+        # each slot's row in the [B*T] buffer; padding goes to rows past its end, dropped again
+        dest = torch.where(self.pad_rows, B * T + torch.arange(B * tm, device=k.device), self.src)
         for name, new in (('k', k), ('v', v)):
             old = buf[name]
             H, dh = old.shape[1], old.shape[3]
             flat = torch.cat([old.transpose(1, 2).reshape(B * T, H, dh), old.new_zeros(B * tm, H, dh)])
-            flat = flat.index_copy(0, self.kv_dest, new.transpose(1, 2).reshape(B * tm, H, dh))[:B * T]
+            flat = flat.index_copy(0, dest, new.transpose(1, 2).reshape(B * tm, H, dh))[:B * T]
             buf[name] = flat.view(B, T, H, dh).transpose(1, 2)
         buf['valid'] = buf['valid'] | self.run
 
@@ -506,12 +510,16 @@ class HaltingMoEUT(nn.Module):
         # halt_buckets: static shapes for the ragged steps. Not with a KV cache (decoding: the caches keep
         # exactly the real tokens, as without), nor per-token exit (its criterion keeps the exact rows)
         buckets = cfg.halt_buckets if kv_cache is None and s.mode != 'exit' else 0
+        counts = [None] * R
+        if buckets and s.mode == 'token':            # depths fixed at entry: ONE sync reads every step's counts
+            c = (s.target[None] > torch.arange(R, device=x.device)[:, None, None]).sum(2)     # [R, B]
+            counts = torch.stack([c.sum(1), c.amax(1)], 1).tolist()
         out = torch.zeros_like(x) if s.output == 'weighted' else x      # 'weighted' Σp·x / 'mean'
         bufs = [{} for _ in range(G)]                # last-kv: each token's K/V at its last step
         steps = 0
         for r in range(R):
             if buckets and s.per_row is None and not s.everyone:      # (MoR top-k rows are fixed already)
-                rows = PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start)
+                rows = PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start, counts=counts[r])
             else:
                 rows = self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
             if rows.n == 0:

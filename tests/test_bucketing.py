@@ -277,6 +277,30 @@ def test_padded_rows_plan():
     assert torch.equal(rows.pad_rows, ~rows.valid_pad.flatten())
 
 
+def test_host_syncs(monkeypatch):
+    """Host syncs of a bucketed forward (the .tolist() that sizes a step): ACT one per step after the
+    first (every token runs step 0), MoR token-choice one for the whole loop (depths fixed at entry)."""
+    calls = []
+    tolist = torch.Tensor.tolist
+
+    def spy(t):                       # the ones halting.py makes (CPU kernels elsewhere read offsets too)
+        if sys._getframe(1).f_code.co_filename == halting.__file__:
+            calls.append(1)
+        return tolist(t)
+    monkeypatch.setattr(torch.Tensor, 'tolist', spy)
+    idx = torch.randint(0, BASE['vocab_size'], (3, 14), generator=torch.Generator().manual_seed(0))
+    for kw, syncs in ((dict(halting='act'), lambda steps: steps - 1),
+                      (dict(halting='mor', mor_routing='token'), lambda steps: 1)):
+        _, b = make_pair(**kw)
+        calls.clear()
+        with torch.no_grad():
+            b(idx)
+        depth = b.core.trace['depth']
+        steps = int(depth.max()) + (int(depth.max()) < R and kw['halting'] == 'act')   # + the empty check
+        assert 0 < depth.float().mean() < R
+        assert len(calls) == syncs(steps), kw
+
+
 def test_default_path_is_untouched(monkeypatch):
     """halt_buckets=0 never builds a padded step, and compile_layers keeps dynamic shapes."""
     def boom(*a, **k):
