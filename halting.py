@@ -30,6 +30,10 @@ Compute: per-token maps (LayerNorms, σ-MoE, SwitchHead's V/O experts and router
 active rows; only attention re-pads them per sequence ([B, T_active_max], valid slots first), which with
 no cache is plain causal attention on the compacted tokens. So work at step r ∝ active tokens, and
 the entropy regulariser (spec/moeut.md §6) pools only rows that ran.
+halt_buckets = K > 0 (PaddedRows): every map runs on that padded [B, Tb] layout instead, Tb rounded up to
+one of at most K sizes, so the shapes stop changing with each step's exact counts and compile_layers can
+compile each bucket once with static shapes. Padding is invisible: masked keys, never scattered, weight 0
+in the regulariser, not counted in the routing statistics (docs/depth.md "Bucketed steps").
 
 Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
   'active-only' (default; MoR recursion-wise caching, Mixture-of-Depths): at step r, tokens attend only
@@ -188,11 +192,12 @@ class PaddedRows(Rows):
     Attention runs on this layout as it is (no re-padding); causal in slot order puts every padding key
     after every real query. Padding slots hold a copy of token 0 (finite; their outputs are never read
     back): not scattered, weight 0 in the regulariser (route_rows), off the routing counts (pad_rows).
-    Compute: B·Tb rows instead of the N active ones (bench.py measures the trade). Same single host sync
-    as Rows (N and the longest count), or none when the caller knows that every token runs."""
+    Compute: B·Tb rows instead of the N active ones (bench.py measures the trade). One host sync as in
+    Rows (N and the longest count), or none when the caller knows them (every token runs at step 0 of
+    ACT and MoR token-choice; token-choice reads every step's counts at once)."""
 
     def __init__(self, run: torch.Tensor, pos: torch.Tensor, buckets: int, everyone: bool = False,
-                 counts: Optional[tuple] = None):
+                 counts: Optional[list] = None):
         """counts: (N, longest count) when the caller read them already (no sync here)."""
         B, T = run.shape
         self.B, self.T, self.run, self.pos = B, T, run, pos
