@@ -35,6 +35,9 @@ decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
 halting_compile = False  # halting: torch.compile the plain model, compile_layers() the halting ones
 halting_skip = 0.75     # halting_profile: fraction of token-steps skipped (spread depths); < 0 = plain loop
+halting_buckets = 32    # halting: halt_buckets of the table's 'bucketed' rows (static shapes per step)
+halting_only = ""       # halting: '|'-separated parts of row names to run ('' = all; the plain row always runs)
+halting_compile_mode = ""  # halting: torch.compile mode of the halting rows' layers, e.g. 'reduce-overhead'
 depth_ckpt = ""         # depth_curve: a train.py checkpoint (.pt), or an out_dir (its latest)
 depth_windows = 64      # depth_curve: validation windows (of the checkpoint's block_size) per point
 depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
@@ -490,22 +493,24 @@ HALTING_SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_he
 
 
 def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='active-only', compile=False,
-                 smoke=False, device='cuda', dtype=torch.bfloat16):
+                 smoke=False, device='cuda', dtype=torch.bfloat16, buckets=0, mode=''):
     """A fresh MoEUT-126M (HALTING_SMOKE_SHAPE if smoke) and a function running one fwd+bwd on random
     tokens under autocast (off on CPU). skip: forced depths skipping that fraction of the token-steps
     (None: the mechanism decides; halting='none': the plain loop). compile: torch.compile for the plain
-    model, compile_layers() for halting ones. Returns (model, step)."""
+    model, compile_layers() for halting ones (mode: its torch.compile mode, '' = default). buckets:
+    halt_buckets (0 = exact rows). Returns (model, step)."""
     from contextlib import nullcontext
     from halting import build_lm, forced_depths, random_depths
     from model import ModelConfig
     cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none', halt_kv=kv,
+                      halt_buckets=buckets if halting != 'none' else 0,
                       **(HALTING_SMOKE_SHAPE if smoke else HALTING_SHAPE))
     model = build_lm(cfg).to(device)
     fwd = model
     if compile and halting == 'none':
         fwd = torch.compile(model)
     elif compile:
-        model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}))
+        model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}), **({'mode': mode} if mode else {}))
     idx = torch.randint(0, vocab, (B, seq), device=device)
     depths = None if skip is None else \
         random_depths(B, seq, cfg.n_layers // cfg.group_size, skip, device=device, spread=spread)
@@ -519,10 +524,15 @@ def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='activ
     return model, step
 
 
-def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False):
+def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False,
+                  buckets=32, only='', mode=''):
     """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
     the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
     compile: the plain model under torch.compile, halting ones with compile_layers().
+    buckets: halt_buckets of the 'bucketed' rows (each step padded to one of that many static shapes,
+    compiled with static shapes) beside the same rows with the exact active rows.
+    only: '|'-separated parts of row names; runs just the rows containing one (and the plain baseline).
+    mode: torch.compile mode of the halting rows' compile_layers (e.g. 'reduce-overhead': CUDA graphs).
     smoke: tiny shapes on the CPU (checks that the table runs)."""
     cuda = torch.cuda.is_available() and not smoke
     dev = 'cuda' if cuda else 'cpu'
@@ -532,16 +542,22 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
     runs = [('plain MoEUT', 'none', None), ('halting, skip 0%', 'act', 0.0), ('halting, skip 25%', 'act', 0.25),
             ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
             ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
-            ('MoR expert-choice, capacities (R-r)/R', 'mor', None)]
-    print(f"{'compiled' if compile else 'eager'}\n| B×T | run | skipped | fwd+bwd ms | speed-up vs plain | "
-          f"peak GiB |\n|---|---|---|---|---|---|")
+            ('MoR expert-choice, capacities (R-r)/R', 'mor', None),
+            ('halting bucketed, skip 25%', 'act', 0.25), ('halting bucketed, skip 50%', 'act', 0.5),
+            ('halting bucketed, skip 75%', 'act', 0.75), ('halting bucketed last-kv, skip 50%', 'act', 0.5)]
+    if only:
+        runs = [r for r in runs if r[1] == 'none' or any(part in r[0] for part in only.split('|'))]
+    print(f"{'compiled' + (f' (halting: {mode})' if mode else '') if compile else 'eager'}, bucketed rows: "
+          f"halt_buckets={buckets}\n| B×T | run | skipped | "
+          f"fwd+bwd ms | speed-up vs plain | peak GiB |\n|---|---|---|---|---|---|")
     for B in batches:
         base_ms = None
         for name, halting, skip in runs:
             torch.manual_seed(0)
             model, one = halting_step(B, seq, vocab, halting, skip, spread='tight' not in name,
                                       kv='last-kv' if 'last-kv' in name else 'active-only', compile=compile,
-                                      smoke=smoke, device=dev)
+                                      smoke=smoke, device=dev, buckets=buckets if 'bucketed' in name else 0,
+                                      mode=mode)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -571,7 +587,7 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
 def bench_halting():
     """MoEUT-126M step time with forced per-token depths (halting_table); --device=cpu: a tiny smoke run."""
     halting_table(batches=tuple(int(b) for b in str(halting_batch).split(',')), compile=halting_compile,
-                  smoke=device == "cpu")
+                  smoke=device == "cpu", buckets=halting_buckets, only=halting_only, mode=halting_compile_mode)
 
 
 def bench_depth_curve():

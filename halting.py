@@ -30,6 +30,10 @@ Compute: per-token maps (LayerNorms, σ-MoE, SwitchHead's V/O experts and router
 active rows; only attention re-pads them per sequence ([B, T_active_max], valid slots first), which with
 no cache is plain causal attention on the compacted tokens. So work at step r ∝ active tokens, and
 the entropy regulariser (spec/moeut.md §6) pools only rows that ran.
+halt_buckets = K > 0 (PaddedRows): every map runs on that padded [B, Tb] layout instead, Tb rounded up to
+one of at most K sizes, so the shapes stop changing with each step's exact counts and compile_layers can
+compile each bucket once with static shapes. Padding is invisible: masked keys, never scattered, weight 0
+in the regulariser, not counted in the routing statistics (docs/depth.md "Bucketed steps").
 
 Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
   'active-only' (default; MoR recursion-wise caching, Mixture-of-Depths): at step r, tokens attend only
@@ -83,6 +87,7 @@ class Rows:
     per_row: [B, k] sorted token indices when every sequence runs exactly k tokens (MoR top-k): no
     host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them).
     everyone: the caller knows that every token runs (halting='none'): no sync either."""
+    pad_rows = None          # PaddedRows: which rows are padding (routed_counts in model.py skips them)
 
     def __init__(self, run: torch.Tensor, pos: torch.Tensor, per_row: Optional[torch.Tensor] = None,
                  everyone: bool = False):
@@ -179,6 +184,99 @@ class Rows:
         return CompactAttention(self, ctx, kv, buf)
 
 
+class PaddedRows(Rows):
+    """halt_buckets = K > 0: the tokens that run one step in ONE layout for every map, [B, Tb] slots, each
+    sequence's active tokens first (in time order), then padding. Tb = the most active tokens of any
+    sequence rounded UP to a multiple of ceil(T / K): at most K shapes, so layers compiled with static
+    shapes compile once per bucket, and the shapes no longer change with every step's exact counts.
+    Attention runs on this layout as it is (no re-padding); causal in slot order puts every padding key
+    after every real query. Padding slots hold a copy of token 0 (finite; their outputs are never read
+    back): not scattered, weight 0 in the regulariser (route_rows), off the routing counts (pad_rows).
+    Compute: B·Tb rows instead of the N active ones (bench.py measures the trade). One host sync as in
+    Rows (N and the longest count), or none when the caller knows them (every token runs at step 0 of
+    ACT and MoR token-choice; token-choice reads every step's counts at once)."""
+
+    def __init__(self, run: torch.Tensor, pos: torch.Tensor, buckets: int, everyone: bool = False,
+                 counts: Optional[list] = None):
+        """counts: (N, longest count) when the caller read them already (no sync here)."""
+        B, T = run.shape
+        self.B, self.T, self.run, self.pos = B, T, run, pos
+        if everyone:                 # the caller knows every token runs (step 0 of ACT, MoR token-choice)
+            self.n, self.tm, self.all = B * T, T, True
+            return
+        dev = run.device
+        per_seq = run.sum(1)
+        # what needs no host value is queued before the sync: the GPU still has the last step to run
+        # then, while after it, it waits for whatever Python launches next
+        idx = torch.nonzero_static(run.flatten(), size=B * T, fill_value=0).squeeze(1)   # active first
+        b = idx // T
+        rank = torch.arange(B * T, device=dev) - (per_seq.cumsum(0) - per_seq)[b]     # place in its sequence
+        self.n, tm = counts or torch.stack([per_seq.sum(), per_seq.max()]).tolist()
+        self.all = self.n == B * T
+        if self.all or self.n == 0:
+            return
+        step = -(-T // buckets)
+        self.tm = tm = min(T, -(-tm // step) * step)
+        self.idx = idx[:self.n]                                                     # sequence-major, then time
+        self.pad_idx = b[:self.n] * tm + rank[:self.n]                              # slot of each active token
+        self.src = idx.new_zeros(B * tm).index_copy(0, self.pad_idx, self.idx)     # token of each slot
+        self.valid_pad = torch.arange(tm, device=dev) < per_seq[:, None]           # [B, Tb]
+        self.pad_rows = ~self.valid_pad.flatten()
+        self.pos_pad = self.rope_pos = pos.flatten().index_select(0, self.src).view(B, tm)
+        self.t_pad = (self.src % T).view(B, tm)
+
+    def gather(self, full):
+        if self.all:
+            return full
+        return full.flatten(0, 1).index_select(0, self.src).view(self.B, self.tm, *full.shape[2:])
+
+    def _real(self, rows, dtype):
+        """The active tokens' rows, in the order of self.idx."""
+        return rows.flatten(0, 1).index_select(0, self.pad_idx).to(dtype)
+
+    def scatter(self, full, rows):
+        if self.all:
+            return rows.to(full.dtype)
+        return full.flatten(0, 1).index_copy(0, self.idx, self._real(rows, full.dtype)).view_as(full)
+
+    def add(self, full, rows):
+        if self.all:
+            return full + rows
+        return full.flatten(0, 1).index_add(0, self.idx, self._real(rows, full.dtype)).view_as(full)
+
+    def mean(self, rows):
+        if self.all:
+            return rows.mean()
+        return torch.where(self.valid_pad, rows, torch.zeros_like(rows)).sum() / self.n
+
+    def route_rows(self):
+        """[B, Tb] layout (sequence ids follow from the shape), padding weighted 0."""
+        return (None, None) if self.all else (None, self.valid_pad.flatten())
+
+    def pad(self, t):
+        return t                     # already in the attention layout
+
+    def unpad(self, t):
+        return t
+
+    def write_kv(self, buf: dict, k, v):
+        if self.all:
+            return super().write_kv(buf, k, v)
+        B, T, tm = self.B, self.T, self.tm
+        if 'k' not in buf:
+            k0, v0 = (t.new_zeros(B, t.shape[1], T, t.shape[3]) for t in (k, v))
+            buf.update(k=k0, v=v0, pos=self.pos, valid=torch.zeros_like(self.run))
+        # each slot's row in the [B*T] buffer; padding goes to rows past its end, dropped again
+        dest = torch.where(self.pad_rows, B * T + torch.arange(B * tm, device=k.device), self.src)
+        for name, new in (('k', k), ('v', v)):
+            old = buf[name]
+            H, dh = old.shape[1], old.shape[3]
+            flat = torch.cat([old.transpose(1, 2).reshape(B * T, H, dh), old.new_zeros(B * tm, H, dh)])
+            flat = flat.index_copy(0, dest, new.transpose(1, 2).reshape(B * tm, H, dh))[:B * T]
+            buf[name] = flat.view(B, T, H, dh).transpose(1, 2)
+        buf['valid'] = buf['valid'] | self.run
+
+
 def _cache_append(cache: dict, k, v, pos, valid):
     """One (step, layer) cache: keys already rotated, with their positions and validity (slots of a
     padded block, or tokens that never ran this layer, are invalid)."""
@@ -196,6 +294,7 @@ class CompactAttention:
     def __init__(self, rows: Rows, ctx: AttnContext, kv: str, buf: dict):
         self.rows, self.ctx, self.kv, self.buf = rows, ctx, kv, buf
         self.pos = ctx.pos
+        self.pad_rows = rows.pad_rows        # padding rows (PaddedRows) that routed_counts must not count
 
     def attend(self, q, k, v, cache, n_rot, base, ssmax=None):
         rows, ctx = self.rows, self.ctx
@@ -413,11 +512,21 @@ class HaltingMoEUT(nn.Module):
         n_free = R - cfg.backprop_repeats if self.training and 0 < cfg.backprop_repeats < R else 0
         s = self._start(x, pos, kv_cache, R)         # decides who runs step 0
         kv = self.exit.kv if s.mode == 'exit' else self.kv
+        # halt_buckets: static shapes for the ragged steps. Not with a KV cache (decoding: the caches keep
+        # exactly the real tokens, as without), nor per-token exit (its criterion keeps the exact rows)
+        buckets = cfg.halt_buckets if kv_cache is None and s.mode != 'exit' else 0
+        counts = [None] * R
+        if buckets and s.mode == 'token':            # depths fixed at entry: ONE sync reads every step's counts
+            c = (s.target[None] > torch.arange(R, device=x.device)[:, None, None]).sum(2)     # [R, B]
+            counts = torch.stack([c.sum(1), c.amax(1)], 1).tolist()
         out = torch.zeros_like(x) if s.output == 'weighted' else x      # 'weighted' Σp·x / 'mean'
         bufs = [{} for _ in range(G)]                # last-kv: each token's K/V at its last step
         steps = 0
         for r in range(R):
-            rows = self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
+            if buckets and s.per_row is None and not s.everyone:      # (MoR top-k rows are fixed already)
+                rows = PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start, counts=counts[r])
+            else:
+                rows = self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
             if rows.n == 0:
                 break                                # everyone has halted
             steps += 1
@@ -484,15 +593,23 @@ class HaltingMoEUT(nn.Module):
     def compile_layers(self, **kwargs):
         """torch.compile for a halting model (train.py compile=True). The loop cannot be one graph: each
         step's shapes come from a host sync. So each layer is compiled on its own, in place (parameter
-        names unchanged), with dynamic shapes since the active-row count changes every step; gather,
-        scatter and decisions stay eager. A few variants per layer compile on first use (every token
-        active / the same count per sequence / ragged). Removes most of the eager per-step launch
-        overhead, which is what made steps with few active tokens cost almost as much as full ones."""
-        # Python ints that change (row counts) cost one recompile each before dynamo makes them symbolic,
-        # on top of the variants above: the default limit of 8 per function is too tight for that.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        names unchanged); gather, scatter and decisions stay eager. A few variants per layer compile on
+        first use (every token active / the same count per sequence / ragged). Removes most of the eager
+        per-step launch overhead, which is what made steps with few active tokens cost almost as much as
+        full ones. Without halt_buckets, with dynamic shapes since the active-row count changes every
+        step; with halt_buckets = K, static shapes: each of the at most K bucket shapes compiles once
+        (specialised kernels, no symbolic-shape work on the host at each call)."""
+        K = self.cfg.halt_buckets
+        # Without buckets, Python ints that change (row counts) cost one recompile each before dynamo makes
+        # them symbolic, on top of the variants above: the default limit of 8 per function is too tight.
+        # With K buckets, each layer function sees up to K + 1 + R shapes (buckets, every token, MoR top-k
+        # rows) in training and again in eval, and the G (+ prelude/coda) layers share its code object.
+        limit = 64 if not K else 2 * (K + 2 + self.n_repeats) * len(distinct_layers(self))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 2 * limit)
         for layer in distinct_layers(self):
-            layer.compile(dynamic=True, **kwargs)
+            layer.compile(dynamic=not K, **kwargs)
 
     # ---- decisions -----------------------------------------------------------------------------
     def _start(self, x, pos, kv_cache, R):
@@ -502,7 +619,7 @@ class HaltingMoEUT(nn.Module):
         s = SimpleNamespace(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
                             run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
                             gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[],
-                            R=R, everyone=False)
+                            R=R, everyone=False, all_at_start=False)
         if self.forced_depths is not None:
             d = self.forced_depths.to(x.device)
             if d.shape != (B, T) or bool(((d < 0) | (d > R)).any()):
@@ -515,12 +632,12 @@ class HaltingMoEUT(nn.Module):
         elif cfg.halting == 'none':
             s.mode, s.everyone = 'none', True        # the plain loop: no decisions, no host syncs
         elif cfg.halting == 'act':
-            s.mode = 'act'
+            s.mode, s.all_at_start = 'act', True                # every token runs step 0
             s.cum = x.new_zeros(B, T, dtype=torch.float32)      # Σh of the steps taken so far
             s.rem = x.new_zeros(B, T, dtype=torch.float32)      # the remainder R (has gradient)
             s.loss = lambda: cfg.act_tau * (s.depth + s.rem).mean()    # ponder cost τ·mean(N + R)
         elif cfg.mor_routing == 'token':
-            s.mode = 'token'
+            s.mode, s.all_at_start = 'token', True              # every depth is >= 1
             p = torch.softmax(self._route(x), dim=-1)            # [B, T, R]: depth of each token, once
             choice = p.argmax(-1)
             # test-time depth: a cap below the trained R truncates; above it, the deepest choice runs on

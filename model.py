@@ -62,6 +62,7 @@ class ModelConfig:
     mor_aux_coef: float = 0.001     # expert-choice BCE teaching scores to predict top-k selection
     mor_balance_coef: float = 0.1   # token-choice balancing loss
     mor_causal_eval: bool = True    # eval: expert-choice uses sigmoid > 0.5 (causal) instead of top-k
+    halt_buckets: int = 0           # > 0: each step's active tokens padded to one of this many static shapes
     # --- end of halting block ---
     # --- attention options (docs/options.md "Attention options"); all off by default, and off changes nothing ---
     n_kv_heads: int = 0             # GQA/MQA: K (and, in the dense baseline, V) heads; 0 = n_heads
@@ -115,6 +116,10 @@ class ModelConfig:
             bad(f"d_ff must be >= 1, got {self.d_ff}")
         if self.model_type == 'dense' and self.halting != 'none':
             bad(f"halting={self.halting!r} needs model_type='moeut' (the dense baseline has no looped group)")
+        if not isinstance(self.halt_buckets, int) or self.halt_buckets < 0 or (self.halt_buckets and
+                                                                              self.halting == 'none'):
+            bad(f"halt_buckets must be an int >= 0, and > 0 only with halting='act' or 'mor' (it pads the "
+                f"tokens that halting drops), got {self.halt_buckets!r} with halting={self.halting!r}")
         if self.model_type == 'dense' and (self.recurrence != 'fixed' or self.backprop_repeats or
                                            self.input_injection != 'none' or self.random_init_state):
             bad("recurrence / backprop_repeats / input_injection / random_init_state need model_type='moeut' "
@@ -281,7 +286,7 @@ class SigmaMoE(nn.Module):
         k = self.k_schedule[repeat] if self.k_schedule else self.k
         idx, weights = self._pick(logits, k, self.training)
         sel = cvmm_prepare(idx, self.expert_sel.shape[0])   # sorted once, used by both projections
-        counts = sel.offsets[1:] - sel.offsets[:-1]
+        counts = routed_counts(sel, idx, ctx)
         self.usage += counts
         if self.training:
             _count_loads(self, '', counts, loads)
@@ -370,6 +375,19 @@ def _topk_indices(scores: torch.Tensor, k: int, expert_dropout: float,
         drop = torch.rand_like(scores) < expert_dropout
         scores = scores.masked_fill(drop, float('-inf'))
     return topk_ids(scores, k)       # torch.topk on CPU, a Triton kernel on CUDA (cvmm.topk_ids)
+
+
+def routed_counts(sel, idx: torch.Tensor, ctx) -> torch.Tensor:
+    """Slots routed to each id (the sort's offsets: free). halting.py's bucketed steps (halt_buckets) run
+    padding rows, flagged by ctx.pad_rows ([rows] bool): they route like any row, but usage and the
+    balancing loads must count tokens only, so their picks come off again."""
+    counts = sel.offsets[1:] - sel.offsets[:-1]
+    pad = getattr(ctx, 'pad_rows', None)
+    if pad is None:
+        return counts
+    ids = idx.reshape(pad.shape[0], -1)                     # [rows, picks per row]
+    padded = pad[:, None].expand_as(ids).flatten().to(counts.dtype)
+    return counts - torch.zeros_like(counts).index_add(0, ids.flatten(), padded)
 
 
 # ---- balancing state (moe_balance 'aux_free' / 'global'), shared by the σ-MoE and SwitchHead routers ----
@@ -627,10 +645,11 @@ class SwitchHead(nn.Module):
             self.o = nn.Parameter(torch.empty(d, H * dh))
             self.sel_o = nn.Parameter(torch.empty(H, d))
 
-    def route(self, a: torch.Tensor, bank: str, routes: Optional['Routes']):
+    def route(self, a: torch.Tensor, bank: str, routes: Optional['Routes'], ctx=None):
         """Per head: sigmoid of fp32 router logits, top-k, weights = raw sigmoid. bank: 'v' or 'o'.
         Returns the sorted routing with expert ids shifted into head h's bank (h*E + e), and the
-        weights [B, T, H, k]. The routing options act per head (bias, noise, norm_topk, balancing)."""
+        weights [B, T, H, k]. The routing options act per head (bias, noise, norm_topk, balancing).
+        ctx: the layer's attention context, for routed_counts."""
         w, usage = getattr(self, 'sel_' + bank), getattr(self, 'usage_' + bank)
         logits = F.linear(a, w).float().unflatten(-1, (self.H, self.E))             # [B, T, H, E]
         if routes is not None:
@@ -645,7 +664,7 @@ class SwitchHead(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         idx = idx + torch.arange(self.H, device=idx.device)[:, None] * self.E
         sel = cvmm_prepare(idx, self.H * self.E)
-        counts = sel.offsets[1:] - sel.offsets[:-1]
+        counts = routed_counts(sel, idx, ctx)
         usage += counts
         if self.training:
             _count_loads(self, '_' + bank, counts, routes.loads[bank] if routes is not None else None)
@@ -658,8 +677,8 @@ class SwitchHead(nn.Module):
         q = qk_heads(self.q(a), H, dh, self.q_norm)
         k = qk_heads(self.k(a), self.Hkv, dh, self.k_norm)
         if self.E > 1:
-            v_sel, v_w = self.route(a, 'v', routes)
-            o_sel, o_w = self.route(a, 'o', routes)
+            v_sel, v_w = self.route(a, 'v', routes, ctx)
+            o_sel, o_w = self.route(a, 'o', routes, ctx)
             # V: slots [N, H, k] read token rows (fan H*k), contracted over each head's k picks
             v = cvmm(x.reshape(B * T, d), v_sel, self.v, v_w.reshape(B * T * H, self.top_k))
             v = v.view(B, T, H, dh).transpose(1, 2)
