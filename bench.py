@@ -609,7 +609,12 @@ def bench_depth_curve():
     model.to(device).eval()
     if depth_exit >= 0:
         set_depth(model, exit_threshold=depth_exit)
-    block, data = model.cfg.block_size, os.path.join('data', ck['config']['dataset'], 'val.bin')
+    from data import parse_dataset
+    sources = parse_dataset(ck['config']['dataset'])
+    if len(sources) > 1:
+        raise SystemExit(f"bench.py: {path} was trained on the mixture {ck['config']['dataset']!r}: the depth curve "
+                         f"reads one dataset's val split (train.py's per-dataset val losses are in its log.jsonl)")
+    block, data = model.cfg.block_size, os.path.join('data', sources[0][0], 'val.bin')
     dt = np.dtype(ck['meta']['dtype'])
     n_win = (os.path.getsize(data) // dt.itemsize - 1) // block
     starts = np.linspace(0, n_win - 1, min(depth_windows, n_win)).astype(np.int64) * block

@@ -472,8 +472,9 @@ def resume_checkpoint(cfg, run, meta, data_dir):
         fail(f"checkpoint {path} has vocab_size {ckpt['model_config'].get('vocab_size')}, {data_dir}/meta.json "
              f"says {meta['vocab_size']}: was the dataset prepared again, with another tokenizer?")
     defaults = asdict(ModelConfig())      # a key the checkpoint predates: it was trained with its default
-    for k in defaults:                    # the architecture must be the checkpoint's
-        if k in cfg and k != 'vocab_size' and ckpt['config'].get(k, defaults[k]) != cfg[k]:
+    # the architecture must be the checkpoint's; halt_buckets only pads the compute (same numerics)
+    for k in defaults:
+        if k in cfg and k not in ('vocab_size', 'halt_buckets') and ckpt['config'].get(k, defaults[k]) != cfg[k]:
             fail(f"checkpoint {path} has {k}={ckpt['config'].get(k, defaults[k])!r}, config says {cfg[k]!r}")
     return path, ckpt
 

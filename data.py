@@ -323,7 +323,9 @@ def evaluate_sources(cfg, sources, evaluate):
     for name, d, w in sources:
         ev = evaluate(d)
         for k, v in ev.items():
-            out[k] = out.get(k, 0.0) + w * v if k in ('train', 'val') else \
-                [a + b for a, b in zip(out.get(k, [0] * len(v)), v)]
+            if k in ('train', 'val'):       # losses: weighted by the mixture
+                out[k] = out.get(k, 0.0) + w * v
+            else:                           # histograms (depths): counts add up
+                out[k] = [a + b for a, b in zip(out.get(k, [0] * len(v)), v)]
         out[f'val/{name}'] = ev['val']
     return out

@@ -7,8 +7,8 @@ overridden by config files and --key=value (configurator.py).
     torchrun --standalone --nproc_per_node=8 train.py config/moeut_126m.py
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 train.py ...
 
-Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel and 'fsdp' shards it with
-FSDP2 (fully_shard). total_batch_size is the GLOBAL batch (sequences per optimizer step) and batch_size
+Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel (from 2 processes on) and
+'fsdp' shards it with FSDP2 (fully_shard). total_batch_size is the GLOBAL batch (sequences per optimizer step) and batch_size
 the largest micro-batch per process; the gradient accumulation follows (data.batch_plan), so a config
 means the same training at any world size.
 """
@@ -239,8 +239,8 @@ def wrap_model(model, run, cfg):
     if not run['distributed']:
         return model
     if cfg['parallelism'] == 'ddp' and run['world'] == 1:
-        # nothing to synchronise, and torch.compile splits a DDP module's graph at every gradient bucket:
-        # under `torchrun --nproc_per_node=1` that cost MoEUT-126M a fifth of its tokens/s (H100)
+        # nothing to synchronise, and torch.compile splits a DDP module's graph at every gradient bucket
+        # (README, "Configs": MoEUT-126M's shipped config, 381 -> 352 ms/step, on two different H100s)
         return model
     if cfg['parallelism'] == 'ddp':
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -391,7 +391,7 @@ def _train(cfg, run, on_exit):
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
     fwd = wrapped
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
-        model.core.compile_layers()           # halting: per layer, dynamic shapes (see halting.py)
+        model.core.compile_layers()           # halting: per layer (dynamic shapes, or halt_buckets' static ones)
     elif cfg['compile']:
         fwd = torch.compile(wrapped)
 
@@ -404,8 +404,10 @@ def _train(cfg, run, on_exit):
     if master:
         print(describe(mcfg))
         print(describe_data(cfg, sources, total))
-        print(f"{run['world']} process(es), {run['device']}, {run['dtype']}, {total} sequences/step = {micro} per "
-              f"micro-batch x {accum} accumulation x {run['world']} process(es), {tokens_per_step} tokens/step")
+        how = '' if wrapped is model and not (run['distributed'] and cfg['parallelism'] == 'fsdp') else \
+            f" ({cfg['parallelism'].upper()})"
+        print(f"{run['world']} process(es){how}, {run['device']}, {run['dtype']}, {total} sequences/step = {micro} "
+              f"per micro-batch x {accum} accumulation x {run['world']} process(es), {tokens_per_step} tokens/step")
     wandb = None
     if cfg['wandb_log'] and master:
         import wandb
@@ -472,10 +474,10 @@ def _train(cfg, run, on_exit):
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
             if run['distributed']:    # all-reduce gradients only on the last micro-step
-                if cfg['parallelism'] == 'ddp':
-                    wrapped.require_backward_grad_sync = last
-                else:
+                if cfg['parallelism'] == 'fsdp':
                     wrapped.set_requires_gradient_sync(last)
+                elif wrapped is not model:   # DDP (a single process runs unwrapped: wrap_model)
+                    wrapped.require_backward_grad_sync = last
             x, y = x.to(run['device'], non_blocking=True), y.to(run['device'], non_blocking=True)
             with autocast:
                 out = fwd(x, y)

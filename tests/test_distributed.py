@@ -32,8 +32,8 @@ def env():
     return e
 
 
-def train(cwd, *args, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else \
+def train(cwd, *args, nproc=1, torchrun=False):
+    launcher = [sys.executable] if nproc == 1 and not torchrun else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     p = subprocess.run(launcher + [TRAIN, *args], cwd=cwd, env=env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
@@ -122,7 +122,7 @@ def runs(root):
 @pytest.mark.parametrize('par', ['ddp', 'fsdp'])
 def test_parallel_training_matches_one_process(root, runs, par):
     """Same global batch → same parameters after 4 steps, same eval losses (which are all-reduced)."""
-    assert '2 process(es)' in runs[par].stdout
+    assert f'2 process(es) ({par.upper()})' in runs[par].stdout
     assert_same_weights(weights(os.path.join(root, 'single', 'ckpt_0000004.pt')),
                         weights(os.path.join(root, par, 'ckpt_0000004.pt')))
     es, ep = evals(runs['single'].stdout), evals(runs[par].stdout)
@@ -243,3 +243,12 @@ def test_paper_config_runs_on_two_processes(root):
     assert '64 sequences/step = 32 per micro-batch x 2 accumulation x 1 process(es)' in one.stdout
     assert '64 sequences/step = 32 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
     assert_same_losses(log(os.path.join(root, 'paper2')), log(os.path.join(root, 'paper1')), [1, 2])
+
+
+def test_one_process_under_torchrun_runs_unwrapped(root, runs):
+    """torchrun with one process trains exactly as plain python, and without the DDP wrapper: there is
+    nothing to synchronise, and torch.compile would split a DDP module's graph at its gradient buckets."""
+    p = train(root, *ARGS, '--out_dir=torchrun1', torchrun=True)
+    assert '1 process(es), cpu' in p.stdout and '(DDP)' not in p.stdout
+    assert_same_losses(log(os.path.join(root, 'torchrun1')), log(os.path.join(root, 'single')), [1, 2, 3, 4],
+                       atol=0)

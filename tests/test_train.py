@@ -912,3 +912,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert sorted(grads[0]) == sorted(grads[1])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-6, msg=lambda s: f"{k}: {s}")
+
+
+def test_resume_with_halt_buckets(root):
+    """halt_buckets pads the tokens a halting step runs (same numerics), so a halting run resumes with it
+    turned on; a key of the architecture (halting itself) still has to match."""
+    args = [*TINY, '--halting=act', '--eval_interval=2', '--out_dir=buckets']
+    train(root, *args, '--max_iters=2')
+    p = train(root, *args, '--max_iters=3', '--init_from=resume', '--halt_buckets=4')
+    assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
+    r = train(root, *args, '--max_iters=4', '--init_from=resume', '--halting=mor', check=False)
+    assert_one_line_error(r, "halting='act'", "config says 'mor'")
