@@ -3,6 +3,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm                  # CVMM kernels vs dense / reference / torch._grouped_mm
     $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
+      (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True)
     $ python bench.py --what=profile               # top CUDA kernels of a training step (train_models' first)
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
@@ -376,19 +377,71 @@ def time_steps(step, n_warm, n):
     return a.elapsed_time(b) / n, torch.cuda.max_memory_allocated() / 2**30
 
 
+def train_spec(spec):
+    """One train_models entry, 'config/x.py[:compile][+key=value...]' -> (path, compiled, {ModelConfig key:
+    value}, activation_checkpointing). Values are Python literals or plain strings, without commas (the
+    entries' separator): e.g. config/moeut_1b.py:compile+activation_checkpointing=True, or
+    config/moeut_126m.py:compile+recurrence=random+mean_repeats=9+backprop_repeats=2."""
+    import ast
+    head, *over = spec.split("+")
+    path, _, mode = head.partition(":")
+    if mode not in ("", "compile"):
+        raise SystemExit(f"bench.py: train_models entry {spec!r}: the mode after ':' can only be 'compile'")
+    keys = {}
+    for item in over:
+        k, sep, raw = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"bench.py: train_models entry {spec!r}: {item!r} is not key=value")
+        try:
+            keys[k] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):   # not a literal: a plain string, as configurator.py reads it
+            keys[k] = raw
+    return path, mode == "compile", keys, bool(keys.pop("activation_checkpointing", False))
+
+
+def train_config(spec, path, keys):
+    """The ModelConfig of a train_models entry at train_vocab / train_block; one line for a key that is
+    not a ModelConfig field (from_dict would drop it) or a value it refuses."""
+    from dataclasses import fields
+    from model import ModelConfig
+    unknown = sorted(set(keys) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise SystemExit(f"bench.py: train_models entry {spec!r}: {', '.join(unknown)} is not a model key "
+                         f"(model.ModelConfig, or activation_checkpointing)")
+    try:
+        return model_config(path, vocab_size=train_vocab, block_size=train_block, **keys)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
+
+
 def bench_train():
     """ms/step, tokens/s, peak memory and MFU of each model in `train_models` (config files, with
-    ':compile' to torch.compile it), measured in one run; ratios against the first entry."""
+    ':compile' to torch.compile it and '+key=value' overrides, see train_spec), measured in one run;
+    ratios against the first entry. A row that runs out of GPU memory says OOM and the rest go on."""
+    import gc
     from model import flops_per_token
     name, peak = peak_tflops()
     rows, base = [], None
     for spec in train_models.split(","):
-        path, _, mode = spec.partition(":")
-        cfg = model_config(path, vocab_size=train_vocab, block_size=train_block)
-        step, model = train_step(cfg, mode == "compile", train_batch, train_block)
-        ms, mem = time_steps(step, 3 if mode != "compile" else 5, train_steps)
+        path, compiled, keys, ckpt = train_spec(spec)
+        cfg = train_config(spec, path, keys)
+        step = model = None
+        try:
+            step, model = train_step(cfg, compiled, train_batch, train_block)
+            model.core.activation_checkpointing = ckpt     # train.py's key (model.MoEUT.forward reads it)
+            ms, mem = time_steps(step, 3 if not compiled else 5, train_steps)
+        except torch.OutOfMemoryError:
+            ms = None
+        except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)
+            raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
         del step, model
+        gc.collect()
         torch.cuda.empty_cache()
+        if ms is None:
+            rows.append([spec, "OOM", "", "", f"> {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}",
+                         "", "", ""])
+            print(rows[-1], flush=True)
+            continue
         tok_s = train_batch * train_block / ms * 1e3
         tflops = 3 * flops_per_token(cfg, train_block) * tok_s / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
@@ -404,9 +457,10 @@ def bench_train():
 def bench_profile():
     """Top CUDA kernels of a few training steps of train_models' first entry (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
-    path, _, mode = train_models.split(",")[0].partition(":")
-    cfg = model_config(path, vocab_size=train_vocab, block_size=train_block)
-    step, _ = train_step(cfg, mode == "compile", train_batch, train_block)
+    path, compiled, keys, ckpt = train_spec(train_models.split(",")[0])
+    cfg = train_config(train_models.split(",")[0], path, keys)
+    step, model = train_step(cfg, compiled, train_batch, train_block)
+    model.core.activation_checkpointing = ckpt
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -1,5 +1,5 @@
-"""bench.py --what=ablation in its CPU smoke mode: one train.py run per variant on a tiny model, and a
-table whose numbers are those the runs logged."""
+"""bench.py on the CPU: --what=ablation in its smoke mode (one train.py run per variant on a tiny model, and a
+table whose numbers are those the runs logged), and the rows of --what=train."""
 import json
 import math
 import os
@@ -72,3 +72,22 @@ def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
     assert p.stderr.strip().splitlines() == [
         "bench.py: unknown ablation variant(s) ['nul10']: choose from paper, aux_free, switch, global, shared, "
         "null10, null40, k_schedule, conv_router, gqa, qk_norm, ssmax"]
+
+
+def test_train_rows_take_key_overrides(monkeypatch):
+    """bench.py --what=train rows: 'config[:compile][+key=value...]', the keys checked against the model's
+    (a typo would otherwise be dropped silently), activation_checkpointing set apart (a train.py key)."""
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])    # bench.py reads its command line when imported
+    import bench
+    assert bench.train_spec('config/moeut_1b.py:compile+activation_checkpointing=True') == \
+        ('config/moeut_1b.py', True, {}, True)
+    c44 = os.path.join(ROOT, 'config', 'moeut_44m.py')
+    path, compiled, keys, ckpt = bench.train_spec(c44 + '+recurrence=random+mean_repeats=4.5+backprop_repeats=2')
+    assert (path, compiled, ckpt) == (c44, False, False)
+    cfg = bench.train_config('row', path, keys)
+    assert (cfg.recurrence, cfg.mean_repeats, cfg.backprop_repeats, cfg.d_model) == ('random', 4.5, 2, 412)
+    for spec, words in [('config/moeut_44m.py:eager', "only be 'compile'"), ('config/moeut_44m.py+qk_norm', 'key=value')]:
+        with pytest.raises(SystemExit, match=words):
+            bench.train_spec(spec)
+    with pytest.raises(SystemExit, match='qk_nrom is not a model key'):
+        bench.train_config('row', c44, {'qk_nrom': True})
