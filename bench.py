@@ -11,6 +11,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
     $ python bench.py --what=depth_curve --depth_ckpt=out/addition_act --device=cpu   # loss vs test-time repeats
     $ python bench.py --what=ablation              # the MoE/attention options, one train.py run each (docs/options.md)
+    $ python bench.py --what=exit_decode --depth_ckpt=out/addition_huginn --device=cpu --exit_prompt=16 --exit_new=48
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
@@ -44,6 +45,10 @@ depth_windows = 64      # depth_curve: validation windows (of the checkpoint's b
 depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
 depth_exit = -1.0       # depth_curve: >= 0: per-token exit (KL) at this threshold, for models without halting
 depth_plot = "depth_curve.png"   # depth_curve: written if matplotlib is installed ('' = none)
+exit_thresholds = "0.001,0.01,0.1"   # exit_decode: KL thresholds of per-token exit, each against exit off
+exit_batch = 4          # exit_decode: sequences decoded together, prompted from the depth_ckpt run's val split
+exit_prompt = 64        # exit_decode: prompt tokens per sequence
+exit_new = 128          # exit_decode: tokens generated per sequence (greedy)
 ablation_config = "config/moeut_44m.py"  # ablation: the base model and recipe of every variant
 ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one
 ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile')
@@ -644,38 +649,99 @@ def bench_halting():
                   smoke=device == "cpu", buckets=halting_buckets, only=halting_only, mode=halting_compile_mode)
 
 
-def bench_depth_curve():
-    """Validation loss against the repeats run at inference (1 .. 2R) of a trained looped model: the
-    curve of spec/recurrence.md (halting.depth_curve). For the synthetic addition data, also the mean
-    depth per difficulty of the position (synthetic.py)."""
+def trained_model(ckpt):
+    """(model in eval mode on `device`, checkpoint, its path, the val.bin of its dataset, that file's dtype)
+    of a train.py checkpoint file or out_dir (its latest)."""
     import os
     import numpy as np
-    from halting import build_lm, depth_curve, set_depth
-    from model import ModelConfig
     from checkpoint import latest_checkpoint, load_checkpoint_meta
-    from data import read_windows
-    path = latest_checkpoint(depth_ckpt) if os.path.isdir(depth_ckpt) else depth_ckpt
+    from data import parse_dataset
+    from halting import build_lm
+    from model import ModelConfig
+    path = latest_checkpoint(ckpt) if os.path.isdir(ckpt) else ckpt
     if not path or not os.path.isfile(path):
-        raise SystemExit(f"bench.py: depth_ckpt={depth_ckpt!r}: no checkpoint file (ckpt_*.pt) there")
+        raise SystemExit(f"bench.py: depth_ckpt={ckpt!r}: no checkpoint file (ckpt_*.pt) there")
     ck = load_checkpoint_meta(path)
     model = build_lm(ModelConfig(**ck['model_config']))
     model.load_state_dict({k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ck['model'].items()})
     model.to(device).eval()
-    if depth_exit >= 0:
-        set_depth(model, exit_threshold=depth_exit)
-    from data import parse_dataset
     sources = parse_dataset(ck['config']['dataset'])
     if len(sources) > 1:
-        raise SystemExit(f"bench.py: {path} was trained on the mixture {ck['config']['dataset']!r}: the depth curve "
-                         f"reads one dataset's val split (train.py's per-dataset val losses are in its log.jsonl)")
-    block, data = model.cfg.block_size, os.path.join('data', sources[0][0], 'val.bin')
-    dt = np.dtype(ck['meta']['dtype'])
+        raise SystemExit(f"bench.py: {path} was trained on the mixture {ck['config']['dataset']!r}: this reads "
+                         f"one dataset's val split (train.py's per-dataset val losses are in its log.jsonl)")
+    return model, ck, path, os.path.join('data', sources[0][0], 'val.bin'), np.dtype(ck['meta']['dtype'])
+
+
+def val_batches(data, dt, block, windows=None):
+    """Batches of 16 (x, y) windows of `block` tokens, spread evenly over the val file, on `device`."""
+    import os
+    import numpy as np
+    from data import read_windows
     n_win = (os.path.getsize(data) // dt.itemsize - 1) // block
-    starts = np.linspace(0, n_win - 1, min(depth_windows, n_win)).astype(np.int64) * block
-    batches = [tuple(t.to(device) for t in read_windows(data, dt, starts[i:i + 16], block))
-               for i in range(0, len(starts), 16)]
+    starts = np.linspace(0, n_win - 1, min(windows or depth_windows, n_win)).astype(np.int64) * block
+    return [tuple(t.to(device) for t in read_windows(data, dt, starts[i:i + 16], block))
+            for i in range(0, len(starts), 16)]
+
+
+def bench_exit_decode():
+    """Per-token exit (models trained without a halting unit, halting.set_depth): greedy decoding with
+    the KV cache, tokens/s (median of 3) and mean repeats per generated token, and the validation loss, with exit off
+    and at each KL threshold of exit_thresholds, at the trained depth. Rows: 'off' is the plain MoEUT
+    decode (a CUDA graph on a GPU); 'KL < 0' runs the exit machinery (halting.py's core, growing
+    cache) but never exits, which separates that path's cost from what exiting saves."""
+    import numpy as np
+    from data import read_windows
+    from halting import set_depth
+    model, ck, path, data, dt = trained_model(depth_ckpt)
+    R, block = model.core.n_repeats, model.cfg.block_size
+    if exit_prompt + exit_new > block:
+        raise SystemExit(f"bench.py: exit_prompt + exit_new ({exit_prompt + exit_new}) exceed the model's "
+                         f"block_size {block}")
+    n = (np.memmap(data, dtype=dt, mode='r').shape[0] - 1) // exit_prompt
+    starts = np.linspace(0, n - 1, exit_batch).astype(np.int64) * exit_prompt
+    prompt = read_windows(data, dt, starts, exit_prompt)[0].to(device)
+    batches = val_batches(data, dt, block)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    thresholds = [None, 0.0] + [float(t) for t in str(exit_thresholds).split(",") if t.strip()]
+    rows = []
+    print(f"{path}: {ck['config']['dataset']}, trained R = {R}, {exit_batch} x ({exit_prompt} prompt + {exit_new} "
+          f"greedy) tokens, {device}")
+    for t in thresholds:
+        set_depth(model, exit_threshold=t)
+        with torch.no_grad():
+            model.generate(prompt, 4, temperature=0.0)                      # warm-up (graph capture on CUDA)
+            times = []
+            for _ in range(3):   # the median of 3
+                sync()
+                t0 = time.perf_counter()
+                out = model.generate(prompt, exit_new, temperature=0.0)
+                sync()
+                times.append(time.perf_counter() - t0)
+            secs = statistics.median(times)
+            if t is None:
+                depth = float(R)
+            else:   # the cached decode equals the full forward (halting.py), so read the depths off one
+                model(out)
+                depth = model.core.trace['depth'][:, exit_prompt:].float().mean().item()
+            loss = sum(model(x, y).ce.item() * x.shape[0] for x, y in batches) / sum(x.shape[0] for x, _ in batches)
+        rows.append(["off (plain MoEUT decode)" if t is None else f"KL < {t:g}", f"{exit_batch * exit_new / secs:,.0f}",
+                     f"{depth:.2f} of {R}", f"{loss:.4f}"])
+        print(rows[-1], flush=True)
+    table(["exit", "decode tokens/s", "mean repeats per generated token", "val loss"], rows)
+
+
+def bench_depth_curve():
+    """Validation loss against the repeats run at inference (1 .. 2R) of a trained looped model: the
+    curve of spec/recurrence.md (halting.depth_curve). For the synthetic addition data, also the mean
+    depth per difficulty of the position (synthetic.py)."""
+    import numpy as np
+    from halting import depth_curve, set_depth
+    model, ck, path, data, dt = trained_model(depth_ckpt)
+    if depth_exit >= 0:
+        set_depth(model, exit_threshold=depth_exit)
+    block, batches = model.cfg.block_size, val_batches(data, dt, model.cfg.block_size)
     R = model.core.n_repeats
-    print(f"{path}: {ck['config']['dataset']}, {len(starts)} windows of {block} tokens"
+    print(f"{path}: {ck['config']['dataset']}, {sum(x.shape[0] for x, _ in batches)} windows of {block} tokens"
           + (f", per-token exit at KL < {depth_exit}" if depth_exit >= 0 else ''))
     depth_curve(model, batches, range(1, (depth_max or 2 * R) + 1), plot=depth_plot)
     if ck['config']['dataset'] == 'addition' and hasattr(model.core, 'trace'):

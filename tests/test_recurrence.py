@@ -675,3 +675,30 @@ def test_bench_depth_curve_from_a_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, 'depth_ckpt', 'nowhere')
     with pytest.raises(SystemExit, match='no checkpoint'):
         bench.bench_depth_curve()
+
+
+def test_bench_exit_decode_from_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """python bench.py --what=exit_decode: per-token exit off, never exiting (KL < 0) and at a threshold;
+    the never-exiting row is the full-depth model (same loss, R repeats), a huge threshold exits every
+    token as soon as the criterion exists: after its second repeat (KL between repeats 2 and 1)."""
+    from dataclasses import asdict
+    import synthetic
+    monkeypatch.chdir(tmp_path)
+    meta = synthetic.prepare_synthetic('addition', n=600, val_fraction=0.2, verbose=False)
+    lm = make(vocab_size=257, block_size=32)
+    os.makedirs('out')
+    torch.save({'model': lm.state_dict(), 'model_config': asdict(lm.cfg), 'config': {'dataset': 'addition'},
+                'meta': meta}, 'out/ckpt_0000010.pt')
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    for k, v in dict(device='cpu', depth_ckpt='out', depth_windows=8, exit_batch=2, exit_prompt=8, exit_new=8,
+                     exit_thresholds='1e9').items():
+        monkeypatch.setattr(bench, k, v)
+    bench.bench_exit_decode()
+    rows = [ln.split(' | ') for ln in capsys.readouterr().out.splitlines() if ln.startswith(('| off', '| KL'))]
+    assert [r[0] for r in rows] == ['| off (plain MoEUT decode)', '| KL < 0', '| KL < 1e+09']
+    assert rows[0][2] == rows[1][2] == f'{R:.2f} of {R}' and rows[0][3] == rows[1][3]
+    assert rows[2][2] == f'2.00 of {R}'
+    monkeypatch.setattr(bench, 'exit_new', 32)
+    with pytest.raises(SystemExit, match='exceed the model'):
+        bench.bench_exit_decode()
