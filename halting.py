@@ -214,6 +214,7 @@ class PaddedRows(Rows):
         self.n, tm = counts or torch.stack([per_seq.sum(), per_seq.max()]).tolist()
         self.all = self.n == B * T
         if self.all or self.n == 0:
+            self.tm = T if self.all else 0
             return
         step = -(-T // buckets)
         self.tm = tm = min(T, -(-tm // step) * step)
@@ -512,21 +513,12 @@ class HaltingMoEUT(nn.Module):
         n_free = R - cfg.backprop_repeats if self.training and 0 < cfg.backprop_repeats < R else 0
         s = self._start(x, pos, kv_cache, R)         # decides who runs step 0
         kv = self.exit.kv if s.mode == 'exit' else self.kv
-        # halt_buckets: static shapes for the ragged steps. Not with a KV cache (decoding: the caches keep
-        # exactly the real tokens, as without), nor per-token exit (its criterion keeps the exact rows)
-        buckets = cfg.halt_buckets if kv_cache is None and s.mode != 'exit' else 0
-        counts = [None] * R
-        if buckets and s.mode == 'token':            # depths fixed at entry: ONE sync reads every step's counts
-            c = (s.target[None] > torch.arange(R, device=x.device)[:, None, None]).sum(2)     # [R, B]
-            counts = torch.stack([c.sum(1), c.amax(1)], 1).tolist()
+        buckets, counts = self._bucket_plan(s, R, kv_cache, x.device)
         out = torch.zeros_like(x) if s.output == 'weighted' else x      # 'weighted' Σp·x / 'mean'
         bufs = [{} for _ in range(G)]                # last-kv: each token's K/V at its last step
         steps = 0
         for r in range(R):
-            if buckets and s.per_row is None and not s.everyone:      # (MoR top-k rows are fixed already)
-                rows = PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start, counts=counts[r])
-            else:
-                rows = self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
+            rows = self._rows(r, s, pos, buckets, counts)
             if rows.n == 0:
                 break                                # everyone has halted
             steps += 1
@@ -561,6 +553,26 @@ class HaltingMoEUT(nn.Module):
             loss = loss + s.loss()
         self._record(s)
         return out, loss
+
+    def _bucket_plan(self, s, R, kv_cache, device):
+        """(halt_buckets for this forward, 0 = exact rows; each step's (N, Tm) where known ahead, else None).
+        Not with a KV cache (decoding: the caches keep exactly the real tokens, as without), nor per-token
+        exit (its criterion keeps the exact rows). MoR token-choice fixes every depth at entry, so ONE
+        sync reads all steps' counts."""
+        buckets = self.cfg.halt_buckets if kv_cache is None and s.mode != 'exit' else 0
+        counts = [None] * R
+        if buckets and s.mode == 'token':
+            c = (s.target[None] > torch.arange(R, device=device)[:, None, None]).sum(2)     # [R, B]
+            counts = torch.stack([c.sum(1), c.amax(1)], 1).tolist()
+        return buckets, counts
+
+    def _rows(self, r, s, pos, buckets, counts):
+        """The tokens that run step r: padded to one of the buckets' static shapes (PaddedRows), or
+        exactly (rows_cls). MoR expert top-k rows are a fixed [B, k] already, and a step everyone runs
+        is the plain one."""
+        if buckets and s.per_row is None and not s.everyone:
+            return PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start, counts=counts[r])
+        return self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
 
     def _key(self, r, l):
         """kv_cache key of loop layer l at step r: absolute depth, like MoEUT's r*G + l."""
