@@ -13,8 +13,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import halting  # noqa: E402
-from halting import build_lm, forced_depths, random_depths  # noqa: E402
+from halting import build_lm, random_depths  # noqa: E402
 from model import LM, AttentionMask, ModelConfig, make_attn_context  # noqa: E402
+from test_halting import run  # noqa: E402  (a forward under forced depths, or the mechanism's)
+from test_recurrence import spread_depths  # noqa: E402
 
 BASE = dict(vocab_size=53, block_size=32, d_model=32, n_layers=8, group_size=2, n_heads=2, d_head=8,
             att_n_experts=3, att_k=2, ff_n_experts=5, ff_k=2, d_expert=8)
@@ -40,25 +42,12 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 def make_pair(buckets=K, seed=0, **kw):
     """(unbucketed, bucketed) LMs with the same weights; halting parameters that make depths differ."""
     torch.manual_seed(seed)
-    a = build_lm(ModelConfig(**BASE, **kw))
-    with torch.no_grad():
-        if hasattr(a.core, 'halt'):
-            a.core.halt.weight.normal_(0, 1.5)
-            a.core.halt.bias.fill_(-0.3)
-        if hasattr(a.core, 'router'):
-            a.core.router.weight.normal_(0, 1.0)
-            a.core.router.bias.normal_(0, 0.5)
+    a = spread_depths(build_lm(ModelConfig(**BASE, **kw)))
     b = build_lm(ModelConfig(**BASE, **kw, halt_buckets=buckets))
     b.load_state_dict(a.state_dict())
     return a, b
 
 
-def run(model, depths, *args, **kw):
-    core = model.core if isinstance(model, LM) else model
-    if depths is None:
-        return model(*args, **kw)
-    with forced_depths(core, depths):
-        return model(*args, **kw)
 
 
 def layer_shapes(core):

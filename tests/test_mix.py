@@ -16,15 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import Mixture, is_mixture, parse_dataset  # noqa: E402
-from test_train import load, log, make_data, train_here  # noqa: E402
-
-
-def one_line(msg, *needles):
-    msg = str(msg)
-    assert msg.startswith('error:') and '\n' not in msg, msg
-    for s in needles:
-        assert s in msg, msg
-    return msg
+from test_train import load, log, make_data, one_line, train_here  # noqa: E402
 
 
 def write_dataset(data_dir, train, val, tokenizer='bytes', vocab_size=257, dtype='uint16'):

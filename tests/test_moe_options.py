@@ -2,7 +2,6 @@
 normalised top-k, shared experts, MoE++ null experts, a top-k schedule over the repeats and the conv
 router. Each option: causal, cached decoding equals the full forward, gradients where they belong; off,
 nothing changes (tests/test_model.py's golden tests hold). All on CPU in float32."""
-import math
 import os
 import sys
 import tempfile
@@ -16,15 +15,11 @@ sys.path.insert(0, ROOT)
 import cvmm as C  # noqa: E402
 import model as M  # noqa: E402
 from cvmm import cvmm, cvmm_mlp, cvmm_prepare  # noqa: E402
-from model import (LM, ModelConfig, flops_per_token, param_counts, routing_report,  # noqa: E402
+from model import (LM, flops_per_token, param_counts, routing_report,  # noqa: E402
                    static_kv_cache, update_balance_bias)
 
 
-def tiny(**kw):
-    base = dict(vocab_size=61, block_size=64, d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=10,
-                att_n_experts=4, att_k=2, ff_n_experts=6, ff_k=2, d_expert=8, d_ff=48)
-    base.update(kw)
-    return ModelConfig(**base)
+from test_model import tiny  # noqa: E402  (the same tiny MoEUT / dense shapes)
 
 
 # one entry per option; each has something to say in eval (the decode tests) where it can

@@ -41,14 +41,18 @@ def decode_matches(lm, idx, full, depth, chunk_plans):
 def make(seed=0, **kw) -> LM:
     """A tiny model; halting units/routers set so that depths differ from token to token."""
     torch.manual_seed(seed)
-    lm = build_lm(ModelConfig(**{**BASE, **kw}))
-    with torch.no_grad():
-        if hasattr(lm.core, 'halt'):
-            lm.core.halt.weight.normal_(0, 1.5)
-            lm.core.halt.bias.fill_(-0.3)
-        if hasattr(lm.core, 'router'):
-            lm.core.router.weight.normal_(0, 1.0)
-            lm.core.router.bias.normal_(0, 0.5)
+    return spread_depths(build_lm(ModelConfig(**{**BASE, **kw})))
+
+
+@torch.no_grad()
+def spread_depths(lm: LM) -> LM:
+    """Halting unit / MoR router weights large enough that depths differ from token to token."""
+    if hasattr(lm.core, 'halt'):
+        lm.core.halt.weight.normal_(0, 1.5)
+        lm.core.halt.bias.fill_(-0.3)
+    if hasattr(lm.core, 'router'):
+        lm.core.router.weight.normal_(0, 1.0)
+        lm.core.router.bias.normal_(0, 0.5)
     return lm
 
 

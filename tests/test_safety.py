@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import TINY, ckpts, env, log, make_data, train_here  # noqa: E402
+from test_train import TINY, ckpts, env, log, make_data, one_line, train_here  # noqa: E402
 
 ONE = ['--max_iters=1', '--eval_interval=1', '--eval_iters=1']
 
@@ -99,14 +99,6 @@ def sample_main(monkeypatch, capsys, *args):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().out
-
-
-def one_line(msg, *needles):
-    msg = str(msg)
-    assert msg.startswith('error:') and '\n' not in msg, msg
-    for s in needles:
-        assert s in msg, msg
-    return msg
 
 
 KINDS = ['file_top', 'file_config', 'sharded_meta', 'sharded_metadata', 'sharded_bytes']

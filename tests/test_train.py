@@ -293,6 +293,15 @@ def test_second_ctrl_c_exits_at_once_without_a_checkpoint(root):
 
 # ---- errors: one clear line, no traceback --------------------------------------------------------
 
+def one_line(msg, *needles):
+    """A fail() message as a caught SystemExit carries it: one 'error:' line holding every needle."""
+    msg = str(msg)
+    assert msg.startswith('error:') and '\n' not in msg, msg
+    for s in needles:
+        assert s in msg, msg
+    return msg
+
+
 def assert_one_line_error(p, *needles):
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith('error:')]
