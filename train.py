@@ -8,9 +8,9 @@ overridden by config files and --key=value (configurator.py).
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 train.py ...
 
 Under torchrun, parallelism='ddp' wraps the model in DistributedDataParallel (from 2 processes on) and
-'fsdp' shards it with FSDP2 (fully_shard). total_batch_size is the GLOBAL batch (sequences per optimizer step) and batch_size
-the largest micro-batch per process; the gradient accumulation follows (data.batch_plan), so a config
-means the same training at any world size.
+'fsdp' shards it with FSDP2 (fully_shard). total_batch_size is the GLOBAL batch (sequences per optimizer
+step) and batch_size the largest micro-batch per process; the gradient accumulation follows
+(data.batch_plan), so a config means the same training at any world size.
 """
 import gc
 import math
@@ -240,7 +240,7 @@ def wrap_model(model, run, cfg):
         return model
     if cfg['parallelism'] == 'ddp' and run['world'] == 1:
         # nothing to synchronise, and torch.compile splits a DDP module's graph at every gradient bucket
-        # (README, "Configs": MoEUT-126M's shipped config, 381 -> 352 ms/step, on two different H100s)
+        # (docs/results.md: MoEUT-126M's shipped config, 381 -> 352 ms/step, on two different H100s)
         return model
     if cfg['parallelism'] == 'ddp':
         from torch.nn.parallel import DistributedDataParallel as DDP
