@@ -429,6 +429,7 @@ def _train(cfg, run, on_exit):
             'scaler': scaler.state_dict() if scaler.is_enabled() else None})
 
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
+    verdicts = []      # (iter, skipped: a 0-dim bool tensor, already known on the host)
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
     compile_t0, first_iter = None, iter_num  # the first forward compiles (~1 min for MoEUT-126M on an H100): say so
@@ -495,24 +496,17 @@ def _train(cfg, run, on_exit):
             finite = torch.isfinite(out.loss.detach()).float()
             if run['distributed']:  # one verdict for all ranks, so the fail() below fires on every one
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            bad = not bool(finite)
-        else:                       # one small sync per step buys safety against a poisoned update
-            bad = not bool(torch.isfinite(norm))
-            if not bad:
-                optimizer.step()
-        if not bad:
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            if master:
-                print(f"warning: non-finite loss/grad at iter {iter_num}, step skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg['max_bad_steps']:
-                fail(f"{bad_steps} non-finite steps in a row at iter {iter_num}: lower learning_rate, "
-                     f"check the data, or use bfloat16 instead of float16")
+            verdicts.append((iter_num, finite < 1, True))
+        else:                       # a poisoned update never lands (the norm is global: one verdict for all ranks)
+            verdicts.append((iter_num, *step_if_finite(optimizer, norm)))
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         update_balance_bias(model)   # moe_balance 'aux_free'/'global': this step's loads, on every rank (else a no-op)
         iter_num += 1
+        # read the verdicts on the host where they were not read already: at each log line, eval and the end
+        if verdicts[-1][2] or iter_num % cfg['log_interval'] == 0 or iter_num % cfg['eval_interval'] == 0 \
+                or iter_num >= cfg['max_iters'] or len(verdicts) >= 64:
+            bad_steps = count_bad_steps(verdicts, bad_steps, cfg['max_bad_steps'], master)
         if compile_t0 and master and iter_num == first_iter + 1:     # (and the eval before it, if any)
             print(f"compiled in {time.time() - compile_t0:.1f} s", flush=True)
 
@@ -556,6 +550,7 @@ def _train(cfg, run, on_exit):
             dist.all_reduce(flag)
             stopping = bool(flag.item())
         if stopping:
+            bad_steps = count_bad_steps(verdicts, bad_steps, cfg['max_bad_steps'], master)
             if master:
                 print(f"signal received: checkpointing at iter {iter_num} and exiting")
             checkpoint(evaluated=False)
@@ -568,6 +563,41 @@ def _train(cfg, run, on_exit):
         if final is not None and final > 0.1 * first_loss:
             print(f"hint: the batch was not overfit (loss {first_loss:.3f} -> {final:.3f}). Try a higher "
                   f"learning_rate or more max_iters, grad_clip=0, warmup_iters=0, entropy_reg=0")
+
+
+def step_if_finite(optimizer, norm):
+    """optimizer.step() unless the gradient norm is non-finite. Returns (skipped, known): skipped is a 0-dim
+    bool tensor; known says whether the host has already waited for it. Fused AdamW (the default on CUDA)
+    skips on the device through its found_inf input, as GradScaler drives it (parameters, moments and
+    step count untouched), so the step needs no host sync and the host keeps enqueueing the next one.
+    Other optimizers are told on the host: one small sync per step."""
+    bad = ~torch.isfinite(norm)
+    # not under FSDP: there the norm is a DTensor, which fused AdamW's found_inf does not take
+    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get('fused') and type(bad) is torch.Tensor:
+        optimizer.found_inf = bad.float()
+        optimizer.step()
+        return bad, False
+    if not bad:
+        optimizer.step()
+    return bad, True
+
+
+def count_bad_steps(verdicts, bad_steps, max_bad, master):
+    """Reads the pending step verdicts (one sync for all), warns about each skipped step and stops after
+    max_bad in a row. Returns the run of skipped steps so far; empties verdicts."""
+    flags = torch.stack([bad for _, bad, _ in verdicts]).tolist() if verdicts else []
+    for (it, _, _), skipped in zip(verdicts, flags):
+        if not skipped:
+            bad_steps = 0
+            continue
+        bad_steps += 1
+        if master:
+            print(f"warning: non-finite loss/grad at iter {it}, step skipped ({bad_steps} in a row)")
+        if bad_steps >= max_bad:
+            fail(f"{bad_steps} non-finite steps in a row at iter {it}: lower learning_rate, "
+                 f"check the data, or use bfloat16 instead of float16")
+    verdicts.clear()
+    return bad_steps
 
 
 def trim_log(out_dir, iter_num):

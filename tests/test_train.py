@@ -716,10 +716,23 @@ def nan_loss_at(monkeypatch, steps):
     hook_model(monkeypatch, hook)
 
 
-def test_non_finite_step_is_skipped_and_training_goes_on(root, monkeypatch, capsys):
+def fused_adamw(monkeypatch):
+    """train.py's optimizer as on CUDA: fused AdamW, which skips a non-finite step on the device (no sync)."""
+    import train as train_py
+
+    def make(model, cfg, run):
+        return torch.optim.AdamW(model.parameters(), lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
+                                 weight_decay=cfg['weight_decay'], fused=True)
+    monkeypatch.setattr(train_py, 'make_optimizer', make)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_non_finite_step_is_skipped_and_training_goes_on(root, monkeypatch, capsys, fused):
     nan_loss_at(monkeypatch, {2, 4})        # the steps at iters 1 and 3; never two in a row
+    if fused:
+        fused_adamw(monkeypatch)
     out = train_here(root, '--max_iters=4', '--eval_interval=1', '--eval_iters=1', '--keep_last=10',
-                     '--max_bad_steps=2', '--out_dir=nan_skip')
+                     '--max_bad_steps=2', f'--out_dir=nan_skip{int(fused)}')
     stdout = capsys.readouterr().out
     assert 'warning: non-finite loss/grad at iter 1, step skipped (1 in a row)' in stdout
     assert 'warning: non-finite loss/grad at iter 3, step skipped (1 in a row)' in stdout
@@ -732,12 +745,33 @@ def test_non_finite_step_is_skipped_and_training_goes_on(root, monkeypatch, caps
             assert all(torch.equal(st[k], b['optimizer']['state'][p][k]) for k in st)
 
 
-def test_non_finite_steps_in_a_row_stop_with_one_line(root, monkeypatch):
+@pytest.mark.parametrize('fused', [False, True])
+def test_non_finite_steps_in_a_row_stop_with_one_line(root, monkeypatch, fused):
     nan_loss_at(monkeypatch, set(range(2, 100)))
+    if fused:
+        fused_adamw(monkeypatch)
     with pytest.raises(SystemExit) as e:
-        train_here(root, '--max_iters=20', '--eval_interval=1000', '--max_bad_steps=3', '--out_dir=nan_stop')
+        train_here(root, '--max_iters=20', '--eval_interval=1000', '--max_bad_steps=3',
+                   f'--out_dir=nan_stop{int(fused)}')
     msg = str(e.value.code)
     assert msg.startswith('error: 3 non-finite steps in a row at iter 3') and '\n' not in msg, msg
+
+
+def test_fused_adamw_reads_step_verdicts_only_at_log_lines(root, monkeypatch):
+    """With fused AdamW the host does not wait for each step's non-finite check: the verdicts are read in
+    one sync per log line (and at the end), and a finite run trains as with the per-step check."""
+    import train as train_py
+    reads, count = [], train_py.count_bad_steps
+    monkeypatch.setattr(train_py, 'count_bad_steps', lambda v, *a: (reads.append(len(v)), count(v, *a))[1])
+    fused_adamw(monkeypatch)
+    out = train_here(root, '--max_iters=6', '--log_interval=3', '--eval_interval=1000', '--eval_iters=1',
+                     '--out_dir=verdicts_fused')
+    assert reads == [3, 3], reads
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), float('nan'))
+    opt = torch.optim.AdamW([p], fused=True)
+    bad, known = train_py.step_if_finite(opt, torch.tensor(float('inf')))
+    assert bool(bad) and not known and torch.equal(p.detach(), torch.ones(2)) and opt.state[p]['step'] == 0
 
 
 def test_error_resume_with_another_dataset(root):
