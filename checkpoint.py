@@ -2,11 +2,13 @@
 Checkpoints of train.py, and the out_dir they live in: atomic saves (a single file, or sharded with
 torch.distributed.checkpoint under FSDP), pruning to keep_last, safe loading (weights_only=True, an
 allowlist for DCP's .metadata), the corrupt-checkpoint fallback, a full disk in one line, the one-time
-conversion of pre-2026-12-06 checkpoints, RNG state, and the flock that keeps two runs out of one out_dir.
+conversion of pre-2026-12-06 checkpoints, RNG state, the flock that keeps two runs out of one out_dir,
+and the run's log.jsonl there (appended per log line, trimmed back to the checkpoint on resume).
 Used by train.py, sample.py and hf.py.
 """
 import errno
 import gc
+import json
 import os
 import pickle
 import re
@@ -502,3 +504,35 @@ def save_training_state(model, optimizer, run, cfg, state):
         print(f"saved {path}")
     if run['distributed']:
         dist.barrier()
+
+
+def trim_log(out_dir, iter_num):
+    """On resume: drop the log.jsonl records written after the checkpoint, which the resumed run logs
+    again (rewritten to a temp file, then renamed)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if not os.path.exists(path):
+        return
+    def keep(line):
+        try:
+            return json.loads(line).get('iter', 0) <= iter_num
+        except ValueError:      # a line cut short when the run was killed
+            return False
+    with open(path) as f:
+        lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip() and keep(line)]
+    try:
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(lines)
+    except OSError as e:
+        os.remove(path + '.tmp')
+        fail(f"cannot write {path}.tmp: {e.strerror} (log.jsonl is unchanged)")
+    os.replace(path + '.tmp', path)
+
+
+def append_log(out_dir, record):
+    """One JSON line per log interval in out_dir/log.jsonl (machine-readable loss curve)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")

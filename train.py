@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (check_model_state, claim_out_dir, convert_checkpoint, load_model_and_optim_state,
-                        lock_out_dir, remove_partial_saves, resume_checkpoint, save_training_state, set_rng_state,
-                        unlock_out_dir)
+from checkpoint import (append_log, check_model_state, claim_out_dir, convert_checkpoint,
+                        load_model_and_optim_state, lock_out_dir, remove_partial_saves, resume_checkpoint,
+                        save_training_state, set_rng_state, trim_log, unlock_out_dir)
 from configurator import configure, config_keys, fail
 from data import batch_plan, describe_data, ensure_data, evaluate_sources, load_meta, make_batches, read_windows
 from diagnostics import diagnostics_record, grad_norms, halting_stats, logit_stats, show_example
@@ -598,40 +598,6 @@ def count_bad_steps(verdicts, bad_steps, max_bad, master):
                  f"check the data, or use bfloat16 instead of float16")
     verdicts.clear()
     return bad_steps
-
-
-def trim_log(out_dir, iter_num):
-    """On resume: drop the log.jsonl records written after the checkpoint, which the resumed run logs
-    again (rewritten to a temp file, then renamed)."""
-    import json
-    path = os.path.join(out_dir, 'log.jsonl')
-    if not os.path.exists(path):
-        return
-    def keep(line):
-        try:
-            return json.loads(line).get('iter', 0) <= iter_num
-        except ValueError:      # a line cut short when the run was killed
-            return False
-    with open(path) as f:
-        lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip() and keep(line)]
-    try:
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(lines)
-    except OSError as e:
-        os.remove(path + '.tmp')
-        fail(f"cannot write {path}.tmp: {e.strerror} (log.jsonl is unchanged)")
-    os.replace(path + '.tmp', path)
-
-
-def append_log(out_dir, record):
-    """One JSON line per log interval in out_dir/log.jsonl (machine-readable loss curve)."""
-    import json
-    path = os.path.join(out_dir, 'log.jsonl')
-    try:
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror}")
 
 
 if __name__ == '__main__':
