@@ -430,6 +430,7 @@ def _train(cfg, run, on_exit):
 
     t0, bad_steps, losses, first_loss, last_loss = time.time(), 0, [], None, None
     verdicts = []      # (iter, skipped: a 0-dim bool tensor, already known on the host)
+    last_flag = None   # the previous step's stop flag, summed over ranks
     last_routing = None
     last_log_t, last_log_it = t0, iter_num
     compile_t0, first_iter = None, iter_num  # the first forward compiles (~1 min for MoEUT-126M on an H100): say so
@@ -545,10 +546,11 @@ def _train(cfg, run, on_exit):
             routing_report(model)          # keep every rank's counters to one interval
 
         stopping = stop['signal'] is not None
-        if run['distributed']:       # stop together: one rank's signal stops all
+        if run['world'] > 1:   # stop together: any rank's signal stops all, a step later. Reading this step's
+            # summed flag would make the host wait for the GPU to finish the step; the last step's is (nearly) ready
             flag = torch.tensor(int(stopping), device=run['device'])
             dist.all_reduce(flag)
-            stopping = bool(flag.item())
+            stopping, last_flag = last_flag is not None and bool(last_flag.item()), flag
         if stopping:
             bad_steps = count_bad_steps(verdicts, bad_steps, cfg['max_bad_steps'], master)
             if master:
@@ -577,9 +579,10 @@ def step_if_finite(optimizer, norm):
         optimizer.found_inf = bad.float()
         optimizer.step()
         return bad, False
-    if not bad:
+    skipped = bool(bad)
+    if not skipped:
         optimizer.step()
-    return bad, True
+    return torch.tensor(skipped), True
 
 
 def count_bad_steps(verdicts, bad_steps, max_bad, master):

@@ -252,3 +252,43 @@ def test_one_process_under_torchrun_runs_unwrapped(root, runs):
     assert '1 process(es), cpu' in p.stdout and '(DDP)' not in p.stdout
     assert_same_losses(log(os.path.join(root, 'torchrun1')), log(os.path.join(root, 'single')), [1, 2, 3, 4],
                        atol=0)
+
+
+STOP_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+sys.argv = [{train!r}] + sys.argv[1:]
+import train
+
+
+class Signalled(dict):
+    # rank 1 alone gets a SIGTERM (15) while its 2nd step runs: from its 2nd check of the stop flag on
+    reads = 0
+
+    def __getitem__(self, key):
+        if key == 'signal' and os.environ['RANK'] == '1':
+            Signalled.reads += 1
+            if Signalled.reads >= 2:
+                return 15
+        return dict.__getitem__(self, key)
+
+
+real = train.stop_on_signals
+train.stop_on_signals = lambda master, on_exit: (lambda s, r: (Signalled(s), r))(*real(master, on_exit))
+train.main()
+"""
+
+
+def test_one_ranks_signal_stops_every_rank_at_the_same_step(root, tmp_path):
+    """A signal that reaches one rank only stops both at the same step (the summed flag of the step
+    before, read a step later so the host does not wait for the GPU): one checkpoint, exit 0."""
+    script = tmp_path / 'stop_rank1.py'
+    script.write_text(STOP_ON_RANK_1.format(root=ROOT, train=TRAIN))
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), *ARGS, '--max_iters=20', '--eval_interval=1000', '--out_dir=stop1'],
+                       cwd=root, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert 'signal received: checkpointing at iter 3 and exiting' in p.stdout, p.stdout[-2000:]
+    out = os.path.join(root, 'stop1')
+    assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_')) == ['ckpt_0000003.pt']
+    assert load(os.path.join(out, 'ckpt_0000003.pt'))['iter_num'] == 3

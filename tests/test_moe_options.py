@@ -455,6 +455,27 @@ def test_null_experts_have_no_weights_and_cost_no_rows():
     assert rep['ff0']['identity_frac'] == pytest.approx(u[9:].sum().item())
 
 
+@pytest.mark.parametrize('S,N,sorted_rows', [(300, 200, False), (300, 129, True), (64, 7, False), (1, 5, True)])
+def test_null_rows_zeroed_exactly(S, N, sorted_rows, monkeypatch):
+    """cvmm's buffers for kernels that write only real slots: exactly the null slots' rows are zeroed
+    (row slot_i, or row i in sorted order), over several 64-row programs and column blocks, and the
+    rest is left to the kernels (NaN-poisoned here, so it shows)."""
+    if C.triton is None:
+        pytest.skip('needs triton')
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    empty = torch.empty
+    monkeypatch.setattr(torch, 'empty', lambda *a, **k: empty(*a, **k).fill_(float('nan'))
+                        if (k.get('dtype') or torch.float32).is_floating_point else empty(*a, **k))
+    E, n = 5, 3
+    ids = torch.randint(0, E + n, (S,), generator=torch.Generator().manual_seed(S + N))
+    sel = cvmm_prepare(ids.to(dev), E + n)
+    out = C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, E, sorted_rows=sorted_rows)
+    null = (torch.arange(S) >= int(sel.offsets[E])) if sorted_rows else (ids >= E)
+    assert out.shape == (S, N) and null.any() == bool((ids >= E).any())
+    assert (out[null.to(dev)] == 0).all() and out[~null.to(dev)].isnan().all()
+    assert C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, E + n).isnan().all()   # no nulls
+
+
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
 def test_cvmm_null_ids_equal_a_zero_bank(impl, monkeypatch):
     """cvmm / cvmm_mlp with n_null: the same outputs and gradients as a bank with zero experts appended
