@@ -546,8 +546,8 @@ def _train(cfg, run, on_exit):
             routing_report(model)          # keep every rank's counters to one interval
 
         stopping = stop['signal'] is not None
-        if run['world'] > 1:   # stop together: any rank's signal stops all, a step later. Reading this step's
-            # summed flag would make the host wait for the GPU to finish the step; the last step's is (nearly) ready
+        if run['distributed'] and run['world'] > 1:   # any rank's signal stops all, at one step: the
+            # last step's summed flag (nearly ready), as reading this step's would wait for the GPU to finish it
             flag = torch.tensor(int(stopping), device=run['device'])
             dist.all_reduce(flag)
             stopping, last_flag = last_flag is not None and bool(last_flag.item()), flag
