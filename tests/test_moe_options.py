@@ -469,11 +469,13 @@ def test_null_rows_zeroed_exactly(S, N, sorted_rows, monkeypatch):
     E, n = 5, 3
     ids = torch.randint(0, E + n, (S,), generator=torch.Generator().manual_seed(S + N))
     sel = cvmm_prepare(ids.to(dev), E + n)
-    out = C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, E, sorted_rows=sorted_rows)
+    bank = torch.ones(E, 1, 1, device=dev)           # only its number of experts matters here
+    out = C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, bank, sorted_rows=sorted_rows)
     null = (torch.arange(S) >= int(sel.offsets[E])) if sorted_rows else (ids >= E)
     assert out.shape == (S, N) and null.any() == bool((ids >= E).any())
     assert (out[null.to(dev)] == 0).all() and out[~null.to(dev)].isnan().all()
-    assert C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, E + n).isnan().all()   # no nulls
+    no_nulls = torch.ones(E + n, 1, 1, device=dev)
+    assert C._new_out(S, N, torch.ones(1, device=dev), sel.slot, sel.offsets, no_nulls).isnan().all()
 
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])

@@ -764,8 +764,8 @@ def test_fused_adamw_reads_step_verdicts_only_at_log_lines(root, monkeypatch):
     reads, count = [], train_py.count_bad_steps
     monkeypatch.setattr(train_py, 'count_bad_steps', lambda v, *a: (reads.append(len(v)), count(v, *a))[1])
     fused_adamw(monkeypatch)
-    out = train_here(root, '--max_iters=6', '--log_interval=3', '--eval_interval=1000', '--eval_iters=1',
-                     '--out_dir=verdicts_fused')
+    train_here(root, '--max_iters=6', '--log_interval=3', '--eval_interval=1000', '--eval_iters=1',
+               '--out_dir=verdicts_fused')
     assert reads == [3, 3], reads
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.full((2,), float('nan'))
