@@ -85,12 +85,15 @@ class Rows:
     (or, when every token runs, the untouched [B, T, ...] tensors: then the step is the plain MoEUT
     step, bit for bit). Attention sees them re-padded per sequence: [B, Tm] slots, valid ones first.
     per_row: [B, k] sorted token indices when every sequence runs exactly k tokens (MoR top-k): no
-    host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them).
-    everyone: the caller knows that every token runs (halting='none'): no sync either."""
+    host sync, no padding. Otherwise one host sync per step reads N and Tm (shapes depend on them),
+    unless the caller passes them as counts (MoR token-choice reads every step's at once).
+    everyone: the caller knows that every token runs (halting='none', step 0 of ACT and MoR
+    token-choice): no sync either."""
     pad_rows = None          # PaddedRows: which rows are padding (routed_counts in model.py skips them)
 
     def __init__(self, run: torch.Tensor, pos: torch.Tensor, per_row: Optional[torch.Tensor] = None,
-                 everyone: bool = False):
+                 everyone: bool = False, counts: Optional[list] = None):
+        """counts: (N, longest count) when the caller read them already (no sync here)."""
         B, T = run.shape
         self.B, self.T, self.run, self.pos = B, T, run, pos          # pos: [B, T] absolute positions
         if everyone:                 # the caller knows every token runs: no host sync (the plain loop)
@@ -98,8 +101,8 @@ class Rows:
         elif per_row is not None:
             self.n, self.tm = per_row.numel(), per_row.shape[1]
         else:
-            counts = run.sum(1)
-            self.n, self.tm = torch.stack([counts.sum(), counts.max()]).tolist()
+            known, counts = counts, run.sum(1)
+            self.n, self.tm = known or torch.stack([counts.sum(), counts.max()]).tolist()
         self.all = self.n == B * T
         if self.all or self.n == 0:
             return
@@ -561,7 +564,7 @@ class HaltingMoEUT(nn.Module):
         sync reads all steps' counts."""
         buckets = self.cfg.halt_buckets if kv_cache is None and s.mode != 'exit' else 0
         counts = [None] * R
-        if buckets and s.mode == 'token':
+        if s.mode == 'token':
             c = (s.target[None] > torch.arange(R, device=device)[:, None, None]).sum(2)     # [R, B]
             counts = torch.stack([c.sum(1), c.amax(1)], 1).tolist()
         return buckets, counts
@@ -570,9 +573,11 @@ class HaltingMoEUT(nn.Module):
         """The tokens that run step r: padded to one of the buckets' static shapes (PaddedRows), or
         exactly (rows_cls). MoR expert top-k rows are a fixed [B, k] already, and a step everyone runs
         is the plain one."""
+        everyone = s.everyone or (r == 0 and s.all_at_start)
         if buckets and s.per_row is None and not s.everyone:
-            return PaddedRows(s.run, pos, buckets, everyone=r == 0 and s.all_at_start, counts=counts[r])
-        return self.rows_cls(s.run, pos, s.per_row, everyone=s.everyone)
+            return PaddedRows(s.run, pos, buckets, everyone=everyone, counts=counts[r])
+        known = {'counts': counts[r]} if counts[r] is not None else {}
+        return self.rows_cls(s.run, pos, s.per_row, everyone=everyone, **known)
 
     def _key(self, r, l):
         """kv_cache key of loop layer l at step r: absolute depth, like MoEUT's r*G + l."""

@@ -295,9 +295,11 @@ def test_padded_rows_plan():
     assert torch.equal(rows.pad_rows, ~rows.valid_pad.flatten())
 
 
-def test_host_syncs(monkeypatch):
-    """Host syncs of a bucketed forward (the .tolist() that sizes a step): ACT one per step after the
-    first (every token runs step 0), MoR token-choice one for the whole loop (depths fixed at entry)."""
+@pytest.mark.parametrize('buckets', [K, 0])
+def test_host_syncs(monkeypatch, buckets):
+    """Host syncs of a forward, bucketed or exact rows (the .tolist() that sizes a step): ACT one per
+    step after the first (every token runs step 0), MoR token-choice one for the whole loop (depths
+    fixed at entry)."""
     calls = []
     tolist = torch.Tensor.tolist
 
@@ -309,7 +311,7 @@ def test_host_syncs(monkeypatch):
     idx = torch.randint(0, BASE['vocab_size'], (3, 14), generator=torch.Generator().manual_seed(0))
     for kw, syncs in ((dict(halting='act'), lambda steps: steps - 1),
                       (dict(halting='mor', mor_routing='token'), lambda steps: 1)):
-        _, b = make_pair(**kw)
+        _, b = make_pair(buckets, **kw)
         calls.clear()
         with torch.no_grad():
             b(idx)

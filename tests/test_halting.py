@@ -67,7 +67,7 @@ def run(model, depths, *args, **kw):
 # -------------------------------------------------------------------------------------------------
 
 class DenseRows:
-    def __init__(self, run, pos, per_row=None, everyone=False):
+    def __init__(self, run, pos, per_row=None, everyone=False, counts=None):
         self.run, self.pos, self.n, self.all = run, pos, int(run.sum()), False
 
     def _m(self, full):
