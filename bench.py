@@ -460,20 +460,42 @@ def bench_train():
 
 
 def bench_profile():
-    """Top CUDA kernels of a few training steps of train_models' first entry (torch profiler)."""
+    """Where the GPU time of a training step of train_models' first entry goes: every CUDA kernel of 3
+    profiled steps, aggregated by name (see kernel_rows)."""
     from torch.profiler import ProfilerActivity, profile
     path, compiled, keys, ckpt = train_spec(train_models.split(",")[0])
     cfg = train_config(train_models.split(",")[0], path, keys)
     step, model = train_step(cfg, compiled, train_batch, train_block)
     model.core.activation_checkpointing = ckpt
-    for _ in range(3):
+    n = 3
+    for _ in range(n):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    rows, total, launches = kernel_rows(prof.events(), n)
+    print(f"\n{train_models.split(',')[0]}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
+          f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
+    table(["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"], rows)
+
+
+def kernel_rows(events, n_steps: int, top: int = 40):
+    """(rows, ms per step, launches per step) of the CUDA kernels among profiler events, by total time:
+    share, cumulative share, ms and launches per step, mean µs per launch, name (120 characters)."""
+    tot, cnt = {}, {}
+    for ev in events:
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time
+            cnt[ev.name] = cnt.get(ev.name, 0) + 1
+    total, rows, acc = sum(tot.values()) or 1.0, [], 0.0
+    for name in sorted(tot, key=tot.get, reverse=True)[:top]:
+        acc += tot[name]
+        rows.append([f"{100 * tot[name] / total:.1f}%", f"{100 * acc / total:.1f}%",
+                     f"{tot[name] / n_steps / 1e3:.3f}", f"{cnt[name] / n_steps:g}",
+                     f"{tot[name] / cnt[name]:.1f}", name[:120].replace("|", "/")])
+    return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps)
 
 
 @torch.no_grad()

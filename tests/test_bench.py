@@ -91,3 +91,22 @@ def test_train_rows_take_key_overrides(monkeypatch):
             bench.train_spec(spec)
     with pytest.raises(SystemExit, match='qk_nrom is not a model key'):
         bench.train_config('row', c44, {'qk_nrom': True})
+
+
+def test_profile_kernel_rows(monkeypatch):
+    """--what=profile's table from profiler events: only CUDA kernels, summed by name, per step, sorted by
+    time, with shares that add up; '|' in a kernel name cannot break the markdown table."""
+    from types import SimpleNamespace
+    import torch
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])       # bench.py reads its overrides on import
+    from bench import kernel_rows
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = lambda name, us, dev=cuda: SimpleNamespace(name=name, device_time=us, device_type=dev)
+    events = [ev('gemm', 300.0), ev('a|b', 50.0), ev('gemm', 300.0), ev('a|b', 50.0), ev('a|b', 50.0),
+              ev('sum', 250.0), ev('aten::mm', 9999.0, cpu)]
+    rows, ms, launches = kernel_rows(events, n_steps=2)
+    assert [r[5] for r in rows] == ['gemm', 'sum', 'a/b']
+    assert rows[0][:5] == ['60.0%', '60.0%', '0.300', '1', '300.0']
+    assert rows[2][:5] == ['15.0%', '100.0%', '0.075', '1.5', '50.0']
+    assert ms == 0.5 and launches == 3
