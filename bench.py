@@ -463,8 +463,9 @@ def bench_profile():
     """Where the GPU time of a training step of train_models' first entry goes: every CUDA kernel of 3
     profiled steps, aggregated by name (see kernel_rows)."""
     from torch.profiler import ProfilerActivity, profile
-    path, compiled, keys, ckpt = train_spec(train_models.split(",")[0])
-    cfg = train_config(train_models.split(",")[0], path, keys)
+    spec = train_models.split(",")[0]
+    path, compiled, keys, ckpt = train_spec(spec)
+    cfg = train_config(spec, path, keys)
     step, model = train_step(cfg, compiled, train_batch, train_block)
     model.core.activation_checkpointing = ckpt
     n = 3
@@ -476,7 +477,7 @@ def bench_profile():
             step()
         torch.cuda.synchronize()
     rows, total, launches = kernel_rows(prof.events(), n)
-    print(f"\n{train_models.split(',')[0]}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
+    print(f"\n{spec}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
           f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
     table(["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"], rows)
 

@@ -576,8 +576,7 @@ class HaltingMoEUT(nn.Module):
         everyone = s.everyone or (r == 0 and s.all_at_start)
         if buckets and s.per_row is None and not s.everyone:
             return PaddedRows(s.run, pos, buckets, everyone=everyone, counts=counts[r])
-        known = {'counts': counts[r]} if counts[r] is not None else {}
-        return self.rows_cls(s.run, pos, s.per_row, everyone=everyone, **known)
+        return self.rows_cls(s.run, pos, s.per_row, everyone=everyone, counts=counts[r])
 
     def _key(self, r, l):
         """kv_cache key of loop layer l at step r: absolute depth, like MoEUT's r*G + l."""
