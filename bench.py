@@ -419,6 +419,15 @@ def train_config(spec, path, keys):
         raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
 
 
+def null_share(spec, model):
+    """Prints the share of σ-MoE picks that went to MoE++ null ids in the timed steps (the compute those
+    picks skip depends on it); nothing for a model without null ids."""
+    from model import routing_report
+    fracs = [r['null_frac'] for r in routing_report(model).values() if 'null_frac' in r]
+    if fracs:
+        print(f"{spec}: {100 * sum(fracs) / len(fracs):.1f}% of the σ-MoE picks went to null ids", flush=True)
+
+
 def bench_train():
     """ms/step, tokens/s, peak memory and MFU of each model in `train_models` (config files, with
     ':compile' to torch.compile it and '+key=value' overrides, see train_spec), measured in one run;
@@ -435,6 +444,7 @@ def bench_train():
             step, model = train_step(cfg, compiled, train_batch, train_block)
             model.core.activation_checkpointing = ckpt     # train.py's key (model.MoEUT.forward reads it)
             ms, mem = time_steps(step, 3 if not compiled else 5, train_steps)
+            null_share(spec, model)
         except torch.OutOfMemoryError:
             ms = None
         except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)

@@ -49,9 +49,10 @@ the kernels never read out of bounds either way (ids outside [0, E) fall outside
 
 Null experts (MoE++, arXiv 2410.07348): `cvmm(..., n_null=n)` / `cvmm_mlp(..., n_null=n)` take a routing
 prepared for E + n ids with a bank of E experts. Ids E.. sort after the real ones, and the kernels walk
-only offsets[0..E], so those slots cost nothing: their output rows are 0 and they get no gradient. In
-the outputs that only real slots write, a small kernel zeroes the null slots' rows (`_new_out`; never on
-the n_null=0 path).
+only offsets[0..E], so those slots cost nothing: their output rows are 0 and they get no gradient.
+A contraction over slots reads only the real slots' product rows (`_contract` with `_real_slots`), so
+the null rows are neither written nor read; in the other outputs that only real slots write, a small
+kernel zeroes the null slots' rows (`_new_out`). Neither runs on the n_null=0 path.
 """
 import os
 import threading
@@ -446,6 +447,24 @@ if triton is not None:
                      tl.zeros((BR, BN), dtype=out_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_n < N)[None, :])
 
 
+    @triton.jit
+    def _contract_real_kernel(p_ptr, real_ptr, out_ptr, R, N, stride_p, stride_out, G: tl.constexpr,
+                              BR: tl.constexpr, BN: tl.constexpr):
+        """out[r] = sum over g of p[r*G + g] for the slots real[r*G + g] != 0 only, in fp32, g in order.
+        The null slots' rows are never read (masked loads fetch nothing), nor need they be written."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rmask, cmask = rows < R, cols < N
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        for g in tl.static_range(G):
+            s = rows.to(tl.int64) * G + g
+            keep = tl.load(real_ptr + s, mask=rmask, other=0) != 0
+            acc += tl.load(p_ptr + s[:, None] * stride_p + cols[None, :], mask=keep[:, None] & cmask[None, :],
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
 def _topk_impl(scores, k):
     E = scores.shape[-1]
     x = scores.reshape(-1, E)
@@ -518,11 +537,31 @@ def _precision(dtype, dot_f32):
     return "ieee" if dot_f32 else "tf32"  # ignored for 16-bit operands
 
 
-def _contract(out, group):
+def _contract(out, group, real=None):
     """The deterministic slot contraction of a [S, N] product (a Triton gather-sum kernel and writing
-    the product in expert-sorted order measured no faster than this torch sum at DRAM bandwidth)."""
+    the product in expert-sorted order measured no faster than this torch sum at DRAM bandwidth).
+    real: with null ids, which slots are real ([S] bool); the product's null rows were never written
+    and are never read, so the null picks save this DRAM-bound pass's bytes too."""
     S, N = out.shape
-    return out.view(S // group, group, N).sum(1) if group > 1 else out
+    if group == 1:
+        return out
+    if real is None:
+        return out.view(S // group, group, N).sum(1)
+    y = torch.empty(S // group, N, device=out.device, dtype=out.dtype)
+    BR, BN = 32, min(128, _np2(N))
+    if S:
+        _contract_real_kernel[(triton.cdiv(S // group, BR), triton.cdiv(N, BN))](
+            out, real, y, S // group, N, out.stride(0), y.stride(0), G=group, BR=BR, BN=BN)
+    return y
+
+
+def _real_slots(slot, offsets, w):
+    """[S] bool in slot order: True where the slot's id is a real expert of the bank w (its sorted entry
+    is before offsets[E]). No host sync: the flags are scattered through the sorted order."""
+    S = slot.numel()
+    first_null = offsets[w.shape[0]]
+    flags = torch.arange(S, device=slot.device, dtype=offsets.dtype) < first_null
+    return torch.empty(S, device=slot.device, dtype=torch.bool).index_put_((slot.long(),), flags)
 
 
 def _new_out(rows, N, like, slot, offsets, w, sorted_rows=False):
@@ -555,7 +594,11 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
     c.update(cfg or {})
-    out = _new_out(S, N, a, slot, offsets, w)   # null slots' rows: zeros, not garbage
+    real = _real_slots(slot, offsets, w) if group > 1 and _n_null(offsets, w) else None
+    if real is not None:   # null slots' rows: never written, never read (the real-slot contraction)
+        out = torch.empty(S, N, device=a.device, dtype=a.dtype)
+    else:                  # null slots' rows: zeros, not garbage
+        out = _new_out(S, N, a, slot, offsets, w)
     BK = max(16, _np2(K))
     desc = _w_desc(w, transpose, K, BK, c["BN"])
     _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
@@ -564,7 +607,7 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
         BN=c["BN"], BK=BK, num_warps=c["warps"], A_SORTED=a_sorted, w_desc=desc, W_TMA=desc is not None,
         TRANS_W=transpose)
-    return _contract(out, group)
+    return _contract(out, group, real)
 
 
 def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,
@@ -600,8 +643,11 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     while not cfg and BN > 32 and m_tiles * triton.cdiv(N, BN) < 264:   # ~2 programs per H100 SM
         BN //= 2
     n_tiles = triton.cdiv(N, BN)
+    real = _real_slots(slot, offsets, w) if group > 1 and not atomic and _n_null(offsets, w) else None
     if atomic:
         out = torch.zeros(S // group, N, device=a.device, dtype=torch.float32)
+    elif real is not None:   # null slots' rows: never written, never read (the real-slot contraction)
+        out = torch.empty(S, N, device=a.device, dtype=a.dtype)
     else:   # null slots' rows: zeros (h and grad_pre, in sorted order, are read past an expert's end by TMA)
         out = _new_out(S, N, a, slot, offsets, w, sorted_rows=hid_sorted)
     new = torch.zeros if _n_null(offsets, w) else torch.empty   # null slots' dots are never written
@@ -616,7 +662,7 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
         BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, RELU=relu, RELU_MASK=relu_mask,
         HS_OUT=hs is not None, hs_ptr=hs, stride_hs=hs.stride(0) if hs is not None else 0,
         A_SORTED=a_sorted, HID_SORTED=hid_sorted, w_desc=desc, W_TMA=desc is not None, TRANS_W=transpose)
-    out = out.to(a.dtype) if atomic else _contract(out, group)
+    out = out.to(a.dtype) if atomic else _contract(out, group, real)
     return out, (dots.sum(0) if dots is not None else None)
 
 
