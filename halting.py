@@ -101,8 +101,8 @@ class Rows:
         elif per_row is not None:
             self.n, self.tm = per_row.numel(), per_row.shape[1]
         else:
-            known, counts = counts, run.sum(1)
-            self.n, self.tm = known or torch.stack([counts.sum(), counts.max()]).tolist()
+            per_seq = run.sum(1)
+            self.n, self.tm = counts or torch.stack([per_seq.sum(), per_seq.max()]).tolist()
         self.all = self.n == B * T
         if self.all or self.n == 0:
             return
@@ -117,7 +117,7 @@ class Rows:
         if self.n == B * self.tm:                                     # same count in every sequence
             self.pad_idx = None
         else:
-            start = counts.cumsum(0) - counts
+            start = per_seq.cumsum(0) - per_seq
             self.pad_idx = self.b * self.tm + torch.arange(self.n, device=dev) - start[self.b]
         self.pos_pad = self._pad1(self.rope_pos, 0)                   # [B, Tm]
         self.t_pad = self._pad1(self.t, 0)
