@@ -39,7 +39,7 @@ halting_compile = False  # halting: torch.compile the plain model, compile_layer
 halting_skip = 0.75     # halting_profile: fraction of token-steps skipped (spread depths); < 0 = plain loop
 halting_buckets = 32    # halting: halt_buckets of the table's 'bucketed' rows (static shapes per step)
 halting_only = ""       # halting: '|'-separated parts of row names to run ('' = all; the plain row always runs)
-halting_compile_mode = ""  # halting: torch.compile mode of the halting rows' layers, e.g. 'reduce-overhead'
+halting_compile_mode = ""  # halting: torch.compile mode of every row (plain too), e.g. 'reduce-overhead'
 depth_ckpt = ""         # depth_curve: a train.py checkpoint (.pt), or an out_dir (its latest)
 depth_windows = 64      # depth_curve: validation windows (of the checkpoint's block_size) per point
 depth_max = 0           # depth_curve: repeats 1 .. depth_max (0 = twice the trained R)
@@ -50,7 +50,8 @@ exit_batch = 4          # exit_decode: sequences decoded together, prompted from
 exit_prompt = 64        # exit_decode: prompt tokens per sequence
 exit_new = 128          # exit_decode: tokens generated per sequence (greedy)
 ablation_config = "config/moeut_44m.py"  # ablation: the base model and recipe of every variant
-ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one
+ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one; name@S: seed S
+ablation_parallel = 1       # ablation: runs at once on the device (> 1: faster sweeps, tokens/s not comparable)
 ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile')
 ablation_dataset = ""       # ablation: data/<name>; '' = 'shakespeare' (gpt2 tokens), 'shakespeare_bytes' in smoke
 ablation_iters = 80         # ablation: optimizer steps of every variant
@@ -355,7 +356,8 @@ def train_step(cfg, compiled, batch, block):
     torch.manual_seed(seed)
     model = build_lm(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    fwd = torch.compile(model) if compiled else model
+    # compiled: False, True, or a torch.compile mode ('reduce-overhead': the step's graphs as CUDA graphs)
+    fwd = torch.compile(model, **({'mode': compiled} if isinstance(compiled, str) else {})) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
 
@@ -383,15 +385,17 @@ def time_steps(step, n_warm, n):
 
 
 def train_spec(spec):
-    """One train_models entry, 'config/x.py[:compile][+key=value...]' -> (path, compiled, {ModelConfig key:
-    value}, activation_checkpointing). Values are Python literals or plain strings, without commas (the
+    """One train_models entry, 'config/x.py[:compile|:reduce-overhead][+key=value...]' -> (path, compiled,
+    {ModelConfig key: value}, activation_checkpointing); ':reduce-overhead' compiles in that torch.compile
+    mode (CUDA graphs), and compiled is then that string. Values are Python literals or plain strings, without commas (the
     entries' separator): e.g. config/moeut_1b.py:compile+activation_checkpointing=True, or
     config/moeut_126m.py:compile+recurrence=random+mean_repeats=9+backprop_repeats=2."""
     import ast
     head, *over = spec.split("+")
     path, _, mode = head.partition(":")
-    if mode not in ("", "compile"):
-        raise SystemExit(f"bench.py: train_models entry {spec!r}: the mode after ':' can only be 'compile'")
+    if mode not in ("", "compile", "reduce-overhead"):
+        raise SystemExit(f"bench.py: train_models entry {spec!r}: the mode after ':' can only be 'compile' "
+                         f"or 'reduce-overhead'")
     keys = {}
     for item in over:
         k, sep, raw = item.partition("=")
@@ -401,7 +405,8 @@ def train_spec(spec):
             keys[k] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):   # not a literal: a plain string, as configurator.py reads it
             keys[k] = raw
-    return path, mode == "compile", keys, bool(keys.pop("activation_checkpointing", False))
+    compiled = {"": False, "compile": True}.get(mode, mode)
+    return path, compiled, keys, bool(keys.pop("activation_checkpointing", False))
 
 
 def train_config(spec, path, keys):
@@ -600,7 +605,7 @@ def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='activ
     model = build_lm(cfg).to(device)
     fwd = model
     if compile and halting == 'none':
-        fwd = torch.compile(model)
+        fwd = torch.compile(model, **({'mode': mode} if mode else {}))
     elif compile:
         model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}), **({'mode': mode} if mode else {}))
     idx = torch.randint(0, vocab, (B, seq), device=device)
@@ -624,7 +629,7 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
     buckets: halt_buckets of the 'bucketed' rows (each step padded to one of that many static shapes,
     compiled with static shapes) beside the same rows with the exact active rows.
     only: '|'-separated parts of row names; runs just the rows containing one (and the plain baseline).
-    mode: torch.compile mode of the halting rows' compile_layers (e.g. 'reduce-overhead': CUDA graphs).
+    mode: torch.compile mode of every row, the plain one included (e.g. 'reduce-overhead': CUDA graphs).
     smoke: tiny shapes on the CPU (checks that the table runs)."""
     cuda = torch.cuda.is_available() and not smoke
     dev = 'cuda' if cuda else 'cpu'
@@ -639,7 +644,7 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
             ('halting bucketed, skip 75%', 'act', 0.75), ('halting bucketed last-kv, skip 50%', 'act', 0.5)]
     if only:
         runs = [r for r in runs if r[1] == 'none' or any(part in r[0] for part in only.split('|'))]
-    print(f"{'compiled' + (f' (halting: {mode})' if mode else '') if compile else 'eager'}, bucketed rows: "
+    print(f"{'compiled' + (f' (mode {mode})' if mode else '') if compile else 'eager'}, bucketed rows: "
           f"halt_buckets={buckets}\n| B×T | run | skipped | "
           f"fwd+bwd ms | speed-up vs plain | peak GiB |\n|---|---|---|---|---|---|")
     for B in batches:
@@ -894,7 +899,7 @@ def ablation_setup(smoke):
         hint = f"; or copy data/{ds} from a machine where it is prepared" if ds in AUTO_DATASETS else ""
         raise SystemExit(f"bench.py: {e}{hint}")
     lr = float(ablation_lr)
-    common = base + [f"--dataset={ds}", f"--device={device}", f"--seed={seed}", f"--max_iters={iters}",
+    common = base + [f"--dataset={ds}", f"--device={device}", f"--max_iters={iters}",
                      f"--lr_decay_iters={iters}", f"--warmup_iters={min(10, iters // 4)}", f"--learning_rate={lr}",
                      f"--min_lr={lr / 10}", f"--eval_interval={iters}", f"--eval_iters={evals}",
                      f"--log_interval={log}", f"--batch_size={batch}", f"--total_batch_size={batch}",
@@ -910,19 +915,25 @@ def ablation_setup(smoke):
     return common, shape, about
 
 
-def ablation_run(args, out):
-    """train.py with args into out_dir `out` (its output in out/train.log). Returns (seconds, None) or
-    (seconds, the last line it printed) when it failed."""
+def ablation_start(args, out):
+    """Starts train.py with args into out_dir `out` (its output in out/train.log). Returns
+    (process, start time, log path)."""
     import os
     import subprocess
     import sys
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, 'train.log')
     train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
-    t0 = time.time()
     with open(log, 'w') as f:
-        p = subprocess.run([sys.executable, train_py, *args, f"--out_dir={out}"], stdout=f,
-                           stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+        p = subprocess.Popen([sys.executable, train_py, *args, f"--out_dir={out}"], stdout=f,
+                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    return p, time.time(), log
+
+
+def ablation_finish(p, t0, log):
+    """Waits for a run of ablation_start. Returns (seconds, None) or (seconds, the last line it printed)
+    when it failed."""
+    p.wait()
     wall = time.time() - t0
     if p.returncode == 0:
         return wall, None
@@ -979,7 +990,11 @@ def ablation_table(rows):
             cells += [""] * (len(header) - 4) + [f"{wall:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        base = got.get('paper+compile' if name.endswith('+compile') else 'paper')
+        # the baseline: paper with the same compile flag and seed where that ran (paper@S itself: the
+        # first seed's paper, so its Δ is the seed noise), else the first seed's paper of that flag
+        tail = name[name.index('@'):] if '@' in name else ''
+        flag = '+compile' if '+compile' in name else ''
+        base = (None if name.startswith('paper') else got.get('paper' + flag + tail)) or got.get('paper' + flag)
         f = lambda key, fmt: format(m[key], fmt) if key in m else '–'   # noqa: E731
         lines.append("| " + " | ".join([
             name, keys or '(baseline)', f"{m['val']:.4f}", f"{m['val'] - base['val']:+.4f}" if base else '–',
@@ -989,38 +1004,66 @@ def ablation_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def ablation_plan(variants):
+    """The runs ablation_variants / ablation_compiled ask for: [(label, variant, compiled, seed)]. An entry
+    'name@S' runs the variant with seed S (label 'name@S', e.g. paper@1338 to see the seed noise)."""
+    def parse(entry):
+        name, _, s = entry.partition('@')
+        if name not in variants:
+            raise SystemExit(f"bench.py: unknown ablation variant {name!r}: choose from {', '.join(variants)}")
+        if s and not s.isdigit():
+            raise SystemExit(f"bench.py: ablation entry {entry!r}: the seed after '@' must be an integer")
+        return name, int(s) if s else seed, '@' + s if s else ''
+    entries = [e for e in str(ablation_variants).split(",") if e]
+    entries = [v for e in entries for v in (variants if e == "all" else [e])]
+    runs = []
+    for comp, group in ((False, entries), (True, [e for e in str(ablation_compiled).split(",") if e])):
+        for e in group:
+            name, s, tail = parse(e)
+            runs.append((name + ("+compile" if comp else "") + tail, name, comp, s))
+    if not runs:
+        raise SystemExit(f"bench.py: no ablation variant chosen: choose from {', '.join(variants)}")
+    return runs
+
+
 def bench_ablation():
     """The routing and attention options against the paper's MoEUT (docs/options.md, 'Ablation'): train.py
-    once per variant (ablation_rows; ablation_variants picks some) from ablation_config, same seed, data
-    and steps, eager (ablation_compiled: some again compiled), each in its own out_dir under
-    ablation_out; then one markdown table from their log.jsonl files, printed and written to
-    ablation_out/ablation.md (rewritten after every run, so a cut-short sweep keeps what it measured).
+    once per variant (ablation_rows; ablation_variants picks some, 'name@seed' another seed) from
+    ablation_config, same seed, data and steps, eager (ablation_compiled: some again compiled), each in
+    its own out_dir under ablation_out, ablation_parallel of them at once on the device; then one
+    markdown table from their log.jsonl files, printed and written to ablation_out/ablation.md
+    (rewritten after every run, so a cut-short sweep keeps what it measured).
     --device=cpu or --ablation_smoke=True: a tiny model for 4 steps (a check that it all runs)."""
     import os
     smoke = bool(ablation_smoke) or device.startswith("cpu")
+    if not isinstance(ablation_parallel, int) or ablation_parallel < 1:
+        raise SystemExit(f"bench.py: ablation_parallel must be a positive integer, got {ablation_parallel!r}")
     common, shape, about = ablation_setup(smoke)
     variants = dict(ablation_rows(shape))
-    wanted = list(variants) if ablation_variants == "all" else [v for v in str(ablation_variants).split(",") if v]
-    compiled = [v for v in str(ablation_compiled).split(",") if v]
-    unknown = [v for v in wanted + compiled if v not in variants]
-    if unknown or not wanted + compiled:
-        raise SystemExit(f"bench.py: unknown ablation variant(s) {unknown or ''}: choose from {', '.join(variants)}")
-    runs = [(v, False) for v in wanted] + [(v, True) for v in compiled]
+    runs = ablation_plan(variants)
     os.makedirs(ablation_out, exist_ok=True)
     table_path = os.path.join(ablation_out, "ablation.md")
-    print(f"ablation: {len(runs)} run(s), {about}", flush=True)
-    rows = []
-    for i, (name, comp) in enumerate(runs):
-        keys = variants[name]
-        label = name + ("+compile" if comp else "")
-        args = common + [ablation_arg(k, v) for k, v in keys.items()] + [f"--compile={comp}"]
-        wall, err = ablation_run(args, os.path.join(ablation_out, label))
-        n_experts = shape['ff_n_experts']
-        m = err or ablation_metrics(os.path.join(ablation_out, label), n_experts) or "no val loss in its log.jsonl"
-        rows.append((label, " ".join(ablation_arg(k, v)[2:] for k, v in keys.items()), wall, m))
-        table = ablation_table(rows)
-        print(f"[{i + 1}/{len(runs)}] {label}, {wall:.0f} s: {table.splitlines()[-1]}", flush=True)
-        text = f"{about}; eager (rows +compile: torch.compile)\n\n" + table
+    shared = (f"; {ablation_parallel} runs at a time shared the device, so tokens/s is not a speed comparison"
+              if ablation_parallel > 1 and len(runs) > 1 else "")
+    print(f"ablation: {len(runs)} run(s), {about}{shared}", flush=True)
+    rows, pending, done = [None] * len(runs), {}, 0
+    while done < len(runs):
+        while len(pending) < ablation_parallel and len(pending) + done < len(runs):
+            i = len(pending) + done
+            label, name, comp, s = runs[i]
+            args = common + [ablation_arg(k, v) for k, v in variants[name].items()] + \
+                [f"--compile={comp}", f"--seed={s}"]
+            pending[i] = ablation_start(args, os.path.join(ablation_out, label))
+        i = min(pending)        # finished in start order, so the table grows row by row
+        wall, err = ablation_finish(*pending.pop(i))
+        done += 1
+        label, name, _, _ = runs[i]
+        m = err or ablation_metrics(os.path.join(ablation_out, label), shape['ff_n_experts']) or \
+            "no val loss in its log.jsonl"
+        rows[i] = (label, " ".join(ablation_arg(k, v)[2:] for k, v in variants[name].items()), wall, m)
+        table = ablation_table([r for r in rows if r is not None])
+        print(f"[{done}/{len(runs)}] {label}, {wall:.0f} s: {table.splitlines()[-1]}", flush=True)
+        text = f"{about}; eager (rows +compile: torch.compile){shared}\n\n" + table
         with open(table_path + ".tmp", "w") as f:
             f.write(text)
         os.replace(table_path + ".tmp", table_path)

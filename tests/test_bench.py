@@ -70,8 +70,28 @@ def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
     p = bench(data_dir, '--ablation_variants=paper,nul10')
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert p.stderr.strip().splitlines() == [
-        "bench.py: unknown ablation variant(s) ['nul10']: choose from paper, aux_free, switch, global, shared, "
+        "bench.py: unknown ablation variant 'nul10': choose from paper, aux_free, switch, global, shared, "
         "null10, null40, k_schedule, conv_router, gqa, qk_norm, ssmax"]
+    p = bench(data_dir, '--ablation_variants=paper@x')
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "bench.py: ablation entry 'paper@x': the seed after '@' must be an integer"]
+
+
+def test_parallel_runs_and_other_seeds(data_dir):
+    """Runs sharing the device give the numbers they give alone; name@S trains with seed S (paper@S: its Δ
+    is against the first seed's paper, i.e. the seed noise)."""
+    p = bench(data_dir, '--ablation_variants=paper,paper@7,null10@1337', '--ablation_parallel=3',
+              '--ablation_out=par', '--seed=1337')
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = table(p.stdout)
+    assert list(rows) == ['paper', 'paper@7', 'null10@1337']
+    assert 'tokens/s is not a speed comparison' in p.stdout
+    assert rows['paper@7']['val loss'] != rows['paper']['val loss']
+    assert float(rows['paper@7']['Δ val']) == pytest.approx(
+        float(rows['paper@7']['val loss']) - float(rows['paper']['val loss']), abs=2e-4)
+    seq = table(bench(data_dir, '--ablation_variants=null10', '--ablation_out=seq', '--seed=1337').stdout)
+    assert rows['null10@1337']['val loss'] == seq['null10']['val loss']
+    assert rows['null10@1337']['ff balance'] == seq['null10']['ff balance']
 
 
 def test_train_rows_take_key_overrides(monkeypatch):
@@ -81,6 +101,7 @@ def test_train_rows_take_key_overrides(monkeypatch):
     import bench
     assert bench.train_spec('config/moeut_1b.py:compile+activation_checkpointing=True') == \
         ('config/moeut_1b.py', True, {}, True)
+    assert bench.train_spec('config/moeut_126m.py:reduce-overhead') == ('config/moeut_126m.py', 'reduce-overhead', {}, False)
     c44 = os.path.join(ROOT, 'config', 'moeut_44m.py')
     path, compiled, keys, ckpt = bench.train_spec(c44 + '+recurrence=random+mean_repeats=4.5+backprop_repeats=2')
     assert (path, compiled, ckpt) == (c44, False, False)
