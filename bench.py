@@ -52,7 +52,7 @@ exit_new = 128          # exit_decode: tokens generated per sequence (greedy)
 ablation_config = "config/moeut_44m.py"  # ablation: the base model and recipe of every variant
 ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one; name@S: seed S
 ablation_parallel = 1       # ablation: runs at once on the device (> 1: faster sweeps, tokens/s not comparable)
-ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile')
+ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile'), 'all' = every one
 ablation_dataset = ""       # ablation: data/<name>; '' = 'shakespeare' (gpt2 tokens), 'shakespeare_bytes' in smoke
 ablation_iters = 200        # ablation: optimizer steps of every variant (~2 passes over Shakespeare at 16 x 1024)
 ablation_batch = 16         # ablation: sequences per step (one micro-batch)
@@ -63,6 +63,8 @@ ablation_log = 10           # ablation: log interval; tokens/s = the median of t
 ablation_eval_iters = 4     # ablation: eval batches per split (4 x 16 windows of 1024 cover Shakespeare's val split)
 ablation_out = "out/ablation"   # ablation: one out_dir per variant below it, and ablation.md (the table)
 ablation_smoke = False      # ablation: a tiny model, 4 steps (also with --device=cpu): checks that it all runs
+ablation_timing = False     # ablation: no training; time each run's training step in this process, one after
+                            # another (same-run ratios), at ablation_batch x ablation_block, vocabulary train_vocab
 
 from configurator import configure  # noqa: E402
 
@@ -896,10 +898,11 @@ def ablation_setup(smoke):
     if iters % log:     # the last log record (its routing, with the usage grid) must be the last step's
         raise SystemExit(f"bench.py: ablation_iters ({iters}) must be a multiple of ablation_log ({log})")
     # train.py would prepare a missing Shakespeare set itself, but a missing tokenizer package would then
-    # fail every variant in turn: do it once here
+    # fail every variant in turn: do it once here (timing runs need no data)
     from data import AUTO_DATASETS, ensure_data
     try:
-        ensure_data({'dataset': ds, 'block_size': block}, {'master': True, 'distributed': False})
+        if not ablation_timing:
+            ensure_data({'dataset': ds, 'block_size': block}, {'master': True, 'distributed': False})
     except SystemExit as e:
         hint = f"; or copy data/{ds} from a machine where it is prepared" if ds in AUTO_DATASETS else ""
         raise SystemExit(f"bench.py: {e}{hint}")
@@ -1019,16 +1022,61 @@ def ablation_plan(variants):
         if s and not s.isdigit():
             raise SystemExit(f"bench.py: ablation entry {entry!r}: the seed after '@' must be an integer")
         return name, int(s) if s else seed, '@' + s if s else ''
-    entries = [e for e in str(ablation_variants).split(",") if e]
-    entries = [v for e in entries for v in (variants if e == "all" else [e])]
+    def listed(text):
+        return [v for e in str(text).split(",") if e for v in (variants if e == "all" else [e])]
     runs = []
-    for comp, group in ((False, entries), (True, [e for e in str(ablation_compiled).split(",") if e])):
+    for comp, group in ((False, listed(ablation_variants)), (True, listed(ablation_compiled))):
         for e in group:
             name, s, tail = parse(e)
             runs.append((name + ("+compile" if comp else "") + tail, name, comp, s))
     if not runs:
         raise SystemExit(f"bench.py: no ablation variant chosen: choose from {', '.join(variants)}")
     return runs
+
+
+def ablation_timing_table(runs, variants, smoke):
+    """ms per training step (fwd + bwd + AdamW, bf16 on CUDA) of every planned run, timed in this process one
+    after another so the ratios to paper (paper+compile for compiled rows) come from one run; rows with
+    '@seed' are the same model and are timed once per row anyway. The model: ablation_config (the smoke
+    shape on the CPU) with each variant's keys, ablation_batch x ablation_block tokens, vocabulary
+    train_vocab (smoke: 256)."""
+    batch, block = (4, 32) if smoke else (ablation_batch, ablation_block)
+    vocab = 256 if smoke else train_vocab
+    cuda = device.startswith("cuda")
+    rows, ms_of = [], {}
+    for label, name, comp, _ in runs:
+        keys = variants[name]
+        try:
+            if smoke:
+                from model import ModelConfig
+                cfg = ModelConfig(vocab_size=vocab, block_size=block, **ABLATION_SMOKE_SHAPE, **keys)
+            else:
+                cfg = model_config(ablation_config, vocab_size=vocab, block_size=block, **keys)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
+        step, model = train_step(cfg, comp, batch, block)
+        if cuda:
+            ms, mem = time_steps(step, 5 if comp else 3, train_steps)
+        else:
+            for _ in range(2):
+                step()
+            t0 = time.perf_counter()
+            for _ in range(train_steps):
+                step()
+            ms, mem = (time.perf_counter() - t0) * 1e3 / train_steps, float('nan')
+        del step, model
+        if cuda:
+            torch.cuda.empty_cache()
+        ms_of[label] = ms
+        base = ms_of.get('paper+compile' if comp else 'paper')
+        rows.append([label, f"{ms:.1f}", f"{batch * block / ms * 1e3:,.0f}", f"{base / ms:.2f}" if base else '–',
+                     f"{mem:.1f}" if cuda else '–'])
+        print(rows[-1], flush=True)
+    gpu = torch.cuda.get_device_name() if cuda else device
+    print(f"\n{'smoke shape' if smoke else ablation_config}, {batch} x {block} tokens, vocabulary {vocab}, "
+          f"{gpu}, {dtype if cuda else 'float32'}, {train_steps} timed steps per row, one process; "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    table(["variant", "ms/step", "tokens/s", "× paper", "peak GiB"], rows)
 
 
 def bench_ablation():
@@ -1038,7 +1086,8 @@ def bench_ablation():
     its own out_dir under ablation_out, ablation_parallel of them at once on the device; then one
     markdown table from their log.jsonl files, printed and written to ablation_out/ablation.md
     (rewritten after every run, so a cut-short sweep keeps what it measured).
-    --device=cpu or --ablation_smoke=True: a tiny model for 4 steps (a check that it all runs)."""
+    --device=cpu or --ablation_smoke=True: a tiny model for 4 steps (a check that it all runs).
+    ablation_timing=True: no training, each run's step timed in this process instead (ablation_timing_table)."""
     import os
     smoke = bool(ablation_smoke) or device.startswith("cpu")
     if not isinstance(ablation_parallel, int) or ablation_parallel < 1:
@@ -1046,6 +1095,8 @@ def bench_ablation():
     common, shape, about = ablation_setup(smoke)
     variants = dict(ablation_rows(shape))
     runs = ablation_plan(variants)
+    if ablation_timing:
+        return ablation_timing_table(runs, variants, smoke)
     os.makedirs(ablation_out, exist_ok=True)
     table_path = os.path.join(ablation_out, "ablation.md")
     shared = (f"; {ablation_parallel} runs at a time shared the device, so tokens/s is not a speed comparison"

@@ -94,6 +94,18 @@ def test_parallel_runs_and_other_seeds(data_dir):
     assert rows['null10@1337']['ff balance'] == seq['null10']['ff balance']
 
 
+def test_timing_mode_times_steps_without_training(tmp_path):
+    """--ablation_timing=True: one process times every planned row's step (ratios to paper, or to
+    paper+compile for compiled rows) and starts no training run; it needs no prepared data."""
+    p = bench(tmp_path, '--ablation_variants=paper,null40', '--ablation_timing=True', '--train_steps=1')
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = table(p.stdout)
+    assert list(rows) == ['paper', 'null40'] and rows['paper']['× paper'] == '1.00'
+    ms = {k: float(r['ms/step']) for k, r in rows.items()}
+    assert float(rows['null40']['× paper']) == pytest.approx(ms['paper'] / ms['null40'], rel=0.02)
+    assert not os.path.exists(os.path.join(tmp_path, 'abl')) and 'one process' in p.stdout
+
+
 def test_train_rows_take_key_overrides(monkeypatch):
     """bench.py --what=train rows: 'config[:compile][+key=value...]', the keys checked against the model's
     (a typo would otherwise be dropped silently), activation_checkpointing set apart (a train.py key)."""
