@@ -61,7 +61,7 @@ ablation_lr = 2.5e-4        # ablation: peak learning rate (the paper's; 5e-4 an
                             # 10 warmup steps, cosine to a tenth at ablation_iters
 ablation_log = 10           # ablation: log interval; tokens/s = the median of the intervals after the first
 ablation_eval_iters = 4     # ablation: eval batches per split (4 x 16 windows of 1024 cover Shakespeare's val split)
-ablation_out = "out/ablation"   # ablation: one out_dir per variant below it, and ablation.md (the table)
+ablation_out = "out/ablation"   # ablation: one out_dir per variant below it, and ablation.md (the table; not in timing mode)
 ablation_smoke = False      # ablation: a tiny model, 4 steps (also with --device=cpu): checks that it all runs
 ablation_timing = False     # ablation: no training; time each run's training step in this process, one after
                             # another (same-run ratios), at ablation_batch x ablation_block, vocabulary train_vocab
@@ -824,8 +824,8 @@ def bench_halting_profile():
     ka = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"{B}x{T}, skip {skip:.0%}{' (plain loop)' if skip < 0 else f', halt_buckets={halting_buckets}'}, "
-          f"{'compiled' if halting_compile else 'eager'}: {wall:.1f} ms per step (wall), "
-          f"{gpu / n / 1e3:.1f} ms of CUDA kernels per step (profiled)\n")
+          f"{('compiled' + (f' ({halting_compile_mode})' if halting_compile_mode else '')) if halting_compile else 'eager'}: "
+          f"{wall:.1f} ms per step (wall), {gpu / n / 1e3:.1f} ms of CUDA kernels per step (profiled)\n")
     if not cpu:
         rows, _, launches = kernel_rows(prof.events(), n, top=30)
         print(f"{launches} kernel launches per step")
@@ -998,15 +998,17 @@ def ablation_table(rows):
             cells += [""] * (len(header) - 4) + [f"{wall:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        # the baseline: paper with the same compile flag and seed where that ran (paper@S itself: the
-        # first seed's paper, so its Δ is the seed noise), else the first seed's paper of that flag
-        tail = name[name.index('@'):] if '@' in name else ''
-        flag = '+compile' if '+compile' in name else ''
-        base = (None if name.startswith('paper') else got.get('paper' + flag + tail)) or got.get('paper' + flag)
+        # the baseline: paper with the same compile flag and seed where that ran; paper@S itself, and a
+        # seeded row whose paper@S did not run, against the first seed's paper (then marked *)
+        head, at, tail = name.partition('@')
+        variant, flag = head.removesuffix('+compile'), '+compile' if head.endswith('+compile') else ''
+        base = got.get('paper' + flag + at + tail) if at and variant != 'paper' else None
+        mark = '*' if at and variant != 'paper' and base is None else ''
+        base = base or got.get('paper' + flag)
         f = lambda key, fmt: format(m[key], fmt) if key in m else '–'   # noqa: E731
         lines.append("| " + " | ".join([
-            name, keys or '(baseline)', f"{m['val']:.4f}", f"{m['val'] - base['val']:+.4f}" if base else '–',
-            f"{m['tps']:,.0f}", f"{m['tps'] / base['tps']:.2f}" if base else '–', f('ff_balance', '.4f'),
+            name, keys or '(baseline)', f"{m['val']:.4f}", f"{m['val'] - base['val']:+.4f}{mark}" if base else '–',
+            f"{m['tps']:,.0f}", f"{m['tps'] / base['tps']:.2f}{mark}" if base else '–', f('ff_balance', '.4f'),
             f('ff_load', '.2f'), f('ff_dead', 'd'), f('null', '.3f'), f('att_balance', '.4f'), f('att_dead', 'd'),
             f"{wall:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
@@ -1016,12 +1018,13 @@ def ablation_plan(variants):
     """The runs ablation_variants / ablation_compiled ask for: [(label, variant, compiled, seed)]. An entry
     'name@S' runs the variant with seed S (label 'name@S', e.g. paper@1338 to see the seed noise)."""
     def parse(entry):
-        name, _, s = entry.partition('@')
+        name, at, s = entry.partition('@')
         if name not in variants:
             raise SystemExit(f"bench.py: unknown ablation variant {name!r}: choose from {', '.join(variants)}")
-        if s and not s.isdigit():
+        if at and not (s.isascii() and s.isdecimal()):
             raise SystemExit(f"bench.py: ablation entry {entry!r}: the seed after '@' must be an integer")
-        return name, int(s) if s else seed, '@' + s if s else ''
+        return name, int(s) if at else seed, at + s
+
     def listed(text):
         return [v for e in str(text).split(",") if e for v in (variants if e == "all" else [e])]
     runs = []
@@ -1031,6 +1034,10 @@ def ablation_plan(variants):
             runs.append((name + ("+compile" if comp else "") + tail, name, comp, s))
     if not runs:
         raise SystemExit(f"bench.py: no ablation variant chosen: choose from {', '.join(variants)}")
+    labels = [r[0] for r in runs]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:   # one out_dir per label: a repeated run would overwrite the other's log and checkpoints
+        raise SystemExit(f"bench.py: ablation runs listed twice: {', '.join(twice)} (name@seed runs another seed)")
     return runs
 
 
@@ -1043,7 +1050,7 @@ def ablation_timing_table(runs, variants, smoke):
     batch, block = (4, 32) if smoke else (ablation_batch, ablation_block)
     vocab = 256 if smoke else train_vocab
     cuda = device.startswith("cuda")
-    rows, ms_of = [], {}
+    timed = []      # (label, ms or None when out of memory, peak GiB)
     for label, name, comp, _ in runs:
         keys = variants[name]
         try:
@@ -1054,27 +1061,38 @@ def ablation_timing_table(runs, variants, smoke):
                 cfg = model_config(ablation_config, vocab_size=vocab, block_size=block, **keys)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
-        step, model = train_step(cfg, comp, batch, block)
-        if cuda:
-            ms, mem = time_steps(step, 5 if comp else 3, train_steps)
-        else:
-            for _ in range(2):
-                step()
-            t0 = time.perf_counter()
-            for _ in range(train_steps):
-                step()
-            ms, mem = (time.perf_counter() - t0) * 1e3 / train_steps, float('nan')
+        step = model = None
+        try:
+            step, model = train_step(cfg, comp, batch, block)
+            if cuda:
+                ms, mem = time_steps(step, 5 if comp else 3, train_steps)
+            else:
+                for _ in range(2):
+                    step()
+                t0 = time.perf_counter()
+                for _ in range(train_steps):
+                    step()
+                ms, mem = (time.perf_counter() - t0) * 1e3 / train_steps, None
+        except torch.OutOfMemoryError:
+            ms, mem = None, None
         del step, model
         if cuda:
             torch.cuda.empty_cache()
-        ms_of[label] = ms
-        base = ms_of.get('paper+compile' if comp else 'paper')
+        timed.append((label, ms, mem))
+        print(label, "OOM" if ms is None else f"{ms:.1f} ms", flush=True)
+    # ratios once every row is timed, so the order of the entries does not matter
+    ms_of = dict((label, ms) for label, ms, _ in timed)
+    rows = []
+    for label, ms, mem in timed:
+        base = ms_of.get('paper+compile' if '+compile' in label else 'paper')
+        if ms is None:
+            rows.append([label, "OOM", "", "", ""])
+            continue
         rows.append([label, f"{ms:.1f}", f"{batch * block / ms * 1e3:,.0f}", f"{base / ms:.2f}" if base else '–',
-                     f"{mem:.1f}" if cuda else '–'])
-        print(rows[-1], flush=True)
+                     '–' if mem is None else f"{mem:.1f}"])
     gpu = torch.cuda.get_device_name() if cuda else device
     print(f"\n{'smoke shape' if smoke else ablation_config}, {batch} x {block} tokens, vocabulary {vocab}, "
-          f"{gpu}, {dtype if cuda else 'float32'}, {train_steps} timed steps per row, one process; "
+          f"{gpu}, {dtype} autocast, {train_steps} timed steps per row, one process; "
           f"{time.strftime('%Y-%m-%d')}\n")
     table(["variant", "ms/step", "tokens/s", "× paper", "peak GiB"], rows)
 
@@ -1102,27 +1120,36 @@ def bench_ablation():
     shared = (f"; {ablation_parallel} runs at a time shared the device, so tokens/s is not a speed comparison"
               if ablation_parallel > 1 and len(runs) > 1 else "")
     print(f"ablation: {len(runs)} run(s), {about}{shared}", flush=True)
-    rows, pending, done = [None] * len(runs), {}, 0
-    while done < len(runs):
-        while len(pending) < ablation_parallel and len(pending) + done < len(runs):
-            i = len(pending) + done
-            label, name, comp, s = runs[i]
-            args = common + [ablation_arg(k, v) for k, v in variants[name].items()] + \
-                [f"--compile={comp}", f"--seed={s}"]
-            pending[i] = ablation_start(args, os.path.join(ablation_out, label))
-        i = min(pending)        # finished in start order, so the table grows row by row
-        wall, err = ablation_finish(*pending.pop(i))
-        done += 1
-        label, name, _, _ = runs[i]
-        m = err or ablation_metrics(os.path.join(ablation_out, label), shape['ff_n_experts']) or \
-            "no val loss in its log.jsonl"
-        rows[i] = (label, " ".join(ablation_arg(k, v)[2:] for k, v in variants[name].items()), wall, m)
-        table = ablation_table([r for r in rows if r is not None])
-        print(f"[{done}/{len(runs)}] {label}, {wall:.0f} s: {table.splitlines()[-1]}", flush=True)
-        text = f"{about}; eager (rows +compile: torch.compile){shared}\n\n" + table
-        with open(table_path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(table_path + ".tmp", table_path)
+    rows, pending, started, text = [None] * len(runs), {}, 0, ""
+    try:
+        while started < len(runs) or pending:
+            while len(pending) < ablation_parallel and started < len(runs):
+                label, name, comp, s = runs[started]
+                args = common + [ablation_arg(k, v) for k, v in variants[name].items()] + \
+                    [f"--compile={comp}", f"--seed={s}"]
+                pending[started] = ablation_start(args, os.path.join(ablation_out, label))
+                started += 1
+            done = [i for i in sorted(pending) if pending[i][0].poll() is not None]
+            if not done:
+                time.sleep(0.2)
+                continue
+            i = done[0]
+            wall, err = ablation_finish(*pending.pop(i))
+            label, name, _, _ = runs[i]
+            m = err or ablation_metrics(os.path.join(ablation_out, label), shape['ff_n_experts']) or \
+                "no val loss in its log.jsonl"
+            rows[i] = (label, " ".join(ablation_arg(k, v)[2:] for k, v in variants[name].items()), wall, m)
+            table = ablation_table([r for r in rows if r is not None])
+            line = next(x for x in table.splitlines() if x.startswith(f"| {label} |"))
+            print(f"[{sum(r is not None for r in rows)}/{len(runs)}] {label}, {wall:.0f} s: {line}", flush=True)
+            text = f"{about}; eager (rows +compile: torch.compile){shared}\n\n" + table
+            with open(table_path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(table_path + ".tmp", table_path)
+    finally:    # an error or Ctrl-C here must not leave runs training with nobody to read them
+        for p, _, _ in pending.values():
+            p.terminate()
+            p.wait()
     print("\n" + text)
     print(f"(written to {table_path})")
 

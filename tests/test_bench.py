@@ -72,9 +72,13 @@ def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
     assert p.stderr.strip().splitlines() == [
         "bench.py: unknown ablation variant 'nul10': choose from paper, aux_free, switch, global, shared, "
         "null10, null40, k_schedule, conv_router, gqa, qk_norm, ssmax"]
-    p = bench(data_dir, '--ablation_variants=paper@x')
+    for entry in ('paper@x', 'paper@', 'paper@²'):
+        p = bench(data_dir, f'--ablation_variants={entry}')
+        assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+            f"bench.py: ablation entry '{entry}': the seed after '@' must be an integer"]
+    p = bench(data_dir, '--ablation_variants=all,null10@3,null10@3', '--ablation_compiled=paper,paper')
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
-        "bench.py: ablation entry 'paper@x': the seed after '@' must be an integer"]
+        "bench.py: ablation runs listed twice: null10@3, paper+compile (name@seed runs another seed)"]
 
 
 def test_parallel_runs_and_other_seeds(data_dir):
@@ -97,10 +101,10 @@ def test_parallel_runs_and_other_seeds(data_dir):
 def test_timing_mode_times_steps_without_training(tmp_path):
     """--ablation_timing=True: one process times every planned row's step (ratios to paper, or to
     paper+compile for compiled rows) and starts no training run; it needs no prepared data."""
-    p = bench(tmp_path, '--ablation_variants=paper,null40', '--ablation_timing=True', '--train_steps=1')
+    p = bench(tmp_path, '--ablation_variants=null40,paper', '--ablation_timing=True', '--train_steps=1')
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = table(p.stdout)
-    assert list(rows) == ['paper', 'null40'] and rows['paper']['× paper'] == '1.00'
+    assert list(rows) == ['null40', 'paper'] and rows['paper']['× paper'] == '1.00'
     ms = {k: float(r['ms/step']) for k, r in rows.items()}
     assert float(rows['null40']['× paper']) == pytest.approx(ms['paper'] / ms['null40'], rel=0.02)
     assert not os.path.exists(os.path.join(tmp_path, 'abl')) and 'one process' in p.stdout
