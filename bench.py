@@ -3,7 +3,8 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm                  # CVMM kernels vs dense / reference / torch._grouped_mm
     $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
-      (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True)
+      (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True;
+       ':reduce-overhead' instead of ':compile' compiles with CUDA graphs)
     $ python bench.py --what=profile               # top CUDA kernels of a training step (train_models' first)
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
@@ -11,6 +12,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=halting_profile       # is a halting step GPU- or host-bound?
     $ python bench.py --what=depth_curve --depth_ckpt=out/addition_act --device=cpu   # loss vs test-time repeats
     $ python bench.py --what=ablation              # the MoE/attention options, one train.py run each (docs/options.md)
+      (--ablation_parallel=4: runs share the GPU; --ablation_timing=True: time each option's step instead)
     $ python bench.py --what=exit_decode --depth_ckpt=out/addition_huginn --device=cpu --exit_prompt=16 --exit_new=48
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
