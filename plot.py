@@ -153,7 +153,7 @@ def plot_runs(out_dirs, to=None):
         recs = read_log(d)
         if not recs:
             raise SystemExit(f"error: {os.path.join(d, 'log.jsonl')} is missing or empty: not a train.py out_dir")
-        runs[d] = recs
+        runs[os.path.normpath(d)] = recs     # out/a/ (a shell glob of folders) is labelled out/a
         usage = [r['usage'] for r in recs if 'usage' in r]
         if usage:
             written.append(draw_usage(plt, usage[-1], os.path.join(d, 'expert_usage.png')))
