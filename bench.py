@@ -376,8 +376,15 @@ def train_step(cfg, compiled, batch, block):
 
 
 def time_steps(step, n_warm, n):
+    """(ms per step, peak GiB) of n steps after n_warm: CUDA events on the GPU; elsewhere wall time, and
+    no peak (None)."""
     for _ in range(n_warm):
         step()
+    if not device.startswith("cuda"):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - t0) * 1e3 / n, None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -387,6 +394,27 @@ def time_steps(step, n_warm, n):
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / n, torch.cuda.max_memory_allocated() / 2**30
+
+
+def timed_train_step(cfg, compiled, batch, block, ckpt=False, spec=None):
+    """(ms per step, peak GiB) of a fresh model's train_step over train_steps after a warm-up, or None when
+    it runs out of GPU memory; the model is freed before this returns. ckpt: activation checkpointing.
+    spec: a bench row's name, to print its share of null-id picks."""
+    import gc
+    step = model = None
+    try:
+        step, model = train_step(cfg, compiled, batch, block)
+        model.core.activation_checkpointing = ckpt     # train.py's key (model.MoEUT.forward reads it)
+        timed = time_steps(step, 5 if compiled else 3, train_steps)
+        if spec is not None:
+            null_share(spec, model)
+    except torch.OutOfMemoryError:
+        timed = None
+    del step, model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return timed
 
 
 def train_spec(spec):
@@ -442,26 +470,16 @@ def bench_train():
     """ms/step, tokens/s, peak memory and MFU of each model in `train_models` (config files, with
     ':compile' to torch.compile it and '+key=value' overrides, see train_spec), measured in one run;
     ratios against the first entry. A row that runs out of GPU memory says OOM and the rest go on."""
-    import gc
     from model import flops_per_token
     name, peak = peak_tflops()
     rows, base = [], None
     for spec in train_models.split(","):
         path, compiled, keys, ckpt = train_spec(spec)
         cfg = train_config(spec, path, keys)
-        step = model = None
         try:
-            step, model = train_step(cfg, compiled, train_batch, train_block)
-            model.core.activation_checkpointing = ckpt     # train.py's key (model.MoEUT.forward reads it)
-            ms, mem = time_steps(step, 3 if not compiled else 5, train_steps)
-            null_share(spec, model)
-        except torch.OutOfMemoryError:
-            ms = None
+            ms, mem = timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec) or (None, None)
         except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
-        del step, model
-        gc.collect()
-        torch.cuda.empty_cache()
         if ms is None:
             rows.append([spec, "OOM", "", "", f"> {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}",
                          "", "", ""])
@@ -1063,23 +1081,7 @@ def ablation_timing_table(runs, variants, smoke):
                 cfg = model_config(ablation_config, vocab_size=vocab, block_size=block, **keys)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
-        step = model = None
-        try:
-            step, model = train_step(cfg, comp, batch, block)
-            if cuda:
-                ms, mem = time_steps(step, 5 if comp else 3, train_steps)
-            else:
-                for _ in range(2):
-                    step()
-                t0 = time.perf_counter()
-                for _ in range(train_steps):
-                    step()
-                ms, mem = (time.perf_counter() - t0) * 1e3 / train_steps, None
-        except torch.OutOfMemoryError:
-            ms, mem = None, None
-        del step, model
-        if cuda:
-            torch.cuda.empty_cache()
+        ms, mem = timed_train_step(cfg, comp, batch, block) or (None, None)
         timed.append((label, ms, mem))
         print(label, "OOM" if ms is None else f"{ms:.1f} ms", flush=True)
     # ratios once every row is timed, so the order of the entries does not matter
