@@ -1083,7 +1083,8 @@ def ablation_timing_table(runs, variants, smoke):
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
         ms, mem = timed_train_step(cfg, comp, batch, block) or (None, None)
         timed.append((label, ms, mem))
-        print(label, "OOM" if ms is None else f"{ms:.1f} ms", flush=True)
+        print(label, "OOM" if ms is None else f"{ms:.1f} ms" + ('' if mem is None else f", peak {mem:.1f} GiB"),
+              flush=True)   # each row as it comes: a sweep cut short keeps what it timed
     # ratios once every row is timed, so the order of the entries does not matter
     ms_of = dict((label, ms) for label, ms, _ in timed)
     rows = []
