@@ -1081,6 +1081,7 @@ def ablation_timing_table(runs, variants, smoke):
                 cfg = model_config(ablation_config, vocab_size=vocab, block_size=block, **keys)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
+        print(f"{label}: {'compiling, then ' if comp else ''}timing {train_steps} steps ...", flush=True)
         ms, mem = timed_train_step(cfg, comp, batch, block) or (None, None)
         timed.append((label, ms, mem))
         print(label, "OOM" if ms is None else f"{ms:.1f} ms" + ('' if mem is None else f", peak {mem:.1f} GiB"),
