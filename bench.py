@@ -517,7 +517,10 @@ def bench_profile():
     rows, total, launches = kernel_rows(prof.events(), n)
     print(f"\n{spec}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
           f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
-    table(["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"], rows)
+    table(KERNEL_COLUMNS, rows)
+
+
+KERNEL_COLUMNS = ["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"]   # kernel_rows' cells
 
 
 def kernel_rows(events, n_steps: int, top: int = 40):
@@ -849,7 +852,7 @@ def bench_halting_profile():
     if not cpu:
         rows, _, launches = kernel_rows(prof.events(), n, top=30)
         print(f"{launches} kernel launches per step")
-        table(["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"], rows)
+        table(KERNEL_COLUMNS, rows)
     print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
 
 
@@ -919,13 +922,13 @@ def ablation_setup(smoke):
         raise SystemExit(f"bench.py: ablation_iters ({iters}) must be a multiple of ablation_log ({log})")
     # train.py would prepare a missing Shakespeare set itself, but a missing tokenizer package would then
     # fail every variant in turn: do it once here (timing runs need no data)
-    from data import AUTO_DATASETS, ensure_data
-    try:
-        if not ablation_timing:
+    if not ablation_timing:
+        from data import AUTO_DATASETS, ensure_data
+        try:
             ensure_data({'dataset': ds, 'block_size': block}, {'master': True, 'distributed': False})
-    except SystemExit as e:
-        hint = f"; or copy data/{ds} from a machine where it is prepared" if ds in AUTO_DATASETS else ""
-        raise SystemExit(f"bench.py: {e}{hint}")
+        except SystemExit as e:
+            hint = f"; or copy data/{ds} from a machine where it is prepared" if ds in AUTO_DATASETS else ""
+            raise SystemExit(f"bench.py: {e}{hint}")
     lr = float(ablation_lr)
     common = base + [f"--dataset={ds}", f"--device={device}", f"--max_iters={iters}",
                      f"--lr_decay_iters={iters}", f"--warmup_iters={min(10, iters // 4)}", f"--learning_rate={lr}",
