@@ -67,6 +67,7 @@ ablation_out = "out/ablation"   # ablation: one out_dir per variant below it, an
 ablation_smoke = False      # ablation: a tiny model, 4 steps (also with --device=cpu): checks that it all runs
 ablation_timing = False     # ablation: no training; time each run's training step in this process, one after
                             # another (same-run ratios), at ablation_batch x ablation_block, vocabulary train_vocab
+ablation_rounds = 3         # ablation timing: interleaved rounds of train_steps steps per row; a row's ms is the median
 
 from configurator import configure  # noqa: E402
 
@@ -1065,15 +1066,24 @@ def ablation_plan(variants):
 
 
 def ablation_timing_table(runs, variants, smoke):
-    """ms per training step (fwd + bwd + AdamW, bf16 on CUDA) of every planned run, timed in this process one
-    after another so the ratios to paper (paper+compile for compiled rows) come from one run; rows with
-    '@seed' are the same model and are timed once per row anyway. The model: ablation_config (the smoke
-    shape on the CPU) with each variant's keys, ablation_batch x ablation_block tokens, vocabulary
-    train_vocab (smoke: 256)."""
+    """ms per training step (fwd + bwd + AdamW, bf16 on CUDA) of every planned run, in this process, so the
+    ratios to paper (paper+compile for compiled rows) come from one run. Every row is built, compiled and
+    warmed first; then ablation_rounds rounds time each row's train_steps in turn, and a row's ms is its
+    median round, so drift and a background compile hit every row alike, and the spread column says how
+    far a row's rounds disagree (a gap between rows smaller than it is noise). Rows with '@seed' are the
+    same model and are timed once per row anyway. The model: ablation_config (the smoke shape on the CPU)
+    with each variant's keys, ablation_batch x ablation_block tokens, vocabulary train_vocab (smoke: 256)."""
+    import gc
+    import statistics
     batch, block = (4, 32) if smoke else (ablation_batch, ablation_block)
     vocab = 256 if smoke else train_vocab
     cuda = device.startswith("cuda")
-    timed = []      # (label, ms or None when out of memory, peak GiB)
+    # every row compiles the same forward code for another config, and all stay alive for the rounds:
+    # past the default limit dynamo would run the later rows eager without saying so in the table
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(runs))
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 64 * len(runs))
+    built = []      # (label, step or None when out of memory, the row's own peak GiB or None)
     for label, name, comp, _ in runs:
         keys = variants[name]
         try:
@@ -1084,26 +1094,48 @@ def ablation_timing_table(runs, variants, smoke):
                 cfg = model_config(ablation_config, vocab_size=vocab, block_size=block, **keys)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
-        print(f"{label}: {'compiling, then ' if comp else ''}timing {train_steps} steps ...", flush=True)
-        ms, mem = timed_train_step(cfg, comp, batch, block) or (None, None)
-        timed.append((label, ms, mem))
-        print(label, "OOM" if ms is None else f"{ms:.1f} ms" + ('' if mem is None else f", peak {mem:.1f} GiB"),
-              flush=True)   # each row as it comes: a sweep cut short keeps what it timed
-    # ratios once every row is timed, so the order of the entries does not matter
-    ms_of = dict((label, ms) for label, ms, _ in timed)
+        print(f"{label}: {'compiling and ' if comp else ''}warming up ...", flush=True)
+        step = mem = None
+        try:
+            if cuda:
+                torch.cuda.synchronize()
+                resident = torch.cuda.memory_allocated()    # the rows built before this one
+                torch.cuda.reset_peak_memory_stats()
+            step, _ = train_step(cfg, comp, batch, block)
+            for _ in range(5 if comp else 3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+                mem = (torch.cuda.max_memory_allocated() - resident) / 2**30
+        except torch.OutOfMemoryError:
+            step = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        built.append((label, step, mem))
+    times = {label: [] for label, _, _ in built}
+    for r in range(ablation_rounds):
+        for label, step, _ in built:
+            if step is not None:
+                times[label].append(time_steps(step, 0, train_steps)[0])
+        print(f"round {r + 1}/{ablation_rounds}: " + ", ".join(
+            f"{label} {t[-1]:.1f} ms" for label, t in times.items() if t), flush=True)   # a cut-short sweep keeps it
+    ms_of = {label: statistics.median(t) for label, t in times.items() if t}
     rows = []
-    for label, ms, mem in timed:
+    for label, _, mem in built:
         base = ms_of.get('paper+compile' if '+compile' in label else 'paper')
+        ms = ms_of.get(label)
         if ms is None:
-            rows.append([label, "OOM", "", "", ""])
+            rows.append([label, "OOM", "", "", "", ""])
             continue
+        spread = (max(times[label]) - min(times[label])) / ms * 100
         rows.append([label, f"{ms:.1f}", f"{batch * block / ms * 1e3:,.0f}", f"{base / ms:.2f}" if base else '–',
-                     '–' if mem is None else f"{mem:.1f}"])
+                     f"{spread:.1f}%", '–' if mem is None else f"{mem:.1f}"])
     gpu = torch.cuda.get_device_name() if cuda else device
     print(f"\n{'smoke shape' if smoke else ablation_config}, {batch} x {block} tokens, vocabulary {vocab}, "
-          f"{gpu}, {dtype} autocast, {train_steps} timed steps per row, one process; "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    table(["variant", "ms/step", "tokens/s", "× paper", "peak GiB"], rows)
+          f"{gpu}, {dtype} autocast, one process: the median of {ablation_rounds} interleaved rounds of "
+          f"{train_steps} steps per row; {time.strftime('%Y-%m-%d')}\n")
+    table(["variant", "ms/step", "tokens/s", "× paper", "spread", "peak GiB"], rows)
 
 
 def bench_ablation():

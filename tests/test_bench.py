@@ -100,7 +100,8 @@ def test_parallel_runs_and_other_seeds(data_dir):
 
 def test_timing_mode_times_steps_without_training(tmp_path):
     """--ablation_timing=True: one process times every planned row's step (ratios to paper, or to
-    paper+compile for compiled rows) and starts no training run; it needs no prepared data."""
+    paper+compile for compiled rows) in interleaved rounds and starts no training run; it needs no
+    prepared data."""
     p = bench(tmp_path, '--ablation_variants=null40,paper', '--ablation_timing=True', '--train_steps=1')
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = table(p.stdout)
@@ -108,6 +109,7 @@ def test_timing_mode_times_steps_without_training(tmp_path):
     ms = {k: float(r['ms/step']) for k, r in rows.items()}
     assert float(rows['null40']['× paper']) == pytest.approx(ms['paper'] / ms['null40'], rel=0.02)
     assert not os.path.exists(os.path.join(tmp_path, 'abl')) and 'one process' in p.stdout
+    assert 'round 3/3: null40' in p.stdout and all(r['spread'].endswith('%') for r in rows.values())
 
 
 def test_train_rows_take_key_overrides(monkeypatch):
