@@ -55,6 +55,8 @@ ablation_config = "config/moeut_44m.py"  # ablation: the base model and recipe o
 ablation_variants = "all"   # ablation: comma-separated variant names (see ablation_rows), 'all' = every one; name@S: seed S
 ablation_parallel = 1       # ablation: runs at once on the device (> 1: faster sweeps, tokens/s not comparable)
 ablation_compiled = ""      # ablation: variants to run once more with compile=True (rows 'name+compile'), 'all' = every one
+ablation_compile_mode = ""  # ablation: train.py's compile_mode for those rows ('reduce-overhead': CUDA graphs, for
+                            # MoEUT-44M, whose compiled step is bound by the host: README, 'Training speed')
 ablation_dataset = ""       # ablation: data/<name>; '' = 'shakespeare' (gpt2 tokens), 'shakespeare_bytes' in smoke
 ablation_iters = 200        # ablation: optimizer steps of every variant (~2 passes over Shakespeare at 16 x 1024)
 ablation_batch = 16         # ablation: sequences per step (one micro-batch)
@@ -1101,7 +1103,7 @@ def ablation_timing_table(runs, variants, smoke):
                 torch.cuda.synchronize()
                 resident = torch.cuda.memory_allocated()    # the rows built before this one
                 torch.cuda.reset_peak_memory_stats()
-            step, _ = train_step(cfg, comp, batch, block)
+            step, _ = train_step(cfg, comp and (ablation_compile_mode or True), batch, block)
             for _ in range(5 if comp else 3):
                 step()
             if cuda:
@@ -1133,7 +1135,8 @@ def ablation_timing_table(runs, variants, smoke):
                      f"{spread:.1f}%", '–' if mem is None else f"{mem:.1f}"])
     gpu = torch.cuda.get_device_name() if cuda else device
     print(f"\n{'smoke shape' if smoke else ablation_config}, {batch} x {block} tokens, vocabulary {vocab}, "
-          f"{gpu}, {dtype} autocast, one process: the median of {ablation_rounds} interleaved rounds of "
+          f"{gpu}, {dtype} autocast, {'compile mode ' + ablation_compile_mode + ', ' if ablation_compile_mode else ''}"
+          f"one process: the median of {ablation_rounds} interleaved rounds of "
           f"{train_steps} steps per row; {time.strftime('%Y-%m-%d')}\n")
     table(["variant", "ms/step", "tokens/s", "× paper", "spread", "peak GiB"], rows)
 
@@ -1151,6 +1154,8 @@ def bench_ablation():
     smoke = bool(ablation_smoke) or device.startswith("cpu")
     if not isinstance(ablation_parallel, int) or ablation_parallel < 1:
         raise SystemExit(f"bench.py: ablation_parallel must be a positive integer, got {ablation_parallel!r}")
+    if ablation_compile_mode not in ("", "reduce-overhead"):
+        raise SystemExit(f"bench.py: ablation_compile_mode must be '' or 'reduce-overhead', got {ablation_compile_mode!r}")
     common, shape, about = ablation_setup(smoke)
     variants = dict(ablation_rows(shape))
     runs = ablation_plan(variants)
@@ -1167,7 +1172,8 @@ def bench_ablation():
             while len(pending) < ablation_parallel and started < len(runs):
                 label, name, comp, s = runs[started]
                 args = common + [ablation_arg(k, v) for k, v in variants[name].items()] + \
-                    [f"--compile={comp}", f"--seed={s}"]
+                    [f"--compile={comp}", f"--seed={s}"] + \
+                    ([f"--compile_mode={ablation_compile_mode}"] if comp and ablation_compile_mode else [])
                 pending[started] = ablation_start(args, os.path.join(ablation_out, label))
                 started += 1
             done = [i for i in sorted(pending) if pending[i][0].poll() is not None]

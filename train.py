@@ -105,6 +105,8 @@ max_bad_steps = 5               # non-finite losses in a row before giving up
 device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'                  # 'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16', 'float16'
 compile = False
+compile_mode = ''               # with compile=True: '' (torch.compile's default) or 'reduce-overhead' (CUDA graphs: no
+                                # host launch cost; pays where the host, not the GPU, bounds the step: see README)
 activation_checkpointing = False  # recompute each shared-layer application in backward: less memory, ~1/3 more compute
 cpu_threads = 0                 # CPU runs: torch threads per process; 0 = auto (the cores other processes leave
                                 # idle, by the load average: extra threads on busy cores thrash, see README)
@@ -148,6 +150,10 @@ def set_current_cuda_device(dev):
     torch.cuda.set_device(index)
 
 
+# the torch.compile modes train.py offers: the default, and 'reduce-overhead', which replays the step as CUDA graphs
+COMPILE_MODES = ('', 'reduce-overhead')
+
+
 def setup_distributed(cfg):
     """Single process, or one process per GPU/CPU slot under torchrun (RANK/WORLD_SIZE/LOCAL_RANK)."""
     distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
@@ -169,6 +175,13 @@ def setup_distributed(cfg):
                         ('beta1', lambda v: 0 <= v < 1, 'in [0, 1)'), ('beta2', lambda v: 0 <= v < 1, 'in [0, 1)')):
         if not math.isfinite(cfg[k]) or not ok(cfg[k]):
             fail(f"{k} must be {want}, got {cfg[k]!r}")
+    if cfg['compile_mode'] not in COMPILE_MODES:
+        fail(f"compile_mode must be one of {', '.join(map(repr, COMPILE_MODES))}, got {cfg['compile_mode']!r}")
+    if cfg['compile_mode'] and not cfg['compile']:
+        fail(f"compile_mode={cfg['compile_mode']!r} needs compile=True")
+    if cfg['compile_mode'] and distributed and cfg['parallelism'] == 'fsdp':
+        fail(f"compile_mode={cfg['compile_mode']!r} (CUDA graphs) has not been tested under FSDP: use "
+             f"parallelism='ddp' or compile_mode=''")
     if cfg['checkpoint_format'] not in ('auto', 'file', 'sharded'):
         fail(f"checkpoint_format must be 'auto', 'file' or 'sharded', got {cfg['checkpoint_format']!r}")
     rank, world, local = 0, 1, 0
@@ -390,10 +403,12 @@ def _train(cfg, run, on_exit):
     else:
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
     fwd = wrapped
+    mode = {'mode': cfg['compile_mode']} if cfg['compile_mode'] else {}
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
-        model.core.compile_layers()           # halting: per layer (dynamic shapes, or halt_buckets' static ones)
+        model.core.compile_layers(**mode)     # halting: per layer (dynamic shapes, or halt_buckets' static ones)
     elif cfg['compile']:
-        fwd = torch.compile(wrapped)
+        fwd = torch.compile(wrapped, **mode)
+    graphs = cfg['compile_mode'] == 'reduce-overhead'
 
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()
@@ -481,6 +496,8 @@ def _train(cfg, run, on_exit):
                 elif wrapped is not model:   # DDP (a single process runs unwrapped: wrap_model)
                     wrapped.require_backward_grad_sync = last
             x, y = x.to(run['device'], non_blocking=True), y.to(run['device'], non_blocking=True)
+            if graphs:   # a new training iteration: the graphs may reuse the last micro-step's output memory
+                torch.compiler.cudagraph_mark_step_begin()   # (its loss is copied into `losses` below)
             with autocast:
                 out = fwd(x, y)
             scaler.scale(out.loss / len(micro)).backward()

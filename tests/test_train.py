@@ -338,6 +338,15 @@ def test_error_cuda_without_cuda(root):
     assert_one_line_error(p, 'CUDA')
 
 
+def test_error_bad_compile_mode(root):
+    """compile_mode: a mode train.py does not offer, or one without compile=True, is one line and no run."""
+    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=max-autotune', check=False)
+    assert_one_line_error(p, 'compile_mode', "'reduce-overhead'", "'max-autotune'")
+    p = train(root, *TINY, '--out_dir=e6', '--compile_mode=reduce-overhead', check=False)
+    assert_one_line_error(p, "compile_mode='reduce-overhead' needs compile=True")
+    assert not os.path.exists(os.path.join(root, 'e6'))
+
+
 def test_error_typo_in_config_key(root):
     p = train(root, *TINY, '--out_dir=e5', '--learning_rat=0.1', check=False)
     assert_one_line_error(p, 'learning_rat', "did you mean 'learning_rate'")
@@ -885,9 +894,11 @@ def test_old_format_batch_keys_resume(root):
 @pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
 def test_compilation_is_announced_and_timed(root):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
-    log says so before it starts and how long it took after it."""
-    p = train(root, *TINY, '--compile=True', '--max_iters=2', '--eval_interval=1000', '--eval_iters=1',
-              '--out_dir=comp')
+    log says so before it starts and how long it took after it. In compile_mode 'reduce-overhead', which
+    on a CPU compiles as the default mode does (no CUDA graphs) but marks each micro-step's start, with
+    gradient accumulation."""
+    p = train(root, *TINY, '--compile=True', '--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2',
+              '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--out_dir=comp')
     lines = p.stdout.splitlines()
     i = lines.index('compiling the model (first step)...')
     j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
