@@ -492,8 +492,9 @@ def bench_train():
         tflops = 3 * flops_per_token(cfg, train_block) * tok_s / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
         base = base or (tok_s, mem)
-        rows.append([spec, f"{ms:.1f}", f"{tok_s:,.0f}", f"{tok_s / base[0]:.2f}", f"{mem:.1f}",
-                     f"{mem / base[1]:.2f}", f"{tflops:.0f}", mfu])
+        no_mem = mem is None    # the CPU smoke test: no peak-memory counter
+        rows.append([spec, f"{ms:.1f}", f"{tok_s:,.0f}", f"{tok_s / base[0]:.2f}", '–' if no_mem else f"{mem:.1f}",
+                     '–' if no_mem else f"{mem / base[1]:.2f}", f"{tflops:.0f}", mfu])
         print(rows[-1], flush=True)
     print(f"\n{name}, {dtype}, batch {train_batch} x {train_block}, vocab {train_vocab}, "
           f"MFU vs {peak} TFLOP/s (active FLOPs: 3 x forward FLOPs/token, 2 per multiply-add, incl. attention and LM head)\n")
@@ -501,26 +502,36 @@ def bench_train():
 
 
 def bench_profile():
-    """Where the GPU time of a training step of train_models' first entry goes: every CUDA kernel of 3
-    profiled steps, aggregated by name (see kernel_rows)."""
+    """Where a training step of train_models' first entry spends its time, over 3 profiled steps: every CUDA
+    kernel, aggregated by name (kernel_rows), and the host side, op by op (host_rows). A compiled step
+    whose host side takes longer than its kernels is bound by the host: CUDA graphs (':reduce-overhead')
+    remove that part."""
     from torch.profiler import ProfilerActivity, profile
     spec = train_models.split(",")[0]
     path, compiled, keys, ckpt = train_spec(spec)
     cfg = train_config(spec, path, keys)
     step, model = train_step(cfg, compiled, train_batch, train_block)
     model.core.activation_checkpointing = ckpt
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = 3
     for _ in range(n):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(n):
             step()
-        torch.cuda.synchronize()
-    rows, total, launches = kernel_rows(prof.events(), n)
+        sync()
+    events = prof.events()
+    rows, total, launches = kernel_rows(events, n)
     print(f"\n{spec}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
           f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
     table(KERNEL_COLUMNS, rows)
+    rows, total, calls = host_rows(events, n)
+    print(f"\nthe host side: {total:.1f} ms per step inside {calls} op calls (their self time: what an op "
+          f"spends outside the ops it calls, e.g. a custom op's Python and its Triton launches; the "
+          f"profiler's own cost included)\n")
+    table(HOST_COLUMNS, rows)
 
 
 KERNEL_COLUMNS = ["share", "cumulative", "ms/step", "launches/step", "µs each", "kernel"]   # kernel_rows' cells
@@ -540,6 +551,27 @@ def kernel_rows(events, n_steps: int, top: int = 40):
         rows.append([f"{100 * tot[name] / total:.1f}%", f"{100 * acc / total:.1f}%",
                      f"{tot[name] / n_steps / 1e3:.3f}", f"{cnt[name] / n_steps:g}",
                      f"{tot[name] / cnt[name]:.1f}", name[:120].replace("|", "/")])
+    return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps)
+
+
+HOST_COLUMNS = ["share", "self ms/step", "inclusive ms/step", "calls/step", "self µs each", "op"]   # host_rows'
+
+
+def host_rows(events, n_steps: int, top: int = 25):
+    """(rows, ms per step, calls per step) of the host side among profiler events: each CPU op's self
+    time (inside it, outside the ops it calls), summed by name, per step, by self time: share of the
+    total, self and inclusive ms per step, calls per step, mean self µs per call, name (120 characters)."""
+    own, incl, cnt = {}, {}, {}
+    for ev in events:
+        if ev.device_type == torch.autograd.DeviceType.CPU:
+            own[ev.name] = own.get(ev.name, 0.0) + ev.self_cpu_time_total
+            incl[ev.name] = incl.get(ev.name, 0.0) + ev.cpu_time_total
+            cnt[ev.name] = cnt.get(ev.name, 0) + 1
+    total, rows = sum(own.values()) or 1.0, []
+    for name in sorted(own, key=own.get, reverse=True)[:top]:
+        rows.append([f"{100 * own[name] / total:.1f}%", f"{own[name] / n_steps / 1e3:.3f}",
+                     f"{incl[name] / n_steps / 1e3:.3f}", f"{cnt[name] / n_steps:g}",
+                     f"{own[name] / cnt[name]:.1f}", name[:120].replace("|", "/")])
     return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps)
 
 

@@ -106,7 +106,8 @@ device = 'auto'                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cu
 dtype = 'auto'                  # 'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16', 'float16'
 compile = False
 compile_mode = ''               # with compile=True: '' (torch.compile's default) or 'reduce-overhead' (CUDA graphs: no
-                                # host launch cost; pays where the host, not the GPU, bounds the step: see README)
+                                # host launch cost; pays where the host, not the GPU, bounds the step: see README;
+                                # one process, no gradient accumulation)
 activation_checkpointing = False  # recompute each shared-layer application in backward: less memory, ~1/3 more compute
 cpu_threads = 0                 # CPU runs: torch threads per process; 0 = auto (the cores other processes leave
                                 # idle, by the load average: extra threads on busy cores thrash, see README)
@@ -179,9 +180,6 @@ def setup_distributed(cfg):
         fail(f"compile_mode must be one of {', '.join(map(repr, COMPILE_MODES))}, got {cfg['compile_mode']!r}")
     if cfg['compile_mode'] and not cfg['compile']:
         fail(f"compile_mode={cfg['compile_mode']!r} needs compile=True")
-    if cfg['compile_mode'] and distributed and cfg['parallelism'] == 'fsdp':
-        fail(f"compile_mode={cfg['compile_mode']!r} (CUDA graphs) has not been tested under FSDP: use "
-             f"parallelism='ddp' or compile_mode=''")
     if cfg['checkpoint_format'] not in ('auto', 'file', 'sharded'):
         fail(f"checkpoint_format must be 'auto', 'file' or 'sharded', got {cfg['checkpoint_format']!r}")
     rank, world, local = 0, 1, 0
@@ -357,6 +355,12 @@ def _train(cfg, run, on_exit):
         except ImportError:
             fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     total, micro, accum = batch_plan(cfg, run['world'])
+    if cfg['compile_mode'] == 'reduce-overhead' and (accum > 1 or run['world'] > 1):
+        # the first micro-batch's gradients would stay in graph memory that the next micro-batch's backward
+        # overwrites (pytorch/pytorch#96693); under DDP/FSDP the mode has not been tested
+        fail(f"compile_mode='reduce-overhead' takes one micro-batch per step in one process, here {accum} "
+             f"micro-batch(es) x {run['world']} process(es): set batch_size={total} (the global batch), or "
+             f"compile_mode=''")
     torch.manual_seed(cfg['seed'] + run['rank'])
     sources = ensure_data(cfg, run)          # [(name, data_dir, weight)]: one dataset, or a mixture's
     data_dir = sources[0][1]
@@ -496,8 +500,8 @@ def _train(cfg, run, on_exit):
                 elif wrapped is not model:   # DDP (a single process runs unwrapped: wrap_model)
                     wrapped.require_backward_grad_sync = last
             x, y = x.to(run['device'], non_blocking=True), y.to(run['device'], non_blocking=True)
-            if graphs:   # a new training iteration: the graphs may reuse the last micro-step's output memory
-                torch.compiler.cudagraph_mark_step_begin()   # (its loss is copied into `losses` below)
+            if graphs:   # a new iteration: the graphs may reuse the memory of what they returned before
+                torch.compiler.cudagraph_mark_step_begin()   # (the last loss was copied into `losses`)
             with autocast:
                 out = fwd(x, y)
             scaler.scale(out.loss / len(micro)).backward()

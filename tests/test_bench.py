@@ -149,3 +149,23 @@ def test_profile_kernel_rows(monkeypatch):
     assert rows[0][:5] == ['60.0%', '60.0%', '0.300', '1', '300.0']
     assert rows[2][:5] == ['15.0%', '100.0%', '0.075', '1.5', '50.0']
     assert ms == 0.5 and launches == 3
+
+
+def test_profile_host_rows(monkeypatch):
+    """--what=profile's host table: only CPU ops, self time summed by name per step and sorted by it,
+    inclusive time beside it; CUDA kernels stay out."""
+    from types import SimpleNamespace
+    import torch
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    from bench import host_rows
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = lambda name, own, incl, dev=cpu: SimpleNamespace(name=name, self_cpu_time_total=own,
+                                                          cpu_time_total=incl, device_type=dev)
+    events = [ev('nanomoeut::cvmm_mlp', 400.0, 500.0), ev('aten::empty', 10.0, 10.0), ev('aten::empty', 30.0, 30.0),
+              ev('nanomoeut::cvmm_mlp', 400.0, 600.0), ev('aten::empty', 0.0, 0.0), ev('gemm_kernel', 9999.0, 9999.0, cuda), ev('a|b', 160.0, 160.0)]
+    rows, ms, calls = host_rows(events, n_steps=2)
+    assert [r[5] for r in rows] == ['nanomoeut::cvmm_mlp', 'a/b', 'aten::empty']
+    assert rows[0][:5] == ['80.0%', '0.400', '0.550', '1', '400.0']
+    assert rows[2][:5] == ['4.0%', '0.020', '0.020', '1.5', '13.3']
+    assert ms == 0.5 and calls == 3

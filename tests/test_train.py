@@ -344,6 +344,10 @@ def test_error_bad_compile_mode(root):
     assert_one_line_error(p, 'compile_mode', "'reduce-overhead'", "'max-autotune'")
     p = train(root, *TINY, '--out_dir=e6', '--compile_mode=reduce-overhead', check=False)
     assert_one_line_error(p, "compile_mode='reduce-overhead' needs compile=True")
+    # CUDA graphs and gradient accumulation: the first micro-batch's gradients would be overwritten
+    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead',
+              '--total_batch_size=8', check=False)
+    assert_one_line_error(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)', 'batch_size=8')
     assert not os.path.exists(os.path.join(root, 'e6'))
 
 
@@ -895,10 +899,8 @@ def test_old_format_batch_keys_resume(root):
 def test_compilation_is_announced_and_timed(root):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
     log says so before it starts and how long it took after it. In compile_mode 'reduce-overhead', which
-    on a CPU compiles as the default mode does (no CUDA graphs) but marks each micro-step's start, with
-    gradient accumulation."""
-    p = train(root, *TINY, '--compile=True', '--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2',
-              '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--out_dir=comp')
+    on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start."""
+    p = train(root, *TINY, '--compile=True', '--compile_mode=reduce-overhead', '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--out_dir=comp')
     lines = p.stdout.splitlines()
     i = lines.index('compiling the model (first step)...')
     j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
