@@ -527,10 +527,10 @@ def bench_profile():
     print(f"\n{spec}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
           f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
     table(KERNEL_COLUMNS, rows)
-    rows, total, calls = host_rows(events, n)
+    rows, total, calls, wait = host_rows(events, n)
     print(f"\nthe host side: {total:.1f} ms per step inside {calls} op calls (their self time: what an op "
           f"spends outside the ops it calls, e.g. a custom op's Python and its Triton launches; the "
-          f"profiler's own cost included)\n")
+          f"profiler's own cost included), and {wait:.1f} ms per step waiting for the GPU (synchronize)\n")
     table(HOST_COLUMNS, rows)
 
 
@@ -558,21 +558,27 @@ HOST_COLUMNS = ["share", "self ms/step", "inclusive ms/step", "calls/step", "sel
 
 
 def host_rows(events, n_steps: int, top: int = 25):
-    """(rows, ms per step, calls per step) of the host side among profiler events: each CPU op's self
-    time (inside it, outside the ops it calls), summed by name, per step, by self time: share of the
-    total, self and inclusive ms per step, calls per step, mean self µs per call, name (120 characters)."""
-    own, incl, cnt = {}, {}, {}
+    """(rows, ms per step, calls per step, ms per step waiting for the GPU) of the host side among profiler
+    events: each CPU op's self time (inside it, outside the ops it calls), summed by name, per step, by
+    self time: share of the total, self and inclusive ms per step, calls per step, mean self µs per call,
+    name (120 characters). The CUDA synchronize calls are the host waiting for the GPU, not host work:
+    they are left out of the rows and the total and counted apart."""
+    own, incl, cnt, wait = {}, {}, {}, 0.0
     for ev in events:
-        if ev.device_type == torch.autograd.DeviceType.CPU:
-            own[ev.name] = own.get(ev.name, 0.0) + ev.self_cpu_time_total
-            incl[ev.name] = incl.get(ev.name, 0.0) + ev.cpu_time_total
-            cnt[ev.name] = cnt.get(ev.name, 0) + 1
+        if ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if "Synchronize" in ev.name:    # cudaDeviceSynchronize, cudaStreamSynchronize, cudaEventSynchronize
+            wait += ev.self_cpu_time_total
+            continue
+        own[ev.name] = own.get(ev.name, 0.0) + ev.self_cpu_time_total
+        incl[ev.name] = incl.get(ev.name, 0.0) + ev.cpu_time_total
+        cnt[ev.name] = cnt.get(ev.name, 0) + 1
     total, rows = sum(own.values()) or 1.0, []
     for name in sorted(own, key=own.get, reverse=True)[:top]:
         rows.append([f"{100 * own[name] / total:.1f}%", f"{own[name] / n_steps / 1e3:.3f}",
                      f"{incl[name] / n_steps / 1e3:.3f}", f"{cnt[name] / n_steps:g}",
                      f"{own[name] / cnt[name]:.1f}", name[:120].replace("|", "/")])
-    return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps)
+    return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps), wait / n_steps / 1e3
 
 
 @torch.no_grad()
@@ -1099,6 +1105,38 @@ def ablation_plan(variants):
     return runs
 
 
+def free_memory():
+    import gc
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def warmed_row(cfg, compiled, batch, block):
+    """(step, its own peak GiB or None off CUDA) of a fresh model's train_step, compiled and warmed up, or
+    (None, None) when it runs out of GPU memory. The peak: one step after the warm-up (compilation and
+    CUDA-graph recording left out), less what was allocated before this row was built."""
+    cuda = device.startswith("cuda")
+    step = model = None
+    try:
+        resident = torch.cuda.memory_allocated() if cuda else 0    # the rows built before this one
+        step, model = train_step(cfg, compiled, batch, block)
+        for _ in range(5 if compiled else 3):
+            step()
+        if not cuda:
+            return step, None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return step, (torch.cuda.max_memory_allocated() - resident) / 2**30
+    except torch.OutOfMemoryError:
+        pass
+    step = model = None     # outside the except block, whose traceback would keep the activations alive
+    free_memory()
+    return None, None
+
+
 def ablation_timing_table(runs, variants, smoke):
     """ms per training step (fwd + bwd + AdamW, bf16 on CUDA) of every planned run, in this process, so the
     ratios to paper (paper+compile for compiled rows) come from one run. Every row is built, compiled and
@@ -1107,7 +1145,6 @@ def ablation_timing_table(runs, variants, smoke):
     far a row's rounds disagree (a gap between rows smaller than it is noise). Rows with '@seed' are the
     same model and are timed once per row anyway. The model: ablation_config (the smoke shape on the CPU)
     with each variant's keys, ablation_batch x ablation_block tokens, vocabulary train_vocab (smoke: 256)."""
-    import gc
     import statistics
     batch, block = (4, 32) if smoke else (ablation_batch, ablation_block)
     vocab = 256 if smoke else train_vocab
@@ -1129,29 +1166,19 @@ def ablation_timing_table(runs, variants, smoke):
         except (TypeError, ValueError) as e:
             raise SystemExit(f"bench.py: ablation variant {label!r}: {e}")
         print(f"{label}: {'compiling and ' if comp else ''}warming up ...", flush=True)
-        step = mem = None
-        try:
-            if cuda:
-                torch.cuda.synchronize()
-                resident = torch.cuda.memory_allocated()    # the rows built before this one
-                torch.cuda.reset_peak_memory_stats()
-            step, _ = train_step(cfg, comp and (ablation_compile_mode or True), batch, block)
-            for _ in range(5 if comp else 3):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-                mem = (torch.cuda.max_memory_allocated() - resident) / 2**30
-        except torch.OutOfMemoryError:
-            step = None
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        built.append((label, step, mem))
+        built.append((label, *warmed_row(cfg, comp and (ablation_compile_mode or True), batch, block)))
     times = {label: [] for label, _, _ in built}
     for r in range(ablation_rounds):
-        for label, step, _ in built:
-            if step is not None:
+        for i, (label, step, mem) in enumerate(built):
+            if step is None:
+                continue
+            try:
                 times[label].append(time_steps(step, 0, train_steps)[0])
+                continue
+            except torch.OutOfMemoryError:   # with every other row's model resident (see the table's title)
+                pass
+            built[i], times[label], step = (label, None, mem), [], None    # freed outside the except block
+            free_memory()
         print(f"round {r + 1}/{ablation_rounds}: " + ", ".join(
             f"{label} {t[-1]:.1f} ms" for label, t in times.items() if t), flush=True)   # a cut-short sweep keeps it
     ms_of = {label: statistics.median(t) for label, t in times.items() if t}
@@ -1168,8 +1195,9 @@ def ablation_timing_table(runs, variants, smoke):
     gpu = torch.cuda.get_device_name() if cuda else device
     print(f"\n{'smoke shape' if smoke else ablation_config}, {batch} x {block} tokens, vocabulary {vocab}, "
           f"{gpu}, {dtype} autocast, {'compile mode ' + ablation_compile_mode + ', ' if ablation_compile_mode else ''}"
-          f"one process: the median of {ablation_rounds} interleaved rounds of "
-          f"{train_steps} steps per row; {time.strftime('%Y-%m-%d')}\n")
+          f"one process, every row's model resident: the median of {ablation_rounds} interleaved rounds of "
+          f"{train_steps} steps per row; peak GiB: a row's own, over one step after its warm-up; "
+          f"{time.strftime('%Y-%m-%d')}\n")
     table(["variant", "ms/step", "tokens/s", "× paper", "spread", "peak GiB"], rows)
 
 
@@ -1186,6 +1214,8 @@ def bench_ablation():
     smoke = bool(ablation_smoke) or device.startswith("cpu")
     if not isinstance(ablation_parallel, int) or ablation_parallel < 1:
         raise SystemExit(f"bench.py: ablation_parallel must be a positive integer, got {ablation_parallel!r}")
+    if not isinstance(ablation_rounds, int) or ablation_rounds < 1:
+        raise SystemExit(f"bench.py: ablation_rounds must be a positive integer, got {ablation_rounds!r}")
     if ablation_compile_mode not in ("", "reduce-overhead"):
         raise SystemExit(f"bench.py: ablation_compile_mode must be '' or 'reduce-overhead', got {ablation_compile_mode!r}")
     common, shape, about = ablation_setup(smoke)

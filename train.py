@@ -234,6 +234,9 @@ def build_model(cfg, run, vocab_size):
         mcfg = ModelConfig.from_dict({**cfg, 'vocab_size': vocab_size})
     except (ValueError, TypeError) as e:
         fail(str(e))
+    if cfg['compile_mode'] == 'reduce-overhead' and mcfg.halting_core and not mcfg.halt_buckets:
+        fail("compile_mode='reduce-overhead' for a halting model needs halt_buckets: without it the active "
+             "rows change shape every step, and CUDA graphs would record every shape anew")
     if cfg['compile'] and mcfg.halting_core and run['distributed'] and cfg['parallelism'] == 'fsdp':
         fail("compile=True for a halting model compiles each layer, which has not been tested under "
              "FSDP: use parallelism='ddp' or compile=False")
@@ -359,8 +362,8 @@ def _train(cfg, run, on_exit):
         # the first micro-batch's gradients would stay in graph memory that the next micro-batch's backward
         # overwrites (pytorch/pytorch#96693); under DDP/FSDP the mode has not been tested
         fail(f"compile_mode='reduce-overhead' takes one micro-batch per step in one process, here {accum} "
-             f"micro-batch(es) x {run['world']} process(es): set batch_size={total} (the global batch), or "
-             f"compile_mode=''")
+             f"micro-batch(es) x {run['world']} process(es): set total_batch_size={total} batch_size={total} "
+             f"(the global batch as one micro-batch), or compile_mode=''")
     torch.manual_seed(cfg['seed'] + run['rank'])
     sources = ensure_data(cfg, run)          # [(name, data_dir, weight)]: one dataset, or a mixture's
     data_dir = sources[0][1]

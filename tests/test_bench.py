@@ -112,6 +112,30 @@ def test_timing_mode_times_steps_without_training(tmp_path):
     assert 'round 3/3: null40' in p.stdout and all(r['spread'].endswith('%') for r in rows.values())
 
 
+def test_timing_mode_survives_out_of_memory_in_the_rounds(monkeypatch, capsys):
+    """A row that runs out of GPU memory while every row's model is resident is reported OOM; the other rows
+    keep their times and the table still prints (no traceback, nothing timed lost)."""
+    import torch
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    monkeypatch.setattr(bench, 'train_steps', 1)
+    real, calls = bench.time_steps, []
+
+    def flaky(step, n_warm, n):
+        calls.append(step)
+        if len(calls) == 2:     # the second row, in the first round
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return real(step, n_warm, n)
+    monkeypatch.setattr(bench, 'time_steps', flaky)
+    variants = dict(bench.ablation_rows(bench.ABLATION_SMOKE_SHAPE))
+    bench.ablation_timing_table([('paper', 'paper', False, 1337), ('null40', 'null40', False, 1337)], variants, True)
+    rows = table(capsys.readouterr().out)
+    assert rows['null40']['ms/step'] == 'OOM' and float(rows['paper']['ms/step']) > 0
+    assert len(calls) == 1 + 1 + (bench.ablation_rounds - 1)    # the OOM row is not timed again
+
+
 def test_train_rows_take_key_overrides(monkeypatch):
     """bench.py --what=train rows: 'config[:compile][+key=value...]', the keys checked against the model's
     (a typo would otherwise be dropped silently), activation_checkpointing set apart (a train.py key)."""
@@ -153,7 +177,8 @@ def test_profile_kernel_rows(monkeypatch):
 
 def test_profile_host_rows(monkeypatch):
     """--what=profile's host table: only CPU ops, self time summed by name per step and sorted by it,
-    inclusive time beside it; CUDA kernels stay out."""
+    inclusive time beside it; CUDA kernels stay out, and so does the host's wait for the GPU (synchronize),
+    counted apart: it would make a GPU-bound step look host-bound."""
     from types import SimpleNamespace
     import torch
     monkeypatch.syspath_prepend(ROOT)
@@ -163,9 +188,10 @@ def test_profile_host_rows(monkeypatch):
     ev = lambda name, own, incl, dev=cpu: SimpleNamespace(name=name, self_cpu_time_total=own,
                                                           cpu_time_total=incl, device_type=dev)
     events = [ev('nanomoeut::cvmm_mlp', 400.0, 500.0), ev('aten::empty', 10.0, 10.0), ev('aten::empty', 30.0, 30.0),
-              ev('nanomoeut::cvmm_mlp', 400.0, 600.0), ev('aten::empty', 0.0, 0.0), ev('gemm_kernel', 9999.0, 9999.0, cuda), ev('a|b', 160.0, 160.0)]
-    rows, ms, calls = host_rows(events, n_steps=2)
+              ev('nanomoeut::cvmm_mlp', 400.0, 600.0), ev('aten::empty', 0.0, 0.0), ev('gemm_kernel', 9999.0, 9999.0, cuda), ev('a|b', 160.0, 160.0),
+              ev('cudaDeviceSynchronize', 5000.0, 5000.0)]
+    rows, ms, calls, wait = host_rows(events, n_steps=2)
     assert [r[5] for r in rows] == ['nanomoeut::cvmm_mlp', 'a/b', 'aten::empty']
     assert rows[0][:5] == ['80.0%', '0.400', '0.550', '1', '400.0']
     assert rows[2][:5] == ['4.0%', '0.020', '0.020', '1.5', '13.3']
-    assert ms == 0.5 and calls == 3
+    assert ms == 0.5 and calls == 3 and wait == 2.5

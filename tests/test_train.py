@@ -347,7 +347,11 @@ def test_error_bad_compile_mode(root):
     # CUDA graphs and gradient accumulation: the first micro-batch's gradients would be overwritten
     p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead',
               '--total_batch_size=8', check=False)
-    assert_one_line_error(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)', 'batch_size=8')
+    assert_one_line_error(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)',
+                          'total_batch_size=8 batch_size=8')
+    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead', '--halting=act',
+              check=False)
+    assert_one_line_error(p, 'needs halt_buckets')
     assert not os.path.exists(os.path.join(root, 'e6'))
 
 
@@ -896,11 +900,13 @@ def test_old_format_batch_keys_resume(root):
 
 
 @pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
-def test_compilation_is_announced_and_timed(root):
+@pytest.mark.parametrize('mode', ['', 'reduce-overhead'])
+def test_compilation_is_announced_and_timed(root, mode):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
-    log says so before it starts and how long it took after it. In compile_mode 'reduce-overhead', which
-    on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start."""
-    p = train(root, *TINY, '--compile=True', '--compile_mode=reduce-overhead', '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--out_dir=comp')
+    log says so before it starts and how long it took after it. Also in compile_mode 'reduce-overhead',
+    which on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start."""
+    p = train(root, *TINY, '--compile=True', f'--compile_mode={mode}', '--max_iters=2', '--eval_interval=1000',
+              '--eval_iters=1', f'--out_dir=comp{mode}')
     lines = p.stdout.splitlines()
     i = lines.index('compiling the model (first step)...')
     j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
