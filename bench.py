@@ -5,7 +5,7 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
       (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True;
        ':reduce-overhead' instead of ':compile' compiles with CUDA graphs)
-    $ python bench.py --what=profile               # top CUDA kernels of a training step (train_models' first)
+    $ python bench.py --what=profile               # top CUDA kernels and host ops of a training step (train_models' first)
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
     $ python bench.py --what=halting               # forced-depth halting step times

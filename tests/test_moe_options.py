@@ -132,8 +132,9 @@ def test_gradients_reach_every_parameter_and_no_buffer(opt):
     model(idx, idx).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if not name.endswith('router_conv'):     # taps reading before the first token may get 0 rows
-            assert p.grad.abs().sum() > 0, name
+        assert p.grad.abs().sum() > 0, name
+        if name.endswith('router_conv'):         # [d, kernel]: every tap learns, not only the current token's
+            assert (p.grad.abs().sum(0) > 0).all(), name
     for name, b in model.named_buffers():
         assert not b.requires_grad and b.grad is None, name
 
@@ -296,12 +297,36 @@ def test_switch_loss_is_E_sum_f_P():
     assert not any(grads[n] for n in grads if n.startswith(('lm_head', 'out_norm')))
 
 
+def capture_att(model):
+    """Per (SwitchHead layer, bank 'v'/'o'): the [B, T, H, E] router logits of every application."""
+    seen = {}
+    for li, layer in enumerate(model.core.layers):
+        att = layer.attention
+
+        def route(a, bank, routes, ctx=None, logits=None, att=att, orig=att.route, li=li):
+            z = logits if logits is not None else F.linear(a, getattr(att, 'sel_' + bank))
+            seen.setdefault((li, bank), []).append(z.detach().float().unflatten(-1, (att.H, att.E)))
+            return orig(a, bank, routes, ctx, logits)
+        att.route = route
+    return seen
+
+
 def test_switch_loss_balances_attention_per_head():
+    """For SwitchHead's V and O banks the Switch loss is E * sum_e f_e P_e per head (f: the head's share of
+    picks per expert, P: its mean softmax over the expert logits), averaged over heads."""
     model = make(moe_balance='switch', entropy_reg=0.0, att_entropy_reg=0.0, balance_coef=1e-9,
                  att_balance_coef=1.0).train()
+    seen = capture_att(model)
     reg = model(torch.randint(0, 61, (2, 8))).reg_loss
-    # 2 layers x (V + O), each a mean over heads of E * sum f P >= ... about 1 near uniform routing
-    assert 2 * 2 * 0.8 < reg.item() < 2 * 2 * 1.5
+    want = 0.0
+    for (li, bank), apps in seen.items():
+        att = model.core.layers[li].attention
+        z = torch.cat([t.flatten(0, 1) for t in apps])                         # [rows, H, E]
+        picks = F.one_hot(torch.sigmoid(z).topk(att.top_k, -1).indices, att.E).sum((0, 2)).float()
+        f, P = picks / picks.sum(-1, keepdim=True), torch.softmax(z, -1).mean(0)
+        want += (att.E * (f * P).sum(-1)).mean()
+    assert len(seen) == 2 * 2                  # 2 layers x (V, O)
+    torch.testing.assert_close(reg, want, rtol=1e-5, atol=1e-5)   # (the σ-MoE term: 1e-9 x ~1)
     reg.backward()
     att = model.core.layers[0].attention
     assert att.sel_v.grad.abs().sum() > 0 and att.sel_o.grad.abs().sum() > 0 and model.lm_head.weight.grad is None
@@ -352,6 +377,19 @@ def test_router_noise_moves_training_choices_only():
     i_eval, _ = ffn._pick(logits, 2, False)
     assert not torch.equal(i_train.sort(-1).values, i_eval.sort(-1).values)
     torch.testing.assert_close(w_train, torch.sigmoid(logits).gather(-1, i_train), rtol=0, atol=0)
+    # and the modules' own forwards take the noise in training only: the σ-MoE's picks (its usage
+    # counts) and SwitchHead's (the weights at the picked experts) move between train and eval mode
+    # with noise, and not without it
+    x, a = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    for model, noise in ((plain, False), (noisy, True)):
+        ffn, att, used, w = model.core.layers[0].ffn, model.core.layers[0].attention, [], []
+        for mode in (True, False):
+            ffn.usage.zero_()
+            with torch.no_grad():
+                ffn.train(mode)(x, x)
+                w.append(att.train(mode).route(a, 'o', None)[1])
+            used.append(ffn.usage.clone())
+        assert torch.equal(*used) != noise and torch.equal(*w) != noise
 
 
 def test_norm_topk_weights_sum_to_one():

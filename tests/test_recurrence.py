@@ -474,7 +474,18 @@ def test_exit_threshold_0_is_the_full_depth_model(criterion, kv):
                                                          for k in lm.state_dict())
     assert torch.equal(lm(idx).logits, a)
     assert (lm.core.trace['depth'] == R).all()
-    lm.train()                                             # training never exits
+
+
+@pytest.mark.parametrize('criterion', ['kl', 'entropy'])
+def test_training_never_exits(criterion):
+    """Per-token exit is an inference rule: at a threshold under which tokens do exit in eval, a training
+    forward still runs every token to depth R."""
+    lm = make().eval()
+    idx = tokens(3, 14)
+    set_depth(lm, exit_threshold=exit_threshold_for(lm, idx, 0.5, criterion), exit_criterion=criterion)
+    lm(idx)
+    assert (lm.core.trace['depth'] < R).any()              # the threshold fires in eval
+    lm.train()
     lm(idx, idx)
     assert (lm.core.trace['depth'] == R).all()
 
