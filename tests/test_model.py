@@ -247,6 +247,8 @@ def test_generate_eos_ends_rows_and_stops_early():
         assert stop is None or (out[r, stop:] == eos).all()
     if all(f is not None for f in first):                   # both rows done: no step past the later eos
         assert out.shape[1] == max(first) + 1
+    one = model.generate(prompt[:1], 12, temperature=0, eos_token=eos)   # row 0 alone: done at its eos
+    assert torch.equal(one[0], free[0, :first[0] + 1])
 
 
 def test_generate_sampling_follows_the_generator_seed():
@@ -269,7 +271,7 @@ def test_generate_past_block_size_slides_the_window():
 
 
 def test_generate_with_a_full_context_prompt_and_zero_new_tokens():
-    """On the CPU (the growing cache): a prompt of exactly block_size tokens is allowed, and
+    """On the CPU (the static cache, no CUDA graph): a prompt of exactly block_size tokens is allowed, and
     max_new_tokens=0 returns the prompt."""
     model = make('moeut', block_size=8).eval()
     prompt = torch.randint(0, 61, (2, 8))

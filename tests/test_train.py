@@ -244,6 +244,26 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(root):
     assert ckpts(out)[-1] == f'ckpt_{n + 1:07d}.pt'
 
 
+def test_kill_in_the_middle_of_a_save_leaves_no_truncated_checkpoint(root):
+    """The process dies while torch.save is writing the second checkpoint (a half-written file, then
+    exit): the save went to a temporary name, so the checkpoints left are the first, complete one, and a
+    resume starts from it. (Killing at random moments, above, seldom lands inside a save this small.)"""
+    code = ("import os, runpy, sys, torch\nreal, n = torch.save, [0]\n"
+            "def save(obj, f, *a, **k):\n    n[0] += 1\n"
+            "    if n[0] == 2:\n        open(f, 'wb').write(b'PK\\x03\\x04 half'); os._exit(137)\n"
+            "    return real(obj, f, *a, **k)\n"
+            "torch.save = save\nsys.argv = sys.argv[1:]\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    args = [*TINY, '--out_dir=killsave', '--eval_interval=1', '--eval_iters=1', '--keep_last=5']
+    p = subprocess.run([sys.executable, '-c', code, TRAIN, *args, '--max_iters=3'], cwd=root, env=env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 137, p.stderr[-2000:]
+    out = os.path.join(root, 'killsave')
+    assert ckpts(out) == ['ckpt_0000001.pt'] and load(os.path.join(out, 'ckpt_0000001.pt'))['iter_num'] == 1
+    r = train(root, *args, '--max_iters=2', '--init_from=resume')
+    assert f"resumed from {os.path.join('killsave', 'ckpt_0000001.pt')} at iter 1" in r.stdout
+
+
 def test_sigterm_checkpoints_exits_0_and_resumes(root):
     args = TINY + ['--eval_interval=1000', '--max_iters=100000']
     proc = Proc(root, *args, '--out_dir=term')
