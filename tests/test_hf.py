@@ -442,6 +442,21 @@ def test_export_replaces_an_earlier_export(root, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['e'] and not (tmp_path / 'e' / 'stale.txt').exists()
 
 
+def test_a_failed_export_leaves_the_earlier_one_and_no_temporary(root, tmp_path, monkeypatch):
+    """An export that fails half-way (after the weights are written) leaves the earlier export byte for byte
+    and nothing else beside it."""
+    d = tmp_path / 'e'
+    hf.export_checkpoint(str(root / 'out' / 'moeut'), str(d))
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+
+    def boom(name):
+        raise OSError(f'cannot read {name}')
+    monkeypatch.setattr(hf, 'project_source', boom)
+    with pytest.raises(OSError, match='cannot read'):
+        hf.export_checkpoint(str(root / 'out' / 'dense'), str(d))
+    assert os.listdir(tmp_path) == ['e'] and {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+
+
 def test_load_hf_errors_are_one_line(root, tmp_path):
     with pytest.raises(SystemExit, match='not a nanoMoEUT export'):
         (tmp_path / 'config.json').write_text('{"model_type": "gpt2"}')
@@ -452,8 +467,9 @@ def test_load_hf_errors_are_one_line(root, tmp_path):
     shutil.copytree(root / 'exp' / 'moeut', d)
     config = json.loads((d / 'config.json').read_text())
     (d / 'config.json').write_text(json.dumps({**config, 'd_model': 48}))
-    with pytest.raises(SystemExit, match='model.safetensors does not fit its config.json'):
+    with pytest.raises(SystemExit, match='model.safetensors does not fit its config.json') as e:
         hf.load_hf(str(d))
+    assert '\n' not in str(e.value.code)           # not torch's list of every mismatched tensor
     (d / 'config.json').write_text(json.dumps({**config, 'ff_k': 99}))
     with pytest.raises(SystemExit, match=r'config.json: model config: ff_k \(99\)'):
         hf.load_hf(str(d))

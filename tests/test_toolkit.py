@@ -3,11 +3,13 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import plot  # noqa: E402
 import train  # noqa: E402
 from model import LM, ModelConfig, routing_report  # noqa: E402
 
@@ -83,6 +85,11 @@ def test_logit_stats():
     logits = torch.zeros(2, 3, 8)
     st = train.logit_stats(logits)
     assert st['logits/max_abs'] == 0 and st['logits/entropy'] == pytest.approx(math.log(8))
+    logits = torch.tensor([[[0., 0., 5., -7.], [1., 1., 1., 1.]]])   # the largest |logit| is negative
+    st = train.logit_stats(logits)
+    p = logits.softmax(-1)
+    assert st['logits/max_abs'] == 7
+    assert st['logits/entropy'] == pytest.approx(-(p * p.log()).sum(-1).mean().item())
 
 
 def test_expert_muon_equals_torch_muon_on_each_slice():
@@ -142,10 +149,16 @@ def test_muon_groups_and_a_tiny_model_trains():
 
 
 def test_write_plots(tmp_path):
-    pytest.importorskip('matplotlib')
     model = LM(tiny()).eval()
     with torch.no_grad():
         model(torch.randint(0, 53, (2, 10)))
+    rep = routing_report(model)
+    grids = plot.usage_grids(rep, n_heads=model.cfg.n_heads)     # fair-share multiples, heads x experts
+    u = np.asarray(rep['ff0']['usage'], dtype=float)
+    assert grids['ff0'] == [(u * len(u)).round(3).tolist()]
+    H = model.cfg.n_heads
+    assert len(grids['v0']) == H and len(grids['v0'][0]) == len(rep['v0']['usage']) // H
+    pytest.importorskip('matplotlib')          # (requirements.txt installs it for this test)
     train.append_log(str(tmp_path), {'iter': 1, 'train/loss': 3.0})
     train.append_log(str(tmp_path), {'iter': 2, 'train/loss': 2.5, 'val/loss': 2.7})
     train.write_plots(str(tmp_path), routing_report(model), [0, 3, 5])
