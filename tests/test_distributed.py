@@ -176,6 +176,8 @@ def test_ddp_resume_is_exact(root):
     assert_same_losses(got, ref, [3, 4], atol=1e-6)
     assert_same_weights(weights(os.path.join(root, 'ddp_drop', 'ckpt_0000004.pt')),
                         weights(os.path.join(out, 'ckpt_0000004.pt')), atol=1e-6)
+    rng = load(os.path.join(root, 'ddp_drop', 'ckpt_0000002.pt'))['rng']     # and the ranks drop different units
+    assert not torch.equal(rng[0]['torch'], rng[1]['torch'])
 
 
 def test_ddp_checkpoint_is_unwrapped_and_resumes_at_world_size_1(root, runs):
@@ -204,6 +206,8 @@ def test_sharded_checkpoint_exports_to_one_file_that_samples(root, runs, tmp_pat
     ('fsdp_dense_uneven', FSDP + ['--model_type=dense', '--eval_iters=3', '--batch_size=1']),
     # halting models all-reduce a depth histogram, which a rank without windows skipped: 1 + 0 batches
     ('ddp_halting_one', ['--parallelism=ddp', '--halting=act', '--eval_iters=1', '--batch_size=1']),
+    # 2 + 1 windows: the histogram all-reduced from both ranks equals one process's
+    ('ddp_halting_three', ['--parallelism=ddp', '--halting=act', '--eval_iters=3', '--batch_size=1']),
 ])
 def test_eval_with_windows_split_unevenly_over_ranks(root, name, extra):
     """Eval windows that do not split evenly over the ranks: every rank runs the same number of forwards
@@ -215,6 +219,8 @@ def test_eval_with_windows_split_unevenly_over_ranks(root, name, extra):
     e1, e2 = evals(one.stdout), evals(two.stdout)
     assert sorted(e1) == sorted(e2) == [0]
     assert e2[0] == pytest.approx(e1[0], abs=1e-5)
+    depth = lambda p: [ln for ln in p.stdout.splitlines() if 'tokens per depth' in ln]   # noqa: E731
+    assert depth(two) == depth(one) and bool(depth(one)) == ('--halting=act' in extra)
 
 
 def test_default_batch_runs_on_two_processes(root):

@@ -210,14 +210,15 @@ def test_a_resumed_mixture_continues_exactly(marked):
     w = (0.6, 0.3, 0.1)
     a = mixture(marked, w, 4, 1)
     want = [ids(a.next_step()) for _ in range(40)]
-    b = mixture(marked, w, 4, 1)
-    for _ in range(17):
-        b.next_step()
-    state = b.state()
-    assert state['data_pos'] == 17 and sum(state['data_sources'].values()) == 17 * 4
-    c = mixture(marked, w, 4, 1)
-    c.load_state(state, 'ckpt')
-    assert [ids(c.next_step()) for _ in range(23)] == want[17:]
+    for at in (14, 17):     # at 14 the sources' counts (33, 17, 6) are not the rounded shares (34, 17, 6)
+        b = mixture(marked, w, 4, 1)
+        for _ in range(at):
+            b.next_step()
+        state = b.state()
+        assert state['data_pos'] == at and sum(state['data_sources'].values()) == at * 4
+        c = mixture(marked, w, 4, 1)
+        c.load_state(state, 'ckpt')
+        assert [ids(c.next_step()) for _ in range(40 - at)] == want[at:]
 
 
 # ---- train.py ----------------------------------------------------------------------------------
@@ -267,6 +268,7 @@ def test_resume_through_train_py_is_exact(root, mix_a):
     assert ca['data_pos'] == cb['data_pos'] == 6
     assert ca['data_sources'] == cb['data_sources']
     assert sum(ca['data_sources'].values()) == 6 * 4         # TINY's global batch: 4 windows
+    assert ca['data_sources'] == {'tiny': 17, 'words': 7}    # the 0.7 / 0.3 weights, not an even split
     for k, v in ca['model'].items():
         torch.testing.assert_close(cb['model'][k], v, rtol=0, atol=1e-6)
 
