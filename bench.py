@@ -399,11 +399,18 @@ def time_steps(step, n_warm, n):
     return a.elapsed_time(b) / n, torch.cuda.max_memory_allocated() / 2**30
 
 
+def free_memory():
+    """Return what freed models held to the device (after their last reference is dropped)."""
+    import gc
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def timed_train_step(cfg, compiled, batch, block, ckpt=False, spec=None):
     """(ms per step, peak GiB) of a fresh model's train_step over train_steps after a warm-up, or None when
     it runs out of GPU memory; the model is freed before this returns. ckpt: activation checkpointing.
     spec: a bench row's name, to print its share of null-id picks."""
-    import gc
     step = model = None
     try:
         step, model = train_step(cfg, compiled, batch, block)
@@ -414,9 +421,7 @@ def timed_train_step(cfg, compiled, batch, block, ckpt=False, spec=None):
     except torch.OutOfMemoryError:
         timed = None
     del step, model
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    free_memory()
     return timed
 
 
@@ -1103,13 +1108,6 @@ def ablation_plan(variants):
     if twice:   # one out_dir per label: a repeated run would overwrite the other's log and checkpoints
         raise SystemExit(f"bench.py: ablation runs listed twice: {', '.join(twice)} (name@seed runs another seed)")
     return runs
-
-
-def free_memory():
-    import gc
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def warmed_row(cfg, compiled, batch, block):
