@@ -414,7 +414,11 @@ def _train(cfg, run, on_exit):
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
         model.core.compile_layers(**mode)     # halting: per layer (dynamic shapes, or halt_buckets' static ones)
     elif cfg['compile']:
-        fwd = torch.compile(wrapped, **mode)
+        # static shapes: an eval's short last batch (63 windows in Shakespeare's val split) would otherwise
+        # make dynamo mark the batch size dynamic, and every later graph, the training step's too, would
+        # compile for symbolic shapes (MoEUT-44M's first training step, compiled that way on an H100 on
+        # 2026-12-07, had not finished after 6 minutes). Each batch size compiles once instead.
+        fwd = torch.compile(wrapped, dynamic=False, **mode)
     graphs = cfg['compile_mode'] == 'reduce-overhead'
 
     ptdtype = getattr(torch, run['dtype'])

@@ -39,9 +39,10 @@ def torchrun(n=2):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}']
 
 
-def train(cwd, *args, check=True, launcher=None, timeout=TIMEOUT):
+def train(cwd, *args, check=True, launcher=None, timeout=TIMEOUT, extra_env=None):
     cmd = (launcher or [sys.executable]) + [TRAIN, *map(str, args)]
-    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         pytest.fail(f"train.py exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
     return p
@@ -924,9 +925,14 @@ def test_old_format_batch_keys_resume(root):
 def test_compilation_is_announced_and_timed(root, mode):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
     log says so before it starts and how long it took after it. Also in compile_mode 'reduce-overhead',
-    which on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start."""
+    which on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start.
+    Every graph compiles for static shapes: the eval reads all 187 val windows, so its last batch has 3
+    sequences, not 4, which must not make dynamo compile the batch size, and with it the training
+    step's graph, for symbolic shapes (on an H100, MoEUT-44M's first step then compiled for minutes)."""
     p = train(root, *TINY, '--compile=True', f'--compile_mode={mode}', '--max_iters=2', '--eval_interval=1000',
-              '--eval_iters=1', f'--out_dir=comp{mode}')
+              '--eval_iters=47', f'--out_dir=comp{mode}', extra_env={'TORCH_LOGS': 'dynamic,recompiles'})
+    assert re.search(r"size mismatch at index 0\. expected 4, actual 3", p.stderr), 'no short eval batch'
+    assert 'create_symbol' not in p.stderr, 'a graph was compiled for dynamic shapes'
     lines = p.stdout.splitlines()
     i = lines.index('compiling the model (first step)...')
     j = next(k for k, ln in enumerate(lines) if re.fullmatch(r'compiled in \d+\.\d s', ln))
