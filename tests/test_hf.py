@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hf  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
+from one_line import assert_one_error_line  # noqa: E402
 
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
@@ -388,17 +389,11 @@ metric_list:
 
 # ---- command line and errors -------------------------------------------------------------------
 
-def one_line_error(p, msg):
-    assert p.returncode != 0
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith('error:')]
-    assert errors and msg in errors[0] and 'Traceback' not in p.stderr, p.stderr
-
-
 def test_push_to_hub_without_a_token_says_so_and_claims_nothing(root, tmp_path):
     pytest.importorskip('huggingface_hub')
     p = run([os.path.join(ROOT, 'hf.py'), '--init_from=out/moeut', f'--export={tmp_path}/e', '--push_to_hub=someone/model'],
             root, check=False, HF_HOME=str(tmp_path / 'hf_home'))
-    one_line_error(p, 'no Hugging Face token')
+    assert_one_error_line(p, 'no Hugging Face token')
     assert 'pushed' not in p.stdout
     assert (tmp_path / 'e' / 'model.safetensors').exists()      # the export itself was made
 
@@ -408,7 +403,7 @@ def test_push_to_hub_without_network_says_so(root, tmp_path):
     pytest.importorskip('huggingface_hub')
     p = run([os.path.join(ROOT, 'hf.py'), '--init_from=out/moeut', f'--export={tmp_path}/e', '--push_to_hub=someone/model'],
             root, check=False, HF_HOME=str(tmp_path / 'hf_home'), HF_TOKEN='hf_' + 'x' * 34)
-    one_line_error(p, 'push_to_hub: upload to someone/model failed')
+    assert_one_error_line(p, 'push_to_hub: upload to someone/model failed')
     assert 'nothing uploaded' in p.stderr and 'pushed' not in p.stdout
 
 
@@ -428,7 +423,7 @@ def test_errors_are_one_line(root, tmp_path, case):
                  'not_an_export': (['--init_from=out/moeut', f'--export={tmp_path}/other'], 'not an export'),
                  'no_checkpoint': ([f'--init_from={tmp_path}', f'--export={tmp_path}/e'], 'no checkpoint')}[case]
     p = run([os.path.join(ROOT, 'hf.py'), *args], root, check=False)
-    one_line_error(p, msg)
+    assert_one_error_line(p, msg)
     assert (tmp_path / 'other' / 'keep.txt').read_text() == 'mine'
     assert not (tmp_path / 'e').exists() and not glob.glob(str(tmp_path / '*.tmp'))
 

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import ModelConfig, sample_next  # noqa: E402
 from halting import build_lm  # noqa: E402
+from one_line import assert_one_error_line  # noqa: E402
 
 
 def test_top_k_keeps_exactly_the_k_most_likely():
@@ -257,13 +258,6 @@ def test_bad_files_are_one_line_errors(checkpoint, tmp_path, kind):
     r = run_sample('--device=cpu', *args)
     assert r.returncode != 0
     assert_one_error_line(r, msg)
-
-
-def assert_one_error_line(r, msg):
-    """stderr is one 'error:' line naming msg (after the 'loaded ...' line of an error raised once the
-    checkpoint has loaded): no traceback, and no multi-line message from a library passed through."""
-    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith('loaded ')]
-    assert len(lines) == 1 and lines[0].startswith('error:') and msg in lines[0], r.stderr
 
 
 def halting_lm(block_size):

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from halting import build_lm  # noqa: E402
+from one_line import assert_one_error_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -323,25 +324,15 @@ def one_line(msg, *needles):
     return msg
 
 
-def assert_one_line_error(p, *needles):
-    assert p.returncode != 0
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith('error:')]
-    assert len(errors) >= 1, p.stderr[-3000:]
-    assert 'Traceback' not in p.stderr, p.stderr[-3000:]
-    for s in needles:
-        assert s in errors[0], errors[0]
-    return errors[0]
-
-
 def test_error_missing_dataset(root):
     p = train(root, *TINY, '--dataset=nope', '--out_dir=e1', check=False)
-    assert_one_line_error(p, 'data/nope')
+    assert_one_error_line(p, 'data/nope')
     assert not os.path.exists(os.path.join(root, 'data', 'nope', 'train.bin'))
 
 
 def test_error_resume_without_checkpoint(root):
     p = train(root, *TINY, '--out_dir=e2', '--init_from=resume', check=False)
-    assert_one_line_error(p, 'resume', 'e2')
+    assert_one_error_line(p, 'resume', 'e2')
 
 
 def test_error_resume_with_a_different_architecture(root, run_a):
@@ -350,35 +341,35 @@ def test_error_resume_with_a_different_architecture(root, run_a):
     os.makedirs(out)
     shutil.copy(os.path.join(run_a[0], 'ckpt_0000008.pt'), out)
     p = train(root, *A_ARGS, '--out_dir=e3', '--init_from=resume', '--max_iters=9', '--d_model=64', check=False)
-    assert_one_line_error(p, 'd_model', '32', '64')
+    assert_one_error_line(p, 'd_model', '32', '64')
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_error_cuda_without_cuda(root):
     p = train(root, *TINY, '--out_dir=e4', '--device=cuda', check=False)
-    assert_one_line_error(p, 'CUDA')
+    assert_one_error_line(p, 'CUDA')
 
 
 def test_error_bad_compile_mode(root):
     """compile_mode: a mode train.py does not offer, or one without compile=True, is one line and no run."""
     p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=max-autotune', check=False)
-    assert_one_line_error(p, 'compile_mode', "'reduce-overhead'", "'max-autotune'")
+    assert_one_error_line(p, 'compile_mode', "'reduce-overhead'", "'max-autotune'")
     p = train(root, *TINY, '--out_dir=e6', '--compile_mode=reduce-overhead', check=False)
-    assert_one_line_error(p, "compile_mode='reduce-overhead' needs compile=True")
+    assert_one_error_line(p, "compile_mode='reduce-overhead' needs compile=True")
     # CUDA graphs and gradient accumulation: the first micro-batch's gradients would be overwritten
     p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead',
               '--total_batch_size=8', check=False)
-    assert_one_line_error(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)',
+    assert_one_error_line(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)',
                           'total_batch_size=8 batch_size=8')
     p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead', '--halting=act',
               check=False)
-    assert_one_line_error(p, 'needs halt_buckets')
+    assert_one_error_line(p, 'needs halt_buckets')
     assert not os.path.exists(os.path.join(root, 'e6'))
 
 
 def test_error_typo_in_config_key(root):
     p = train(root, *TINY, '--out_dir=e5', '--learning_rat=0.1', check=False)
-    assert_one_line_error(p, 'learning_rat', "did you mean 'learning_rate'")
+    assert_one_error_line(p, 'learning_rat', "did you mean 'learning_rate'")
     assert not os.path.exists(os.path.join(root, 'e5'))
 
 
@@ -456,14 +447,14 @@ def test_too_short_val_split_and_changed_batch_are_clear_errors(root):
     r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--batch_size=8', check=False)
     assert r.returncode != 0 and 'global batch' in r.stderr and 'Traceback' not in r.stderr
     r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--seed=7', check=False)
-    assert_one_line_error(r, 'seed=1337', '7', 'data position')
+    assert_one_error_line(r, 'seed=1337', '7', 'data position')
 
 
 @pytest.mark.parametrize('arg', ['--eval_interval=0', '--log_interval=0', '--batch_size=0',
                                  '--gradient_accumulation_steps=0'])
 def test_error_non_positive_intervals_and_sizes(root, arg):
     p = train(root, *TINY, '--out_dir=e7', arg, check=False)
-    assert_one_line_error(p, arg[2:].split('=')[0], 'positive integer')
+    assert_one_error_line(p, arg[2:].split('=')[0], 'positive integer')
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -917,7 +908,7 @@ def test_old_format_batch_keys_resume(root):
     assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
     r = train(root, *TINY, '--max_iters=4', '--out_dir=oldb', '--init_from=resume', '--total_batch_size=16',
               check=False)
-    assert_one_line_error(r, 'global batch of 8', 'has 16')
+    assert_one_error_line(r, 'global batch of 8', 'has 16')
 
 
 @pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
@@ -953,7 +944,7 @@ def test_resume_a_checkpoint_older_than_a_model_key(root):
     p = train(root, *TINY, '--max_iters=3', '--out_dir=oldkey', '--init_from=resume')
     assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
     r = train(root, *TINY, '--max_iters=4', '--out_dir=oldkey', '--init_from=resume', '--qk_norm=True', check=False)
-    assert_one_line_error(r, 'qk_norm=False', 'config says True')
+    assert_one_error_line(r, 'qk_norm=False', 'config says True')
 
 
 def test_start_says_how_many_val_tokens(root):
@@ -973,7 +964,7 @@ def test_cpu_threads_are_chosen_and_said(root):
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', p.stdout, re.M), p.stdout
     r = train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False)
-    assert_one_line_error(r, 'cpu_threads must be an integer >= 0')
+    assert_one_error_line(r, 'cpu_threads must be an integer >= 0')
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -1010,4 +1001,4 @@ def test_resume_with_halt_buckets(root):
     p = train(root, *args, '--max_iters=3', '--init_from=resume', '--halt_buckets=4')
     assert 'resumed from' in p.stdout and 'iter 3:' in p.stdout
     r = train(root, *args, '--max_iters=4', '--init_from=resume', '--halting=mor', check=False)
-    assert_one_line_error(r, "halting='act'", "config says 'mor'")
+    assert_one_error_line(r, "halting='act'", "config says 'mor'")
