@@ -294,9 +294,12 @@ def lr_at(it, cfg):
 # ---- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, data_dir, cfg, run, autocast, core=None):
+def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
     """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
-    ranks and averaged with all_reduce, so eval costs 1/world per rank."""
+    ranks and averaged with all_reduce, so eval costs 1/world per rank. pad: every forward gets
+    batch_size rows, a short last batch filled with the split's first window under ignored targets (-1),
+    so a model compiled for static shapes compiles one eval graph, not one per short batch size (not
+    for halting models: their depth histogram would count the filler rows)."""
     model.eval()
     out = {}
     meta = load_meta(data_dir)
@@ -315,11 +318,18 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None):
         for b in range(n_batches):
             chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
             w = 1.0 if len(chunk) else 0.0
-            x, y = read_windows(path, dtype, chunk if len(chunk) else all_starts[:1], cfg['block_size'],
-                                meta['vocab_size'])
+            rows = chunk if len(chunk) else all_starts[:1]
+            if pad:
+                rows = np.concatenate([chunk, np.repeat(all_starts[:1], cfg['batch_size'] - len(chunk))])
+            x, y = read_windows(path, dtype, rows, cfg['block_size'], meta['vocab_size'])
+            n_tok = y.numel()
+            if pad:   # (y is a view of x's tokens shifted by one: a copy, so x keeps real ids)
+                y, n_tok = y.clone(), len(chunk) * cfg['block_size']
+                y[len(chunk):] = -1
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
-            tot += w * torch.stack([o.ce.double() * y.numel(), torch.tensor(y.numel(), device=run['device'])])
+            if n_tok and w:   # (a batch of padding alone has a NaN mean)
+                tot += torch.stack([o.ce.double() * n_tok, torch.tensor(n_tok, device=run['device'])])
             if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
                 hist = hist + w * core.stats['depth_hist'].double() * y.numel()   # halting: tokens per depth
         if run['distributed']:
@@ -414,10 +424,11 @@ def _train(cfg, run, on_exit):
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
         model.core.compile_layers(**mode)     # halting: per layer (dynamic shapes, or halt_buckets' static ones)
     elif cfg['compile']:
-        # static shapes: an eval's short last batch (63 windows in Shakespeare's val split) would otherwise
-        # make dynamo mark the batch size dynamic, and every later graph, the training step's too, would
-        # compile for symbolic shapes (MoEUT-44M's first training step, compiled that way on an H100 on
-        # 2026-12-07, had not finished after 6 minutes). Each batch size compiles once instead.
+        # static shapes: a second batch size would otherwise make dynamo mark it dynamic, and every later
+        # graph, the training step's too, would compile for symbolic shapes. An eval's short last batch
+        # (63 windows in Shakespeare's val split) did that: MoEUT-44M's first training step, compiled so on
+        # an H100 on 2026-12-07, had not finished after 6 minutes. evaluate(pad=True) now fills that
+        # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
     graphs = cfg['compile_mode'] == 'reduce-overhead'
 
@@ -468,7 +479,8 @@ def _train(cfg, run, on_exit):
         at_resume = iter_num == resumed_at      # that eval (and its checkpoint) happened before the save
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
                 and not (at_resume and not cfg['eval_only']):
-            ev = evaluate_sources(cfg, sources, lambda d: evaluate(fwd, d, cfg, run, autocast, model.core))
+            ev = evaluate_sources(cfg, sources, lambda d: evaluate(fwd, d, cfg, run, autocast, model.core,
+                                                                   pad=fwd is not wrapped))
             per_source = {k: v for k, v in ev.items() if k.startswith('val/')}    # a mixture's
             if master:
                 print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, val ppl "

@@ -661,9 +661,11 @@ def test_windows_of_a_file_of_whole_blocks_stay_in_bounds(tmp_path):
     assert sorted(starts[:k - 1]) == sorted(starts[k - 1:]) == list(range(0, (k - 1) * block, block))
 
 
-def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
+@pytest.mark.parametrize('pad', [False, True])
+def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path, pad):
     """7 val windows with batch_size 4 (batches of 4 and 3): the eval loss is the mean CE over all 7x32
-    target tokens, not the mean of the two batch means."""
+    target tokens, not the mean of the two batch means. pad (a compiled model's eval): the batch of 3
+    runs as 4 rows whose filler row (a copy of the first window, an easy one) counts for nothing."""
     import numpy as np
     from contextlib import nullcontext
     from model import ModelConfig
@@ -680,7 +682,7 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path):
         model.lm_head.bias[0] = 8.0           # token 0 is cheap to predict: the two batches differ a lot
     cfg = dict(block_size=block, batch_size=4, eval_iters=10)
     run = dict(rank=0, world=1, device='cpu', distributed=False)
-    got = evaluate(model, str(tmp_path), cfg, run, nullcontext())['val']
+    got = evaluate(model, str(tmp_path), cfg, run, nullcontext(), pad=pad)['val']
     x, y = read_windows(str(tmp_path / 'val.bin'), np.uint16, np.arange(n_win) * block, block)
     model.eval()
     with torch.no_grad():
@@ -917,12 +919,13 @@ def test_compilation_is_announced_and_timed(root, mode):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
     log says so before it starts and how long it took after it. Also in compile_mode 'reduce-overhead',
     which on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start.
-    Every graph compiles for static shapes: the eval reads all 187 val windows, so its last batch has 3
-    sequences, not 4, which must not make dynamo compile the batch size, and with it the training
-    step's graph, for symbolic shapes (on an H100, MoEUT-44M's first step then compiled for minutes)."""
+    Every graph compiles for static shapes, and once: the eval reads all 187 val windows, so its last
+    batch has 3 sequences, which it runs padded to 4 rather than make dynamo recompile for it, or worse,
+    compile the batch size, and with it the training step's graph, for symbolic shapes (on an H100,
+    MoEUT-44M's first step then compiled for minutes)."""
     p = train(root, *TINY, '--compile=True', f'--compile_mode={mode}', '--max_iters=2', '--eval_interval=1000',
               '--eval_iters=47', f'--out_dir=comp{mode}', extra_env={'TORCH_LOGS': 'dynamic,recompiles'})
-    assert re.search(r"size mismatch at index 0\. expected 4, actual 3", p.stderr), 'no short eval batch'
+    assert 'size mismatch' not in p.stderr, 'an eval batch of another size'
     assert 'create_symbol' not in p.stderr, 'a graph was compiled for dynamic shapes'
     lines = p.stdout.splitlines()
     i = lines.index('compiling the model (first step)...')
