@@ -365,7 +365,8 @@ def train_step(cfg, compiled, batch, block):
     model = build_lm(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     # compiled: False, True, or a torch.compile mode ('reduce-overhead': the step's graphs as CUDA graphs)
-    fwd = torch.compile(model, **({'mode': compiled} if isinstance(compiled, str) else {})) if compiled else model
+    fwd = torch.compile(model, dynamic=False, **({'mode': compiled} if isinstance(compiled, str) else {})) \
+        if compiled else model    # static shapes, as train.py compiles (see halting_step)
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
 
@@ -677,7 +678,9 @@ def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='activ
     model = build_lm(cfg).to(device)
     fwd = model
     if compile and halting == 'none':
-        fwd = torch.compile(model, **({'mode': mode} if mode else {}))
+        # static shapes: dynamo's dynamic-size guess is kept per code object, across torch.compile calls, so
+        # a second batch size in one run would otherwise compile this baseline for a symbolic batch
+        fwd = torch.compile(model, dynamic=False, **({'mode': mode} if mode else {}))
     elif compile:
         model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}), **({'mode': mode} if mode else {}))
     idx = torch.randint(0, vocab, (B, seq), device=device)
