@@ -614,7 +614,8 @@ class HaltingMoEUT(nn.Module):
         per-step launch overhead, which is what made steps with few active tokens cost almost as much as
         full ones. Without halt_buckets, with dynamic shapes since the active-row count changes every
         step; with halt_buckets = K, static shapes: each of the at most K bucket shapes compiles once
-        (specialised kernels, no symbolic-shape work on the host at each call)."""
+        (specialised kernels, no symbolic-shape work on the host at each call). A loop without halting
+        (halting='none') runs every token at every step: static shapes, whatever the drawn depth."""
         K = self.cfg.halt_buckets
         # Without buckets, Python ints that change (row counts) cost one recompile each before dynamo makes
         # them symbolic, on top of the variants above: the default limit of 8 per function is too tight.
@@ -624,8 +625,12 @@ class HaltingMoEUT(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 2 * limit)
+        # without halting (random depth, truncated backprop, injection, prelude/coda) every token runs every
+        # step: one shape per batch size, so static too (a layer's call under symbolic shapes measured
+        # ~4.5 ms of host work on the halting path, docs/history.md)
+        dynamic = not K and self.cfg.halting != 'none'
         for layer in distinct_layers(self):
-            layer.compile(dynamic=not K, **kwargs)
+            layer.compile(dynamic=dynamic, **kwargs)
 
     # ---- decisions -----------------------------------------------------------------------------
     def _start(self, x, pos, kv_cache, R):

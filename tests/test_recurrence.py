@@ -294,6 +294,42 @@ def test_forward_runs_the_drawn_depths_the_same_on_every_rank():
     assert len(calls) == R and recurrence_state(a)['draws'] == 12      # eval draws nothing
 
 
+def test_compiled_loop_without_halting_is_static_whatever_the_depth():
+    """compile_layers (train.py compile=True) on a random-depth model without halting: every step runs
+    every token, so the layers compile for static shapes, once per (batch size, mode): new drawn depths
+    and later steps compile nothing, and no shape becomes symbolic."""
+    torch._dynamo.reset()
+    lm = random_lm(input_injection='add')
+    symbolic = []         # per compiled graph: does any input have a symbolic size?
+
+    def backend(gm, inputs):
+        symbolic.append(any(isinstance(a, torch.SymInt) or (torch.is_tensor(a) and any(
+            isinstance(d, torch.SymInt) for d in a.shape)) for a in inputs))
+        return gm.forward
+    lm.core.compile_layers(backend=backend)
+    calls = []
+    real = torch.nn.Module.compile
+    try:
+        torch.nn.Module.compile = lambda self, **kw: calls.append(kw['dynamic'])
+        random_lm().core.compile_layers()
+        make(halting='act').core.compile_layers()
+    finally:
+        torch.nn.Module.compile = real
+    assert calls[0] is False and calls[-1] is True      # (ACT's active rows change every step: dynamic)
+    try:
+        depths = set()
+        for i in range(8):
+            if i == 2:
+                before = len(symbolic)
+            lm(tokens(), tokens()).loss.backward()
+            depths.add(lm.core.stats['mean_depth'])
+        assert len(depths) > 2, 'the test needs several drawn depths'
+        assert symbolic and len(symbolic) == before, 'recompiled for a new drawn depth'
+        assert not any(symbolic), 'a layer compiled for symbolic shapes'
+    finally:
+        torch._dynamo.reset()
+
+
 def test_sampler_state_round_trips_through_checkpoints():
     a = random_lm()
     for _ in range(5):
