@@ -1,15 +1,13 @@
 """
 SIGTERM / SIGINT during training: acknowledged at once, the step finished, a checkpoint written, exit 0;
-a second Ctrl-C exits at once without a checkpoint. Before the run's first step has finished (the first
-step compiles for minutes on a GPU) there is nothing new to save: the run exits as soon as Python runs,
-exit 1, and its last checkpoint on disk (if any) is where a resume starts.
+a second Ctrl-C exits at once without a checkpoint.
 """
 import os
 import signal
 import sys
 
 
-def watch_signals(master, stop):
+def watch_signals(master):
     """Python runs signal handlers only between bytecodes: while the main thread is inside one long torch
     op (a CPU backward of a paper-sized model takes minutes) on_signal waits for it. The C-level handler
     also writes each signal's number to a pipe (signal.set_wakeup_fd), which this thread reads at once:
@@ -32,7 +30,7 @@ def watch_signals(master, stop):
                 if signum not in (signal.SIGINT, signal.SIGTERM):
                     continue
                 seen += 1
-                if seen == 1 and master and stop['stepped']:   # (else on_signal says it)
+                if seen == 1 and master:
                     print(f"{signal.Signals(signum).name}: checkpointing at the end of this step, then exiting "
                           f"(Ctrl-C again: exit now, without a checkpoint)", flush=True)
                 elif seen > 1 and signum == signal.SIGINT:
@@ -55,17 +53,12 @@ def watch_signals(master, stop):
 
 def stop_on_signals(master, on_exit):
     """From now on SIGTERM/SIGINT set stop['signal'] (the loop checkpoints at the end of the step and
-    exits 0), or, until the loop sets stop['stepped'] at the end of the run's first step, exit at once
-    (SystemExit, so the out_dir lock is released on the way out); returns stop and the function that
-    puts the previous handlers back, also appended to on_exit so that it runs however training ends."""
-    stop = {'signal': None, 'stepped': False}
-    unwatch = watch_signals(master, stop)    # says so at once, and exits at once on a second Ctrl-C
+    exits 0); returns stop and the function that puts the previous handlers back, also appended to
+    on_exit so that it runs however training ends."""
+    stop = {'signal': None}
+    unwatch = watch_signals(master)          # says so at once, and exits at once on a second Ctrl-C
 
     def on_signal(signum, frame):
-        if not stop['stepped'] and stop['signal'] is None:
-            stop['signal'] = signum
-            raise SystemExit(f"{signal.Signals(signum).name} before this run's first step ended: nothing new "
-                             f"to checkpoint, exiting now")
         if signum == signal.SIGINT and stop['signal'] is not None and unwatch is None:
             # a second Ctrl-C means "now": skip the checkpoint. A save cut short is only a ckpt_*.tmp,
             # which the next start removes, so the last complete checkpoint stays the one to resume.

@@ -422,7 +422,7 @@ def _train(cfg, run, on_exit):
     fwd = wrapped
     mode = {'mode': cfg['compile_mode']} if cfg['compile_mode'] else {}
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
-        model.core.compile_layers(**mode)     # per layer: halting.HaltingMoEUT.compile_layers says which shapes
+        model.core.compile_layers(**mode)     # halting: per layer (dynamic shapes, or halt_buckets' static ones)
     elif cfg['compile']:
         # static shapes: a second batch size would otherwise make dynamo mark it dynamic, and every later
         # graph, the training step's too, would compile for symbolic shapes. An eval's short last batch
@@ -544,7 +544,6 @@ def _train(cfg, run, on_exit):
         optimizer.zero_grad(set_to_none=True)
         update_balance_bias(model)   # moe_balance 'aux_free'/'global': this step's loads, on every rank (else a no-op)
         iter_num += 1
-        stop['stepped'] = True           # a signal from now on checkpoints (before: nothing new to save)
         # read the verdicts on the host where they were not read already: at each log line, eval and the end
         if verdicts[-1][2] or iter_num % cfg['log_interval'] == 0 or iter_num % cfg['eval_interval'] == 0 \
                 or iter_num >= cfg['max_iters'] or len(verdicts) >= 64:

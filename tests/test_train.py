@@ -291,25 +291,6 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
         assert rg['iter'] == rr['iter'] and rg['train/loss'] == pytest.approx(rr['train/loss'], abs=1e-6)
 
 
-@pytest.mark.slow      # waits for a compile to start
-def test_sigterm_before_the_first_step_exits_at_once(root):
-    """A signal while the first step compiles (minutes on a GPU; the graceful path would wait for it):
-    nothing has been trained, so train.py exits at once, code 1, one line saying so, and leaves no
-    out_dir behind (nothing was saved), so the next run starts there as on a clean slate."""
-    args = [*TINY, '--compile=True', '--eval_interval=1000', '--max_iters=5', '--out_dir=termc']
-    proc = Proc(root, *args)
-    proc.wait_for(r'^compiling the model')
-    t0 = time.time()
-    proc.p.send_signal(signal.SIGTERM)
-    rc, output = proc.finish()
-    assert time.time() - t0 < 20, 'waited for the compile'
-    assert rc == 1, output[-3000:]
-    assert "SIGTERM before this run's first step ended: nothing new to checkpoint" in output.splitlines()[-1]
-    assert 'checkpointing' not in output and 'Traceback' not in output, output[-3000:]
-    assert not os.path.exists(os.path.join(root, 'termc'))     # a fresh run that saved nothing leaves nothing
-    train(root, *TINY, '--max_iters=1', '--out_dir=termc')
-
-
 def test_second_ctrl_c_exits_at_once_without_a_checkpoint(root):
     # train.py checks for a signal right after it prints a step's log line, so both signals are sent
     # a third of a step later, into the middle of the next step (600 micro-batches make it long), and
