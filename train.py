@@ -299,7 +299,8 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
     ranks and averaged with all_reduce, so eval costs 1/world per rank. pad: every forward gets
     batch_size rows, a short last batch filled with the split's first window under ignored targets (-1),
     so a model compiled for static shapes compiles one eval graph, not one per short batch size (not
-    for halting models: their depth histogram would count the filler rows)."""
+    for halting models, whose depth histogram would count the filler rows; a loop without halting runs
+    every token to the same depth, so its histogram is the same either way)."""
     model.eval()
     out = {}
     meta = load_meta(data_dir)
@@ -331,7 +332,7 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
             if n_tok and w:   # (a batch of padding alone has a NaN mean)
                 tot += torch.stack([o.ce.double() * n_tok, torch.tensor(n_tok, device=run['device'])])
             if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
-                hist = hist + w * core.stats['depth_hist'].double() * y.numel()   # halting: tokens per depth
+                hist = hist + w * core.stats['depth_hist'].double() * n_tok   # halting: tokens per depth
         if run['distributed']:
             dist.all_reduce(tot)
             if torch.is_tensor(hist):
@@ -431,6 +432,9 @@ def _train(cfg, run, on_exit):
         # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
     graphs = cfg['compile_mode'] == 'reduce-overhead'
+    # the evals of a model compiled for static shapes run full batches (evaluate's pad): the whole model, or
+    # the layers of a loop without halting (compile_layers compiles those static too)
+    pad_evals = fwd is not wrapped or (cfg['compile'] and mcfg.halting == 'none')
 
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()
@@ -480,7 +484,7 @@ def _train(cfg, run, on_exit):
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
                 and not (at_resume and not cfg['eval_only']):
             ev = evaluate_sources(cfg, sources, lambda d: evaluate(fwd, d, cfg, run, autocast, model.core,
-                                                                   pad=fwd is not wrapped))
+                                                                   pad=pad_evals))
             per_source = {k: v for k, v in ev.items() if k.startswith('val/')}    # a mixture's
             if master:
                 print(f"eval {iter_num}: train {ev['train']:.4f}, val {ev['val']:.4f}, val ppl "
