@@ -318,21 +318,21 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
         n_batches = math.ceil(math.ceil(n / run['world']) / cfg['batch_size'])
         for b in range(n_batches):
             chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
-            w = 1.0 if len(chunk) else 0.0
-            rows = chunk if len(chunk) else all_starts[:1]
+            n_tok = len(chunk) * cfg['block_size']      # the tokens that count (0: a rank short of windows)
             if pad:
                 rows = np.concatenate([chunk, np.repeat(all_starts[:1], cfg['batch_size'] - len(chunk))])
+            else:
+                rows = chunk if len(chunk) else all_starts[:1]
             x, y = read_windows(path, dtype, rows, cfg['block_size'], meta['vocab_size'])
-            n_tok = y.numel()
             if pad:   # (y is a view of x's tokens shifted by one: a copy, so x keeps real ids)
-                y, n_tok = y.clone(), len(chunk) * cfg['block_size']
+                y = y.clone()
                 y[len(chunk):] = -1
             with autocast:
                 o = model(x.to(run['device']), y.to(run['device']))
-            if n_tok and w:   # (a batch of padding alone has a NaN mean)
+            if n_tok:   # (a batch of padding alone has a NaN mean)
                 tot += torch.stack([o.ce.double() * n_tok, torch.tensor(n_tok, device=run['device'])])
             if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
-                hist = hist + w * core.stats['depth_hist'].double() * n_tok   # halting: tokens per depth
+                hist = hist + core.stats['depth_hist'].double() * n_tok   # halting: tokens per depth
         if run['distributed']:
             dist.all_reduce(tot)
             if torch.is_tensor(hist):
@@ -423,7 +423,7 @@ def _train(cfg, run, on_exit):
     fwd = wrapped
     mode = {'mode': cfg['compile_mode']} if cfg['compile_mode'] else {}
     if cfg['compile'] and hasattr(model.core, 'compile_layers'):
-        model.core.compile_layers(**mode)     # halting: per layer (dynamic shapes, or halt_buckets' static ones)
+        model.core.compile_layers(**mode)     # per layer: halting.HaltingMoEUT.compile_layers says which shapes
     elif cfg['compile']:
         # static shapes: a second batch size would otherwise make dynamo mark it dynamic, and every later
         # graph, the training step's too, would compile for symbolic shapes. An eval's short last batch
@@ -432,9 +432,9 @@ def _train(cfg, run, on_exit):
         # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
     graphs = cfg['compile_mode'] == 'reduce-overhead'
-    # the evals of a model compiled for static shapes run full batches (evaluate's pad): the whole model, or
-    # the layers of a loop without halting (compile_layers compiles those static too)
-    pad_evals = fwd is not wrapped or (cfg['compile'] and mcfg.halting == 'none')
+    # the evals of a model compiled for static shapes run full batches (evaluate's pad): every compiled model
+    # without halting (the whole model, or compile_layers' layers of a loop without halting)
+    pad_evals = cfg['compile'] and mcfg.halting == 'none'
 
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()
