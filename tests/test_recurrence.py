@@ -294,7 +294,7 @@ def test_forward_runs_the_drawn_depths_the_same_on_every_rank():
     assert len(calls) == R and recurrence_state(a)['draws'] == 12      # eval draws nothing
 
 
-def test_compiled_loop_without_halting_is_static_whatever_the_depth():
+def test_compiled_loop_without_halting_is_static_whatever_the_depth(monkeypatch):
     """compile_layers (train.py compile=True) on a random-depth model without halting: every step runs
     every token, so the layers compile for static shapes, once per (batch size, mode): new drawn depths
     and later steps compile nothing, and no shape becomes symbolic."""
@@ -308,13 +308,10 @@ def test_compiled_loop_without_halting_is_static_whatever_the_depth():
         return gm.forward
     lm.core.compile_layers(backend=backend)
     calls = []
-    real = torch.nn.Module.compile
-    try:
-        torch.nn.Module.compile = lambda self, **kw: calls.append(kw['dynamic'])
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Module, 'compile', lambda self, **kw: calls.append(kw['dynamic']))
         random_lm().core.compile_layers()
         make(halting='act').core.compile_layers()
-    finally:
-        torch.nn.Module.compile = real
     assert calls[0] is False and calls[-1] is True      # (ACT's active rows change every step: dynamic)
     try:
         depths = set()
