@@ -662,29 +662,44 @@ HALTING_SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_he
                            att_k=2, ff_n_experts=8, ff_k=2, d_expert=16)
 
 
+def mor_capacities(R, skip):
+    """MoR expert-choice capacities c_r = q**r (every token runs step 0, each later step keeps a fixed
+    share of the previous one's), q chosen so that the steps skip `skip` of the R·T token-steps."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):   # bisection: the mean capacity grows with q
+        q = (lo + hi) / 2
+        lo, hi = (q, hi) if sum(q ** r for r in range(R)) / R < 1 - skip else (lo, q)
+    return tuple(q ** r for r in range(R))
+
+
 def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='active-only', compile=False,
-                 smoke=False, device='cuda', dtype=torch.bfloat16, buckets=0, mode=''):
+                 smoke=False, device='cuda', dtype=torch.bfloat16, buckets=0, mode='', whole=False):
     """A fresh MoEUT-126M (HALTING_SMOKE_SHAPE if smoke) and a function running one fwd+bwd on random
     tokens under autocast (off on CPU). skip: forced depths skipping that fraction of the token-steps
-    (None: the mechanism decides; halting='none': the plain loop). compile: torch.compile for the plain
-    model, compile_layers() for halting ones (mode: its torch.compile mode, '' = default). buckets:
-    halt_buckets (0 = exact rows). Returns (model, step)."""
+    (None: the mechanism decides; halting='none': the plain loop; halting='mor': MoR expert-choice with
+    mor_capacities skipping that fraction). compile: torch.compile for the plain model, compile_layers()
+    for halting ones (mode: its torch.compile mode, '' = default), or the whole model as one graph with
+    whole=True (MoR expert-choice, whose steps keep fixed counts: no host sync). buckets: halt_buckets
+    (0 = exact rows). Returns (model, step)."""
     from contextlib import nullcontext
     from halting import build_lm, forced_depths, random_depths
     from model import ModelConfig
+    shape = HALTING_SMOKE_SHAPE if smoke else HALTING_SHAPE
+    mor = halting == 'mor' and skip is not None   # MoR expert-choice, capacities skipping that fraction
     cfg = ModelConfig(vocab_size=vocab, block_size=seq, halting=halting, mor_gate='none', halt_kv=kv,
                       halt_buckets=buckets if halting != 'none' else 0,
-                      **(HALTING_SMOKE_SHAPE if smoke else HALTING_SHAPE))
+                      mor_capacity=mor_capacities(shape['n_layers'] // shape['group_size'], skip) if mor else (),
+                      **shape)
     model = build_lm(cfg).to(device)
     fwd = model
-    if compile and halting == 'none':
+    if compile and (halting == 'none' or whole):
         # static shapes: dynamo's dynamic-size guess is kept per code object, across torch.compile calls, so
         # a second batch size in one run would otherwise compile this baseline for a symbolic batch
         fwd = torch.compile(model, dynamic=False, **({'mode': mode} if mode else {}))
     elif compile:
         model.core.compile_layers(**({'backend': 'aot_eager'} if smoke else {}), **({'mode': mode} if mode else {}))
     idx = torch.randint(0, vocab, (B, seq), device=device)
-    depths = None if skip is None else \
+    depths = None if skip is None or mor else \
         random_depths(B, seq, cfg.n_layers // cfg.group_size, skip, device=device, spread=spread)
     forced = (lambda: forced_depths(model.core, depths)) if depths is not None else nullcontext
 
@@ -715,6 +730,7 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
             ('halting, skip 50%', 'act', 0.5), ('halting, skip 75%', 'act', 0.75),
             ('halting, skip 50% tight', 'act', 0.5), ('halting last-kv, skip 50%', 'act', 0.5),
             ('MoR expert-choice, capacities (R-r)/R', 'mor', None),
+            ('MoR expert-choice, skip 50%', 'mor', 0.5), ('MoR expert-choice, skip 50%, one graph', 'mor', 0.5),
             ('halting bucketed, skip 25%', 'act', 0.25), ('halting bucketed, skip 50%', 'act', 0.5),
             ('halting bucketed, skip 75%', 'act', 0.75), ('halting bucketed last-kv, skip 50%', 'act', 0.5)]
     if only:
@@ -729,7 +745,7 @@ def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smo
             model, one = halting_step(B, seq, vocab, halting, skip, spread='tight' not in name,
                                       kv='last-kv' if 'last-kv' in name else 'active-only', compile=compile,
                                       smoke=smoke, device=dev, buckets=buckets if 'bucketed' in name else 0,
-                                      mode=mode)
+                                      mode=mode, whole='one graph' in name)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

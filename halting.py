@@ -411,6 +411,15 @@ class RouteLog:
 # The halting core: MoEUT's interface, the plain model's parameter names plus the halting unit/router
 # -------------------------------------------------------------------------------------------------
 
+class LoopState:
+    """The halting state of one forward (depth so far, who runs next, the mechanism's bookkeeping): plain
+    attributes, so torch.compile traces a loop that needs no host value (MoR expert-choice top-k, the
+    plain loop) as one graph (it cannot trace types.SimpleNamespace)."""
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
 class HaltingMoEUT(nn.Module):
     """The looped group with everything round the plain loop: halting (ACT, MoR), prelude/coda,
     random depth, input injection, test-time depth and per-token exit. halting='none' is the plain
@@ -606,6 +615,17 @@ class HaltingMoEUT(nn.Module):
                 log.add(('unique', key), routes, None)
         return x
 
+    def one_graph(self, training: bool = True) -> bool:
+        """Whether a forward in this mode needs no host value, so that torch.compile can take the whole
+        model as one graph with static shapes (and CUDA graphs): MoR expert-choice, whose top-k keeps a
+        fixed number of tokens per sequence at every step (in eval too with mor_causal_eval=False; its
+        causal threshold keeps a data-dependent number). train.py compiles such a model whole instead of
+        layer by layer: at 16 x 1024 tokens with half the token-steps skipped, one H100, its step took
+        0.63x the plain loop's, both as CUDA graphs (docs/depth.md). A capacity of 1 past the first step
+        costs a host sync (a graph break) there."""
+        return self.cfg.halting == 'mor' and self.cfg.mor_routing == 'expert' and (
+            training or not self.cfg.mor_causal_eval)
+
     def compile_layers(self, **kwargs):
         """torch.compile for a halting model (train.py compile=True). The loop cannot be one graph: each
         step's shapes come from a host sync. So each layer is compiled on its own, in place (parameter
@@ -637,7 +657,7 @@ class HaltingMoEUT(nn.Module):
         """Halting state at loop entry for R repeats: depth so far, who runs step 0, bookkeeping."""
         B, T, _ = x.shape
         cfg = self.cfg
-        s = SimpleNamespace(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
+        s = LoopState(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
                             run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
                             gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[],
                             R=R, everyone=False, all_at_start=False)
@@ -675,12 +695,13 @@ class HaltingMoEUT(nn.Module):
         else:
             s.mode = 'expert'
             s.topk = self.training or not cfg.mor_causal_eval
+            s.all_at_start = self.capacity[0] >= 1              # then every token runs step 0: no sync
             if s.topk and kv_cache is not None:
                 raise ValueError("MoR expert-choice top-k is not causal and cannot decode with a KV cache; "
                                  "use eval mode with mor_causal_eval=True (sigmoid > 0.5 threshold)")
             s.k, s.aux = T, x.new_zeros((), dtype=torch.float32)
             s.loss = lambda: cfg.mor_aux_coef * s.aux
-            self._mor_expert(0, self.rows_cls(s.run, pos), x, s)       # router before step 0
+            self._mor_expert(0, self.rows_cls(s.run, pos, everyone=True), x, s)   # router before step 0
         return s
 
     def _decide(self, r, rows, ya, s):

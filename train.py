@@ -234,9 +234,6 @@ def build_model(cfg, run, vocab_size):
         mcfg = ModelConfig.from_dict({**cfg, 'vocab_size': vocab_size})
     except (ValueError, TypeError) as e:
         fail(str(e))
-    if cfg['compile_mode'] == 'reduce-overhead' and mcfg.halting_core and not mcfg.halt_buckets:
-        fail("compile_mode='reduce-overhead' for a halting model needs halt_buckets: without it the active "
-             "rows change shape every step, and CUDA graphs would record every shape anew")
     if cfg['compile'] and mcfg.halting_core and run['distributed'] and cfg['parallelism'] == 'fsdp':
         fail("compile=True for a halting model compiles each layer, which has not been tested under "
              "FSDP: use parallelism='ddp' or compile=False")
@@ -244,6 +241,10 @@ def build_model(cfg, run, vocab_size):
         model = set_depth(build_lm(mcfg), n_repeats=cfg['n_repeats']).to(run['device'])
     except ValueError as e:
         fail(str(e))
+    if cfg['compile_mode'] == 'reduce-overhead' and mcfg.halting_core and not mcfg.halt_buckets \
+            and not model.core.one_graph():
+        fail("compile_mode='reduce-overhead' for a halting model needs halt_buckets: without it the active "
+             "rows change shape every step, and CUDA graphs would record every shape anew")
     return model, mcfg
 
 
@@ -422,7 +423,8 @@ def _train(cfg, run, on_exit):
         torch.manual_seed(cfg['seed'] + run['rank'])   # dropout / expert-dropout streams differ per rank
     fwd = wrapped
     mode = {'mode': cfg['compile_mode']} if cfg['compile_mode'] else {}
-    if cfg['compile'] and hasattr(model.core, 'compile_layers'):
+    whole = cfg['compile'] and hasattr(model.core, 'one_graph') and model.core.one_graph()
+    if cfg['compile'] and hasattr(model.core, 'compile_layers') and not whole:
         model.core.compile_layers(**mode)     # per layer: halting.HaltingMoEUT.compile_layers says which shapes
     elif cfg['compile']:
         # static shapes: a second batch size would otherwise make dynamo mark it dynamic, and every later
@@ -431,6 +433,9 @@ def _train(cfg, run, on_exit):
         # an H100 on 2026-12-07, had not finished after 6 minutes. evaluate(pad=True) now fills that
         # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
+    # a model compiled whole whose eval keeps a data-dependent number of tokens (MoR's causal threshold)
+    # evaluates eagerly
+    eval_fwd = wrapped if whole and not model.core.one_graph(training=False) else fwd
     graphs = cfg['compile_mode'] == 'reduce-overhead'
     # the evals of a model compiled for static shapes run full batches (evaluate's pad): every compiled model
     # without halting (the whole model, or compile_layers' layers of a loop without halting)
@@ -483,7 +488,7 @@ def _train(cfg, run, on_exit):
         at_resume = iter_num == resumed_at      # that eval (and its checkpoint) happened before the save
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters'] or cfg['eval_only']) \
                 and not (at_resume and not cfg['eval_only']):
-            ev = evaluate_sources(cfg, sources, lambda d: evaluate(fwd, d, cfg, run, autocast, model.core,
+            ev = evaluate_sources(cfg, sources, lambda d: evaluate(eval_fwd, d, cfg, run, autocast, model.core,
                                                                    pad=pad_evals))
             per_source = {k: v for k, v in ev.items() if k.startswith('val/')}    # a mixture's
             if master:

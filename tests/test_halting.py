@@ -601,7 +601,7 @@ def test_bench_smoke(capsys, monkeypatch):
     import bench
     bench.halting_table(smoke=True)
     out = capsys.readouterr().out
-    assert out.count('\n') == 3 + 12 and 'skip 50%' in out and 'bucketed, skip 50%' in out
+    assert out.count("\n") == 3 + 14 and "skip 50%" in out and "bucketed, skip 50%" in out and "one graph" in out
 
 
 @pytest.mark.slow
@@ -627,6 +627,32 @@ def test_compiled_layers_equal_eager(kv):
         assert out['eager'][1].keys() == out['compiled'][1].keys()
         for n in out['eager'][1]:
             close(out['eager'][1][n], out['compiled'][1][n])
+
+
+@pytest.mark.parametrize('train,causal', [(True, True), (False, False)])
+def test_mor_expert_compiles_as_one_graph(train, causal):
+    """MoR expert-choice keeps a fixed number of tokens per step, so its forward (training, and eval
+    without the causal threshold) needs no host value: fullgraph=True traces it as ONE graph (what lets
+    train.py compile it whole, with CUDA graphs; a graph break fails here), and through AOT autograd it
+    gives eager's loss, depths and gradients. The causal threshold (eval) is data-dependent: not one graph."""
+    kw = dict(MECHS['mor_expert'], mor_causal_eval=causal)
+    eager = make_lm(**kw)
+    comp = copy.deepcopy(eager)
+    assert eager.core.one_graph(training=train) and eager.core.one_graph(training=False) == (not causal)
+    eager.train(train), comp.train(train)
+    fwd = torch.compile(comp, fullgraph=True, backend='aot_eager', dynamic=False)
+    idx = torch.randint(0, 53, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, f, m in (('eager', eager, eager), ('compiled', fwd, comp)):
+        loss = f(idx, idx).loss
+        loss.backward()
+        out[name] = loss.detach(), grads(m), m.core.trace['depth'].clone()
+    assert torch.equal(out['eager'][2], out['compiled'][2]) and 0 < out['eager'][2].float().mean() < R
+    close(out['eager'][0], out['compiled'][0])
+    assert out['eager'][1].keys() == out['compiled'][1].keys() and out['eager'][1]
+    for n in out['eager'][1]:
+        close(out['eager'][1][n], out['compiled'][1][n])
+    assert not make_lm(**MECHS['act']).core.one_graph()
 
 
 # =================================================================================================

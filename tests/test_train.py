@@ -914,17 +914,19 @@ def test_old_format_batch_keys_resume(root):
 
 
 @pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
-@pytest.mark.parametrize('mode,model', [('', []), ('reduce-overhead', []),
-                                        ('', ['--recurrence=random', '--mean_repeats=2', '--input_injection=add'])])
+@pytest.mark.parametrize('mode,model', [('', []),
+                                        ('', ['--recurrence=random', '--mean_repeats=2', '--input_injection=add']),
+                                        ('reduce-overhead', ['--halting=mor', '--n_layers=4'])])
 def test_compilation_is_announced_and_timed(root, mode, model):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
-    log says so before it starts and how long it took after it. Also in compile_mode 'reduce-overhead',
-    which on a CPU compiles as the default mode does (no CUDA graphs) but marks each step's start.
+    log says so before it starts and how long it took after it. compile_mode 'reduce-overhead' (the MoR
+    case) compiles on a CPU as the default mode does (no CUDA graphs) but marks each step's start.
     Every graph compiles for static shapes, and once: the eval reads all 187 val windows, so its last
     batch has 3 sequences, which it runs padded to 4 rather than make dynamo recompile for it, or worse,
     compile the batch size, and with it the training step's graph, for symbolic shapes (on an H100,
     MoEUT-44M's first step then compiled for minutes). Also for a random-depth loop, whose layers
-    compile_layers compiles one by one, static too."""
+    compile_layers compiles one by one, static too, and for MoR expert-choice, compiled whole (one graph,
+    no host sync: CUDA graphs allowed) with its causal-threshold eval run eagerly."""
     p = train(root, *TINY, *model, '--compile=True', f'--compile_mode={mode}', '--max_iters=2',
               '--eval_interval=1000', '--eval_iters=47', f'--out_dir=comp{mode}{len(model)}',
               extra_env={'TORCH_LOGS': 'dynamic,recompiles'})
