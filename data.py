@@ -1,7 +1,8 @@
 """
 train.py's data: prepared datasets (data/<name>/{train,val}.bin + meta.json, made by prepare.py) read as
 deterministic, resumable batches of windows; one dataset, or a weighted mixture of several
-(dataset='fineweb:0.7,code:0.3', see Mixture and docs/data.md).
+(dataset='fineweb:0.7,code:0.3', see Mixture and docs/data.md), and the eval losses over fixed windows
+of each split (evaluate).
 """
 import hashlib
 import math
@@ -311,6 +312,57 @@ def describe_data(cfg, sources, total):
                      f"{total * w:.4g} of {total} sequences per step ({total * w * cfg['block_size']:,.0f} tokens), "
                      f"{epochs:.3g} epochs by max_iters")
     return '\n'.join(lines)
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
+    """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
+    ranks and averaged with all_reduce, so eval costs 1/world per rank. pad: every forward gets
+    batch_size rows, a short last batch filled with the split's first window under ignored targets (-1),
+    so a model compiled for static shapes compiles one eval graph, not one per short batch size (not
+    for halting models, whose depth histogram would count the filler rows; a loop without halting runs
+    every token to the same depth, so its histogram is the same either way)."""
+    model.eval()
+    out = {}
+    meta = load_meta(data_dir)
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        dtype = np.dtype(meta['dtype'])
+        n_win = (os.path.getsize(path) // dtype.itemsize - 1) // cfg['block_size']
+        n = min(cfg['eval_iters'] * cfg['batch_size'], n_win)
+        all_starts = np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size']
+        starts = all_starts[run['rank']::run['world']]
+        tot = torch.zeros(2, dtype=torch.float64, device=run['device'])
+        hist = 0
+        # every rank runs the same number of forwards (FSDP's all-gathers must pair up): a rank short of
+        # windows runs its last ones on the first window, counted with weight 0
+        n_batches = math.ceil(math.ceil(n / run['world']) / cfg['batch_size'])
+        for b in range(n_batches):
+            chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
+            n_tok = len(chunk) * cfg['block_size']      # the tokens that count (0: a rank short of windows)
+            if pad:
+                rows = np.concatenate([chunk, np.repeat(all_starts[:1], cfg['batch_size'] - len(chunk))])
+            else:
+                rows = chunk if len(chunk) else all_starts[:1]
+            x, y = read_windows(path, dtype, rows, cfg['block_size'], meta['vocab_size'])
+            if pad:   # (y is a view of x's tokens shifted by one: a copy, so x keeps real ids)
+                y = y.clone()
+                y[len(chunk):] = -1
+            with autocast:
+                o = model(x.to(run['device']), y.to(run['device']))
+            if n_tok:   # (a batch of padding alone has a NaN mean)
+                tot += torch.stack([o.ce.double() * n_tok, torch.tensor(n_tok, device=run['device'])])
+            if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
+                hist = hist + core.stats['depth_hist'].double() * n_tok   # halting: tokens per depth
+        if run['distributed']:
+            dist.all_reduce(tot)
+            if torch.is_tensor(hist):
+                dist.all_reduce(hist)
+        out[split] = (tot[0] / tot[1]).item()
+        if torch.is_tensor(hist):
+            out[f'{split}_depth_hist'] = hist.long().tolist()
+    model.train()
+    return out
 
 
 def evaluate_sources(cfg, sources, evaluate):

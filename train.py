@@ -19,7 +19,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,7 +26,7 @@ from checkpoint import (append_log, check_model_state, claim_out_dir, convert_ch
                         load_model_and_optim_state, lock_out_dir, remove_partial_saves, resume_checkpoint,
                         save_training_state, set_rng_state, trim_log, unlock_out_dir)
 from configurator import configure, config_keys, fail
-from data import batch_plan, describe_data, ensure_data, evaluate_sources, load_meta, make_batches, read_windows
+from data import batch_plan, describe_data, ensure_data, evaluate, evaluate_sources, load_meta, make_batches
 from diagnostics import diagnostics_record, grad_norms, halting_stats, logit_stats, show_example
 from halting import build_lm, set_depth
 from model import ModelConfig, describe, distinct_layers, flops_per_token, routing_report, update_balance_bias
@@ -292,59 +291,6 @@ def lr_at(it, cfg):
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 
-# ---- evaluation -------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
-    """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
-    ranks and averaged with all_reduce, so eval costs 1/world per rank. pad: every forward gets
-    batch_size rows, a short last batch filled with the split's first window under ignored targets (-1),
-    so a model compiled for static shapes compiles one eval graph, not one per short batch size (not
-    for halting models, whose depth histogram would count the filler rows; a loop without halting runs
-    every token to the same depth, so its histogram is the same either way)."""
-    model.eval()
-    out = {}
-    meta = load_meta(data_dir)
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        dtype = np.dtype(meta['dtype'])
-        n_win = (os.path.getsize(path) // dtype.itemsize - 1) // cfg['block_size']
-        n = min(cfg['eval_iters'] * cfg['batch_size'], n_win)
-        all_starts = np.linspace(0, n_win - 1, n).astype(np.int64) * cfg['block_size']
-        starts = all_starts[run['rank']::run['world']]
-        tot = torch.zeros(2, dtype=torch.float64, device=run['device'])
-        hist = 0
-        # every rank runs the same number of forwards (FSDP's all-gathers must pair up): a rank short of
-        # windows runs its last ones on the first window, counted with weight 0
-        n_batches = math.ceil(math.ceil(n / run['world']) / cfg['batch_size'])
-        for b in range(n_batches):
-            chunk = starts[b * cfg['batch_size']:(b + 1) * cfg['batch_size']]
-            n_tok = len(chunk) * cfg['block_size']      # the tokens that count (0: a rank short of windows)
-            if pad:
-                rows = np.concatenate([chunk, np.repeat(all_starts[:1], cfg['batch_size'] - len(chunk))])
-            else:
-                rows = chunk if len(chunk) else all_starts[:1]
-            x, y = read_windows(path, dtype, rows, cfg['block_size'], meta['vocab_size'])
-            if pad:   # (y is a view of x's tokens shifted by one: a copy, so x keeps real ids)
-                y = y.clone()
-                y[len(chunk):] = -1
-            with autocast:
-                o = model(x.to(run['device']), y.to(run['device']))
-            if n_tok:   # (a batch of padding alone has a NaN mean)
-                tot += torch.stack([o.ce.double() * n_tok, torch.tensor(n_tok, device=run['device'])])
-            if core is not None and 'depth_hist' in getattr(core, 'stats', {}):
-                hist = hist + core.stats['depth_hist'].double() * n_tok   # halting: tokens per depth
-        if run['distributed']:
-            dist.all_reduce(tot)
-            if torch.is_tensor(hist):
-                dist.all_reduce(hist)
-        out[split] = (tot[0] / tot[1]).item()
-        if torch.is_tensor(hist):
-            out[f'{split}_depth_hist'] = hist.long().tolist()
-    model.train()
-    return out
-
-
 # ---- the loop ---------------------------------------------------------------------------------
 
 def train(cfg, run):
@@ -430,7 +376,7 @@ def _train(cfg, run, on_exit):
         # static shapes: a second batch size would otherwise make dynamo mark it dynamic, and every later
         # graph, the training step's too, would compile for symbolic shapes. An eval's short last batch
         # (63 windows in Shakespeare's val split) did that: MoEUT-44M's first training step, compiled so on
-        # an H100 on 2026-12-07, had not finished after 6 minutes. evaluate(pad=True) now fills that
+        # an H100 on 2026-12-07, had not finished after 6 minutes. data.evaluate(pad=True) now fills that
         # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
     # a model compiled whole whose eval keeps a data-dependent number of tokens (MoR's causal threshold)

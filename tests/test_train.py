@@ -669,8 +669,7 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path, pad):
     import numpy as np
     from contextlib import nullcontext
     from model import ModelConfig
-    from data import read_windows
-    from train import evaluate
+    from data import evaluate, read_windows
     block, n_win = 32, 7
     rng = np.random.default_rng(0)
     val = np.concatenate([np.zeros(4 * block, int), rng.integers(1, 257, 3 * block + 1)])  # easy, then hard
