@@ -1233,8 +1233,10 @@ def bench_ablation():
         raise SystemExit(f"bench.py: ablation_parallel must be a positive integer, got {ablation_parallel!r}")
     if not isinstance(ablation_rounds, int) or ablation_rounds < 1:
         raise SystemExit(f"bench.py: ablation_rounds must be a positive integer, got {ablation_rounds!r}")
-    if ablation_compile_mode not in ("", "reduce-overhead"):
-        raise SystemExit(f"bench.py: ablation_compile_mode must be '' or 'reduce-overhead', got {ablation_compile_mode!r}")
+    from train import COMPILE_MODES   # the modes train.py, which runs every row, offers
+    if ablation_compile_mode not in COMPILE_MODES:
+        raise SystemExit(f"bench.py: ablation_compile_mode must be one of {', '.join(map(repr, COMPILE_MODES))}, "
+                         f"got {ablation_compile_mode!r}")
     common, shape, about = ablation_setup(smoke)
     variants = dict(ablation_rows(shape))
     runs = ablation_plan(variants)

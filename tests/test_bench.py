@@ -76,6 +76,9 @@ def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
         p = bench(data_dir, f'--ablation_variants={entry}')
         assert p.returncode != 0 and p.stderr.strip().splitlines() == [
             f"bench.py: ablation entry '{entry}': the seed after '@' must be an integer"]
+    p = bench(data_dir, '--ablation_variants=paper', '--ablation_compile_mode=max-autotune')
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [   # train.py's modes, named from train.py
+        "bench.py: ablation_compile_mode must be one of '', 'reduce-overhead', got 'max-autotune'"]
     p = bench(data_dir, '--ablation_variants=all,null10@3,null10@3', '--ablation_compiled=paper,paper')
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         "bench.py: ablation runs listed twice: null10@3, paper+compile (name@seed runs another seed)"]
