@@ -34,6 +34,8 @@ halt_buckets = K > 0 (PaddedRows): every map runs on that padded [B, Tb] layout 
 one of at most K sizes, so the shapes stop changing with each step's exact counts and compile_layers can
 compile each bucket once with static shapes. Padding is invisible: masked keys, never scattered, weight 0
 in the regulariser, not counted in the routing statistics (docs/depth.md "Bucketed steps").
+MoR expert-choice needs neither: its top-k keeps fixed counts, so a training forward reads no host value
+and torch.compile takes the whole model as one graph (one_graph(); train.py does, CUDA graphs allowed).
 
 Attention over halted tokens (config `halt_kv`, spec "Token dropping"):
   'active-only' (default; MoR recursion-wise caching, Mixture-of-Depths): at step r, tokens attend only
@@ -627,9 +629,9 @@ class HaltingMoEUT(nn.Module):
             training or not self.cfg.mor_causal_eval)
 
     def compile_layers(self, **kwargs):
-        """torch.compile for a halting model (train.py compile=True). The loop cannot be one graph: each
-        step's shapes come from a host sync. So each layer is compiled on its own, in place (parameter
-        names unchanged); gather, scatter and decisions stay eager. A few variants per layer compile on
+        """torch.compile for a halting model (train.py compile=True) whose loop cannot be one graph (see
+        one_graph): each step's shapes come from a host sync. So each layer is compiled on its own, in
+        place (parameter names unchanged); gather, scatter and decisions stay eager. A few variants per layer compile on
         first use (every token active / the same count per sequence / ragged). Removes most of the eager
         per-step launch overhead, which is what made steps with few active tokens cost almost as much as
         full ones. Without halt_buckets, with dynamic shapes since the active-row count changes every
