@@ -665,6 +665,9 @@ HALTING_SMOKE_SHAPE = dict(d_model=64, n_layers=8, group_size=2, n_heads=2, d_he
 def mor_capacities(R, skip):
     """MoR expert-choice capacities c_r = q**r (every token runs step 0, each later step keeps a fixed
     share of the previous one's), q chosen so that the steps skip `skip` of the R·T token-steps."""
+    if not 0 <= skip < (R - 1) / R:
+        raise ValueError(f"mor_capacities: with step 0 run by every token, R = {R} steps skip between 0 and "
+                         f"{(R - 1) / R:.3f} of the token-steps, not {skip}")
     lo, hi = 0.0, 1.0
     for _ in range(60):   # bisection: the mean capacity grows with q
         q = (lo + hi) / 2
@@ -714,8 +717,9 @@ def halting_step(B, seq, vocab, halting='act', skip=None, spread=True, kv='activ
 def halting_table(batches=(8, 32), seq=1024, vocab=8000, iters=10, warmup=3, smoke=False, compile=False,
                   buckets=32, only='', mode=''):
     """fwd+bwd time of MoEUT-126M (spec/moeut.md §8 shapes) with forced depths skipping 0/25/50/75% of
-    the token-steps, vs the plain MoEUT loop in the same run. CUDA events, bf16 autocast.
-    compile: the plain model under torch.compile, halting ones with compile_layers().
+    the token-steps, and MoR expert-choice, vs the plain MoEUT loop in the same run. CUDA events, bf16
+    autocast. compile: the plain model under torch.compile, halting ones with compile_layers(), the
+    'one graph' rows whole (eager tables run those as the row above them).
     buckets: halt_buckets of the 'bucketed' rows (each step padded to one of that many static shapes,
     compiled with static shapes) beside the same rows with the exact active rows.
     only: '|'-separated parts of row names; runs just the rows containing one (and the plain baseline).

@@ -319,9 +319,9 @@ def evaluate(model, data_dir, cfg, run, autocast, core=None, pad=False):
     """Mean CE on fixed windows spread evenly over each split (the same every eval), split over the
     ranks and averaged with all_reduce, so eval costs 1/world per rank. pad: every forward gets
     batch_size rows, a short last batch filled with the split's first window under ignored targets (-1),
-    so a model compiled for static shapes compiles one eval graph, not one per short batch size (not
-    for halting models, whose depth histogram would count the filler rows; a loop without halting runs
-    every token to the same depth, so its histogram is the same either way)."""
+    so a model compiled for static shapes compiles one eval graph, not one per short batch size. Only
+    for mechanisms where every sequence has the same depth counts (the plain loop; MoR expert-choice's
+    per-sequence top-k), so that the filler rows leave the depth histogram's shares unchanged."""
     model.eval()
     out = {}
     meta = load_meta(data_dir)

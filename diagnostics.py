@@ -42,7 +42,8 @@ def routing_summary(report):
 
 def halting_stats(core):
     """(mean depth, ponder or aux loss) of the last forward of a halting core; () for plain models.
-    Detached tensors, read only at log time: no GPU sync per step."""
+    Detached tensors, read on the host only at log time: no GPU sync per step. The caller copies them
+    (torch.stack) before the next step: a model replayed as CUDA graphs overwrites them then."""
     st = getattr(core, 'stats', None)
     if not st or 'mean_depth' not in st:
         return ()

@@ -415,8 +415,8 @@ class RouteLog:
 
 class LoopState:
     """The halting state of one forward (depth so far, who runs next, the mechanism's bookkeeping): plain
-    attributes, so torch.compile traces a loop that needs no host value (MoR expert-choice top-k, the
-    plain loop) as one graph (it cannot trace types.SimpleNamespace)."""
+    attributes, so torch.compile traces a loop that needs no host value (MoR expert-choice top-k,
+    HaltingMoEUT.one_graph) as one graph (it cannot trace types.SimpleNamespace)."""
     def __init__(self, **kw):
         for k, v in kw.items():
             setattr(self, k, v)

@@ -234,8 +234,8 @@ def build_model(cfg, run, vocab_size):
     except (ValueError, TypeError) as e:
         fail(str(e))
     if cfg['compile'] and mcfg.halting_core and run['distributed'] and cfg['parallelism'] == 'fsdp':
-        fail("compile=True for a halting model compiles each layer, which has not been tested under "
-             "FSDP: use parallelism='ddp' or compile=False")
+        fail("compile=True for a halting model (compiled per layer, or whole for MoR expert-choice) has not "
+             "been tested under FSDP: use parallelism='ddp' or compile=False")
     try:            # some checks live in the modules (halting.py): their ValueError is a config error too
         model = set_depth(build_lm(mcfg), n_repeats=cfg['n_repeats']).to(run['device'])
     except ValueError as e:
@@ -380,12 +380,14 @@ def _train(cfg, run, on_exit):
         # batch, so one eval graph serves every eval.
         fwd = torch.compile(wrapped, dynamic=False, **mode)
     # a model compiled whole whose eval keeps a data-dependent number of tokens (MoR's causal threshold)
-    # evaluates eagerly
+    # evaluates eagerly: compile_layers beside the whole graph would compile every layer a second time,
+    # for dynamic shapes (an eval is forward-only, every eval_interval steps)
     eval_fwd = wrapped if whole and not model.core.one_graph(training=False) else fwd
     graphs = cfg['compile_mode'] == 'reduce-overhead'
     # the evals of a model compiled for static shapes run full batches (evaluate's pad): every compiled model
-    # without halting (the whole model, or compile_layers' layers of a loop without halting)
-    pad_evals = cfg['compile'] and mcfg.halting == 'none'
+    # without halting (the whole model, or compile_layers' layers of a loop without halting), and a MoR model
+    # whose eval is compiled whole too (mor_causal_eval=False)
+    pad_evals = cfg['compile'] and (mcfg.halting == 'none' or (whole and eval_fwd is fwd))
 
     ptdtype = getattr(torch, run['dtype'])
     autocast = torch.autocast(run['device_type'], dtype=ptdtype) if run['dtype'] != 'float32' else nullcontext()

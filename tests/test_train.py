@@ -690,6 +690,30 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path, pad):
     assert abs(got - (ce[:4 * block].mean() + ce[4 * block:].mean()).item() / 2) > 0.1   # the test can tell
 
 
+def test_padded_eval_counts_the_real_rows_depths(tmp_path):
+    """A MoR expert-choice model evaluated with top-k (mor_causal_eval=False, which train.py compiles whole
+    and so pads): 7 windows in batches of 4, the last padded with a filler row. Loss and depth histogram
+    equal the unpadded eval's: the top-k is per sequence, so the filler changes no real row's depth, and
+    every sequence has the same depth counts."""
+    import numpy as np
+    from contextlib import nullcontext
+    from model import ModelConfig
+    from data import evaluate
+    rng = np.random.default_rng(0)
+    write_data(str(tmp_path), rng.integers(0, 257, 4 * 32 + 1), rng.integers(0, 257, 7 * 32 + 1))
+    torch.manual_seed(0)
+    model = build_lm(ModelConfig(vocab_size=257, d_model=32, n_layers=4, group_size=2, n_heads=2, d_head=16,
+                                 ff_n_experts=4, ff_k=2, d_expert=16, att_n_experts=2, halting='mor',
+                                 mor_capacity=(1.0, 0.5), mor_causal_eval=False))
+    assert model.core.one_graph(training=False)
+    cfg = dict(block_size=32, batch_size=4, eval_iters=10)
+    run = dict(rank=0, world=1, device='cpu', distributed=False)
+    a, b = (evaluate(model, str(tmp_path), cfg, run, nullcontext(), model.core, pad=pad) for pad in (False, True))
+    assert a['val'] == pytest.approx(b['val'], rel=1e-6)
+    assert a['val_depth_hist'] == b['val_depth_hist'] and sum(b['val_depth_hist']) == 7 * 32
+    assert b['val_depth_hist'][1] > 0 and b['val_depth_hist'][2] > 0      # depths 1 and 2 both occur
+
+
 def fake_val_losses(monkeypatch, losses):
     """train.evaluate returns these losses, one per eval, in order."""
     import train as train_py
@@ -913,13 +937,13 @@ def test_old_format_batch_keys_resume(root):
 
 
 @pytest.mark.slow      # inductor compiles for ~40 s on a 2-core CPU
-@pytest.mark.parametrize('mode,model', [('', []),
+@pytest.mark.parametrize('mode,model', [('', []), ('reduce-overhead', []),
                                         ('', ['--recurrence=random', '--mean_repeats=2', '--input_injection=add']),
                                         ('reduce-overhead', ['--halting=mor', '--n_layers=4'])])
 def test_compilation_is_announced_and_timed(root, mode, model):
     """compile=True: the first step (and the eval before it) compile, which takes a minute on a GPU: the
-    log says so before it starts and how long it took after it. compile_mode 'reduce-overhead' (the MoR
-    case) compiles on a CPU as the default mode does (no CUDA graphs) but marks each step's start.
+    log says so before it starts and how long it took after it. compile_mode 'reduce-overhead' compiles
+    on a CPU as the default mode does (no CUDA graphs) but marks each step's start.
     Every graph compiles for static shapes, and once: the eval reads all 187 val windows, so its last
     batch has 3 sequences, which it runs padded to 4 rather than make dynamo recompile for it, or worse,
     compile the batch size, and with it the training step's graph, for symbolic shapes (on an H100,
