@@ -631,13 +631,14 @@ class HaltingMoEUT(nn.Module):
     def compile_layers(self, **kwargs):
         """torch.compile for a halting model (train.py compile=True) whose loop cannot be one graph (see
         one_graph): each step's shapes come from a host sync. So each layer is compiled on its own, in
-        place (parameter names unchanged); gather, scatter and decisions stay eager. A few variants per layer compile on
-        first use (every token active / the same count per sequence / ragged). Removes most of the eager
-        per-step launch overhead, which is what made steps with few active tokens cost almost as much as
-        full ones. Without halt_buckets, with dynamic shapes since the active-row count changes every
-        step; with halt_buckets = K, static shapes: each of the at most K bucket shapes compiles once
-        (specialised kernels, no symbolic-shape work on the host at each call). A loop without halting
-        (halting='none') runs every token at every step: static shapes, whatever the drawn depth."""
+        place (parameter names unchanged); gather, scatter and decisions stay eager. A few variants per
+        layer compile on first use (every token active / the same count per sequence / ragged). Removes
+        most of the eager per-step launch overhead, which is what made steps with few active tokens cost
+        almost as much as full ones. Without halt_buckets, with dynamic shapes since the active-row count
+        changes every step; with halt_buckets = K, static shapes: each of the at most K bucket shapes
+        compiles once (specialised kernels, no symbolic-shape work on the host at each call). A loop
+        without halting (halting='none') runs every token at every step: static shapes, whatever the
+        drawn depth."""
         K = self.cfg.halt_buckets
         # Without buckets, Python ints that change (row counts) cost one recompile each before dynamo makes
         # them symbolic, on top of the variants above: the default limit of 8 per function is too tight.
@@ -660,9 +661,9 @@ class HaltingMoEUT(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         s = LoopState(depth=torch.zeros(B, T, dtype=torch.long, device=x.device),
-                            run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
-                            gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[],
-                            R=R, everyone=False, all_at_start=False)
+                      run=torch.ones(B, T, dtype=torch.bool, device=x.device), per_row=None,
+                      gate=None, loss=None, target=None, output=self.output, mode=None, p_trace=[],
+                      R=R, everyone=False, all_at_start=False)
         if self.forced_depths is not None:
             d = self.forced_depths.to(x.device)
             if d.shape != (B, T) or bool(((d < 0) | (d > R)).any()):

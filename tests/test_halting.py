@@ -601,7 +601,7 @@ def test_bench_smoke(capsys, monkeypatch):
     import bench
     bench.halting_table(smoke=True)
     out = capsys.readouterr().out
-    assert out.count("\n") == 3 + 14 and "skip 50%" in out and "bucketed, skip 50%" in out and "one graph" in out
+    assert out.count('\n') == 3 + 14 and 'skip 50%' in out and 'bucketed, skip 50%' in out and 'one graph' in out
 
 
 @pytest.mark.slow

@@ -690,7 +690,7 @@ def test_eval_loss_is_the_token_mean_over_all_windows(tmp_path, pad):
     assert abs(got - (ce[:4 * block].mean() + ce[4 * block:].mean()).item() / 2) > 0.1   # the test can tell
 
 
-def test_padded_eval_counts_the_real_rows_depths(tmp_path):
+def test_padded_eval_of_mor_topk_equals_unpadded(tmp_path):
     """A MoR expert-choice model evaluated with top-k (mor_causal_eval=False, which train.py compiles whole
     and so pads): 7 windows in batches of 4, the last padded with a filler row. Loss and depth histogram
     equal the unpadded eval's: the top-k is per sequence, so the filler changes no real row's depth, and
