@@ -524,7 +524,7 @@ def bench_profile():
     for _ in range(n):
         step()
     sync()
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
         for _ in range(n):
             step()
         sync()
@@ -533,6 +533,10 @@ def bench_profile():
     print(f"\n{spec}, batch {train_batch} x {train_block}, vocab {train_vocab}: "
           f"{total:.1f} ms of CUDA kernels per step, {launches} launches per step\n")
     table(KERNEL_COLUMNS, rows)
+    if cuda:
+        print("\nby custom op: the σ-MoE and SwitchHead's V and O banks run the same kernels, so the rows above "
+              "mix them; here each op's kernels (its contraction included) by op and input shapes\n")
+        table(OP_COLUMNS, op_rows(prof, n, total))
     rows, total, calls, wait = host_rows(events, n)
     print(f"\nthe host side: {total:.1f} ms per step inside {calls} op calls (their self time: what an op "
           f"spends outside the ops it calls, e.g. a custom op's Python and its Triton launches; the "
@@ -558,6 +562,22 @@ def kernel_rows(events, n_steps: int, top: int = 40):
                      f"{tot[name] / n_steps / 1e3:.3f}", f"{cnt[name] / n_steps:g}",
                      f"{tot[name] / cnt[name]:.1f}", name[:120].replace("|", "/")])
     return rows, total / n_steps / 1e3, round(sum(cnt.values()) / n_steps)
+
+
+OP_COLUMNS = ["share", "ms/step", "calls/step", "op", "input shapes"]   # op_rows' cells
+
+
+def op_rows(prof, n_steps: int, total_ms: float):
+    """The custom ops' (nanomoeut::*) GPU time, grouped by op and input shapes, by time: share of the
+    step's kernel time, ms and calls per step, name, the first five input shapes."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key.startswith("nanomoeut::"):
+            ms = e.device_time_total / n_steps / 1e3
+            shapes = " ".join("x".join(map(str, sh)) for sh in e.input_shapes[:5] if sh)
+            rows.append((ms, [f"{100 * ms / (total_ms or 1):.1f}%", f"{ms:.3f}", f"{e.count / n_steps:g}",
+                              e.key, shapes]))
+    return [r for _, r in sorted(rows, key=lambda t: -t[0])]
 
 
 HOST_COLUMNS = ["share", "self ms/step", "inclusive ms/step", "calls/step", "self µs each", "op"]   # host_rows'

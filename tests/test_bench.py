@@ -178,6 +178,24 @@ def test_profile_kernel_rows(monkeypatch):
     assert ms == 0.5 and launches == 3
 
 
+def test_profile_op_rows(monkeypatch):
+    """--what=profile's per-op table: only the custom ops (the σ-MoE and SwitchHead banks share kernels, so
+    only the op and its input shapes tell them apart), per step, by GPU time, shapes written as AxB."""
+    from types import SimpleNamespace
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    from bench import op_rows
+    avg = lambda key, us, count, shapes: SimpleNamespace(key=key, device_time_total=us, count=count,
+                                                         input_shapes=shapes)
+    prof = SimpleNamespace(key_averages=lambda group_by_input_shape: [
+        avg('nanomoeut::cvmm', 300.0, 4, [[32, 8], [], [40, 8, 4]]), avg('aten::sum', 9999.0, 2, [[4, 4]]),
+        avg('nanomoeut::cvmm_mlp_bwd', 1000.0, 2, [[32, 8], [32, 8]]), avg('nanomoeut::cvmm', 100.0, 2, [[8, 4]])])
+    rows = op_rows(prof, n_steps=2, total_ms=1.0)
+    assert [(r[3], r[4]) for r in rows] == [('nanomoeut::cvmm_mlp_bwd', '32x8 32x8'), ('nanomoeut::cvmm', '32x8 40x8x4'),
+                                            ('nanomoeut::cvmm', '8x4')]
+    assert rows[0][:3] == ['50.0%', '0.500', '1'] and rows[1][:3] == ['15.0%', '0.150', '2']
+
+
 def test_profile_host_rows(monkeypatch):
     """--what=profile's host table: only CPU ops, self time summed by name per step and sorted by it,
     inclusive time beside it; CUDA kernels stay out, and so does the host's wait for the GPU (synchronize),
