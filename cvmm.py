@@ -43,7 +43,8 @@ the GEMM epilogue: not deterministic, and measured ~2x slower on H100 (bench.py 
 Tiles are picked by rule from static shapes (see `_gemm`, `_gradw`; measured with
 bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count. Plain tiles (weight
 tiles, and rows of cvmm_mlp's expert-sorted hidden tensors) are loaded by TMA on Hopper where their
-rows are 16-byte aligned (`CVMM_TMA=0` turns it off); gathered rows are loaded by pointer.
+rows are 16-byte aligned (`CVMM_TMA=0` turns it off); gathered rows are loaded by pointer. A product with
+K <= 128 runs in the small-K kernel, its slot-weight dot included (`CVMM_SMALLK_DOTS=0`: in the general one).
 Bad expert ids: cvmm_prepare raises on CPU; on CUDA (and under compile) it uses torch._assert_async, and
 the kernels never read out of bounds either way (ids outside [0, E) fall outside every expert's range).
 
@@ -70,6 +71,7 @@ except ImportError:  # the torch path needs no triton
 IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
 CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
 TMA = os.environ.get("CVMM_TMA", "1") == "1"         # plain tiles by TMA where allowed (see _w_desc)
+SMALLK_DOTS = os.environ.get("CVMM_SMALLK_DOTS", "1") == "1"   # 0: the slot-weight dot in the general kernel
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -304,12 +306,16 @@ if triton is not None:
                             HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, A_SORTED: tl.constexpr = False,
-                            w_desc=None, W_TMA: tl.constexpr = False, TRANS_W: tl.constexpr = False):
+                            w_desc=None, W_TMA: tl.constexpr = False, TRANS_W: tl.constexpr = False,
+                            HAS_DOTS: tl.constexpr = False, x2_ptr=None, dots_ptr=None, X2_DIV=1,
+                            stride_x2=0):
         """The same product as _cvmm_gemm_kernel for K <= BK (the σ-MoE down-projection, d_expert 128;
         SwitchHead O, d_head): one program per row tile loads its A tile once and loops over all of N.
         With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
         looping over N lets the pipeline prefetch the next weight tile while this one is stored
-        (measured 1.3x faster than a program per (row tile, N tile) on an H100). A_SORTED as there."""
+        (measured 1.3x faster than a program per (row tile, N tile) on an H100). A_SORTED as there.
+        HAS_DOTS: dots[slot_i] = <unscaled row i, X2[slot_i // X2_DIV]>, summed over N in registers
+        (SwitchHead V's x gradient with its slot-weight gradient)."""
         e, rows, end = _row_tile(off_ptr, tl.program_id(0), E, BLOCK_E, BM)
         if e >= E:
             return
@@ -325,6 +331,9 @@ if triton is not None:
             sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
         o_base = out_ptr + slot[:, None] * stride_out
+        if HAS_DOTS:
+            x2_base = x2_ptr + (slot // X2_DIV)[:, None] * stride_x2
+            dot = tl.zeros((BM,), dtype=tl.float32)
         for n0 in tl.range(0, N, BN, num_stages=STAGES):
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < N
@@ -336,10 +345,15 @@ if triton is not None:
             if DOT_F32:
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, input_precision=PRECISION)
+            if HAS_DOTS:   # past N: x2 is 0, and acc masked (a transposed TMA tile holds the next expert)
+                x2 = tl.load(x2_base + offs_n[None, :], mask=nmask[None, :], other=0.0)
+                dot += tl.sum(tl.where(nmask[None, :], acc, 0.0) * x2.to(tl.float32), 1)
             if HAS_SCALE:
                 acc = acc * sc[:, None]
             tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
+        if HAS_DOTS:
+            tl.store(dots_ptr + slot, dot, mask=rmask)
 
     @triton.jit
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -597,10 +611,11 @@ def _row_block(S, E):
     return min(128, max(16, _np2(S // E)))
 
 
-def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk, swn, cfg=None, a_sorted=False):
-    """Launch _cvmm_smallk_kernel for _gemm (K <= 128): out [S // group, N]. BM by _row_block; BN 64
-    (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the tiles tried at the
-    MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
+def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk, swn, cfg=None, a_sorted=False,
+                 x2=None, x2_div=1):
+    """Launch _cvmm_smallk_kernel for _gemm (K <= 128): (out [S // group, N], dots [S] fp32 or None). BM by
+    _row_block; BN 64 (32 in fp32, whose tiles are twice the bytes), 4 warps, 4 stages: best of the
+    tiles tried at the MoEUT-126M and -244M shapes (bench.py --what=cvmm_tune)."""
     S, E = slot.numel(), w.shape[0]
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
@@ -609,13 +624,17 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     out, real = _product_out(S, N, a, slot, offsets, w, group)
     BK = max(16, _np2(K))
     desc = _w_desc(w, transpose, K, BK, c["BN"])
+    dots = None
+    if x2 is not None:   # null slots' dots are never written
+        dots = (torch.zeros if _n_null(offsets, w) else torch.empty)(S, device=a.device, dtype=torch.float32)
     _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
         a, w, out, slot, offsets, scale if scale is not None else a, E, K, N, a_div, a.stride(0),
         w.stride(0), swk, swn, out.stride(0), HAS_SCALE=scale is not None, STAGES=c["stages"],
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
         BN=c["BN"], BK=BK, num_warps=c["warps"], A_SORTED=a_sorted, w_desc=desc, W_TMA=desc is not None,
-        TRANS_W=transpose)
-    return _contract(out, group, real)
+        TRANS_W=transpose, HAS_DOTS=x2 is not None, x2_ptr=x2, dots_ptr=dots, X2_DIV=x2_div,
+        stride_x2=x2.stride(0) if x2 is not None else 0)
+    return _contract(out, group, real), dots
 
 
 def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,
@@ -631,9 +650,14 @@ def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1
     K, N = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
     swk, swn = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
     atomic = group > 1 and CONTRACT == "atomic"
-    if K <= 128 and x2 is None and not relu and not atomic:
+    # the plain dot epilogue (no relu mask, hs or sorted hidden rows: cvmm_mlp's grad_pre keeps the general
+    # kernel) runs in the small-K kernel too: SwitchHead V's x gradient with its slot-weight dot (K = d_head)
+    # took 0.73 ms there and 0.53 in the small-K kernel at the MoEUT-126M shapes (H100, 2026-12-07;
+    # docs/results.md), its outputs bit-identical and the dots equal to fp32 rounding
+    if K <= 128 and not relu and not atomic and (x2 is None or (SMALLK_DOTS and not relu_mask and hs is None
+                                                                and not hid_sorted)):
         return _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk, swn, cfg,
-                            a_sorted), None
+                            a_sorted, x2, x2_div)
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
     BM = _row_block(S, E)

@@ -229,6 +229,22 @@ def test_triton_atomic_contraction(impl, case, monkeypatch):
     compare(impl, usage(name, **kw), torch.float32)
 
 
+def test_slot_weight_dot_in_either_kernel(impl, monkeypatch):
+    """SwitchHead V's x gradient computes its slot-weight dot in the small-K kernel (K = d_head <= 128);
+    CVMM_SMALLK_DOTS=0 puts it back in the general kernel's epilogue. Both match the reference, and each
+    other: grad_x and grad_w exactly, the dots to fp32 rounding (summed over N in another order)."""
+    args = usage("V")
+    compare(impl, args, torch.float32)
+    x, ids, w, sw = (t.to(DEV) for t in args)
+    got = {}
+    for flag in (True, False):
+        monkeypatch.setattr(C, "SMALLK_DOTS", flag)
+        got[flag] = run(x, ids, w, sw)
+    compare(impl, args, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(got[True][:3], got[False][:3]))
+    assert rel(got[True][3], got[False][3]) < 1e-6
+
+
 @pytest.mark.parametrize("case", ["up", "down", "V", "O", "ragged_rows", "big_tiles"])
 def test_triton_pointer_weight_loads(impl, case, monkeypatch):
     """The kernels' pointer path for weight tiles (TMA off, as on GPUs before Hopper)."""
