@@ -72,6 +72,7 @@ IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
 CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
 TMA = os.environ.get("CVMM_TMA", "1") == "1"         # plain tiles by TMA where allowed (see _w_desc)
 SMALLK_DOTS = os.environ.get("CVMM_SMALLK_DOTS", "1") == "1"   # 0: the slot-weight dot in the general kernel
+OVERLAP = os.environ.get("CVMM_OVERLAP", "1") == "1"   # 0: backward weight gradients on the main stream
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -486,10 +487,13 @@ def _topk_impl(scores, k):
         x = x.contiguous()
     out = torch.empty(x.shape[0], k, device=x.device, dtype=torch.int64)
     BE = max(16, _np2(E))
-    BR = max(1, min(32, 1024 // BE))   # rows per program: 4 at E 254, 32 at E 10 (fastest measured)
+    # one warp per program, over 256 scores of 16 rows (E 10) up to one row of 512 (E 387): for 32768
+    # rows the σ-MoE's top-12 of 254 took 0.071 ms, against 0.133 with 4 warps over 4 rows, and top-16
+    # of 387 0.227 against 0.288 (H100, 2026-12-07)
+    BR = max(1, min(32, 256 // BE))
     if x.shape[0]:
         _topk_kernel[(triton.cdiv(x.shape[0], BR),)](x, out, x.shape[0], E, x.stride(0), K=k, BR=BR, BE=BE,
-                                                     num_warps=4)
+                                                     num_warps=max(1, min(8, BR * BE // 1024)))
     return out.view(*scores.shape[:-1], k)
 
 
@@ -794,6 +798,20 @@ def _(x, slot, offsets, w, sw):
     return x.new_empty(slot.shape[0] // (1 if sw is None else sw.shape[1]), w.shape[2])
 
 
+_SIDE = {}
+
+
+def _side_stream(x):
+    """A second CUDA stream per device for the backward ops: a weight gradient (latency-bound: cvmm_mlp's
+    grad_W2, SwitchHead's grad_W) runs on it beside grad_x and its DRAM-bound contraction. None on CPU,
+    or when OVERLAP (env CVMM_OVERLAP=0) is off. Outputs are bit-identical either way."""
+    if not (OVERLAP and x.is_cuda):
+        return None
+    if x.device not in _SIDE:
+        _SIDE[x.device] = torch.cuda.Stream(x.device)
+    return _SIDE[x.device]
+
+
 def _torch_bwd(grad, x, slot, offsets, w, sw):
     """Plain-torch gradients, the op's CPU path (used under torch.compile): the kernels' formulas with
     one matmul per expert over its sorted rows. Returns (grad_x, grad_w, grad_sw or None)."""
@@ -828,9 +846,20 @@ def _bwd_impl(grad, x, slot, offsets, w, sw, need_x, need_w, need_sw):
             # weight gradient runs unscaled; only where x has one row per slot (fan 1, as the σ-MoE
             # down-projection), since otherwise hs is fan times the size of x (SwitchHead V: H*k)
             hs = x.new_empty(S, x.shape[1]) if need_w and need_sw and fan == 1 else None
+            # without hs the weight gradient reads only the inputs: run it beside grad_x (see OVERLAP).
+            # SwitchHead's V backward 0.967 -> 0.844 ms, O's 0.564 -> 0.513 at the MoEUT-126M shapes, the
+            # compiled step 126.8 -> 122.3 ms (medians of five interleaved repeats; H100, 2026-12-07)
+            side = _side_stream(x) if need_w and hs is None and (need_x or need_sw) else None
+            if side is not None:
+                gw = torch.empty_like(w)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    _gradw(x, fan, grad, G, sw, slot, offsets, w, gw=gw)
             if need_x or need_sw:   # grad_x[r] = sum over its fan slots of (sw * grad) @ W^T
                 gx, gsw = _gemm(grad, G, w, True, slot, offsets, sw, fan, x if need_sw else None, fan, hs=hs)
-            if need_w:
+            if side is not None:   # join before any tensor the side stream reads can be freed
+                torch.cuda.current_stream(x.device).wait_stream(side)
+            elif need_w:
                 gw = (_gradw(hs, 1, grad, G, None, slot, offsets, w) if hs is not None
                       else _gradw(x, fan, grad, G, sw, slot, offsets, w))
             if gsw is not None:
@@ -958,20 +987,6 @@ def cvmm(x: torch.Tensor, sel: CVMMSel, w: torch.Tensor,
 # Same kernels as two cvmm calls, but the relu is fused into the up-projection's epilogue, its
 # gradient mask into the down-projection's grad-h epilogue (which already reads h), and nothing else
 # touches the [N*K, d_expert] hidden tensor. Saves one elementwise pass forward and one backward.
-
-OVERLAP = os.environ.get("CVMM_OVERLAP", "1") == "1"
-_SIDE = {}
-
-
-def _side_stream(x):
-    """A second CUDA stream per device for cvmm_mlp's backward: grad_W2 (latency-bound) runs beside
-    grad_x and its DRAM-bound contraction. None on CPU, or when OVERLAP is off."""
-    if not (OVERLAP and x.is_cuda):
-        return None
-    if x.device not in _SIDE:
-        _SIDE[x.device] = torch.cuda.Stream(x.device)
-    return _SIDE[x.device]
-
 
 def _mlp_fwd_impl(x, slot, offsets, w1, w2, sw):
     """(y, h) with h = relu(x W1) [S, d_expert] in expert-sorted row order (row i is slot slot[i]),
