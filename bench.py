@@ -34,6 +34,7 @@ train_batch = 32
 train_block = 1024
 train_vocab = 50304     # gpt2's 50257 padded to a multiple of 64
 train_steps = 10
+train_repeats = 1       # train: > 1 builds every model first, then times them in turn this many rounds (medians)
 decode_ctx = 1024       # decode: prompt length
 decode_new = 64         # decode: tokens generated
 halting_batch = "16"    # halting: comma-separated batch sizes (x 1024 tokens)
@@ -475,18 +476,43 @@ def null_share(spec, model):
         print(f"{spec}: {100 * sum(fracs) / len(fracs):.1f}% of the σ-MoE picks went to null ids", flush=True)
 
 
+def interleaved_train_steps(specs):
+    """{spec: (median ms per step, its own peak GiB or None off CUDA) or None when out of memory}: every
+    model is built and warmed up first (warmed_row), then each is timed in turn, train_repeats rounds of
+    train_steps steps, so a machine's slow minutes fall on every row alike."""
+    built, times = {}, {spec: [] for spec in specs}
+    allow_recompiles(len(specs))
+    for spec in specs:
+        path, compiled, keys, ckpt = train_spec(spec)
+        try:
+            built[spec] = warmed_row(train_config(spec, path, keys), compiled, train_batch, train_block, ckpt, spec)
+        except ValueError as e:   # as bench_train
+            raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
+    for _ in range(train_repeats):
+        for spec, (step, _) in built.items():
+            if step is not None:
+                times[spec].append(time_steps(step, 0, train_steps)[0])
+    return {spec: (statistics.median(t), built[spec][1]) if t else None for spec, t in times.items()}
+
+
 def bench_train():
     """ms/step, tokens/s, peak memory and MFU of each model in `train_models` (config files, with
     ':compile' to torch.compile it and '+key=value' overrides, see train_spec), measured in one run;
-    ratios against the first entry. A row that runs out of GPU memory says OOM and the rest go on."""
+    ratios against the first entry. A row that runs out of GPU memory says OOM and the rest go on.
+    train_repeats > 1: medians of that many interleaved rounds, every model resident (interleaved_train_steps)."""
     from model import flops_per_token
+    if not isinstance(train_repeats, int) or train_repeats < 1:
+        raise SystemExit(f"bench.py: train_repeats must be a positive integer, got {train_repeats!r}")
     name, peak = peak_tflops()
     rows, base = [], None
-    for spec in train_models.split(","):
+    specs = train_models.split(",")
+    timed = interleaved_train_steps(specs) if train_repeats > 1 else {}
+    for spec in specs:
         path, compiled, keys, ckpt = train_spec(spec)
         cfg = train_config(spec, path, keys)
         try:
-            ms, mem = timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec) or (None, None)
+            ms, mem = ((timed[spec] if train_repeats > 1 else
+                        timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec)) or (None, None))
         except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
         if ms is None:
@@ -503,6 +529,7 @@ def bench_train():
                      '–' if no_mem else f"{mem / base[1]:.2f}", f"{tflops:.0f}", mfu])
         print(rows[-1], flush=True)
     print(f"\n{name}, {dtype}, batch {train_batch} x {train_block}, vocab {train_vocab}, "
+          + (f"medians of {train_repeats} interleaved rounds (peak: a row's own), " if train_repeats > 1 else "") +
           f"MFU vs {peak} TFLOP/s (active FLOPs: 3 x forward FLOPs/token, 2 per multiply-add, incl. attention and LM head)\n")
     table(["model", "ms/step", "tokens/s", "x first", "peak GiB", "x first", "TFLOP/s", "MFU"], rows)
 
@@ -552,7 +579,9 @@ def kernel_rows(events, n_steps: int, top: int = 40):
     share, cumulative share, ms and launches per step, mean µs per launch, name (120 characters)."""
     tot, cnt = {}, {}
     for ev in events:
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        # GPU-side user annotations (inductor's "## Call CompiledFxGraph ... ##", "Optimizer.step#...") span
+        # kernels already counted: not kernels themselves
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not getattr(ev, "is_user_annotation", False):
             tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time
             cnt[ev.name] = cnt.get(ev.name, 0) + 1
     total, rows, acc = sum(tot.values()) or 1.0, [], 0.0
@@ -1153,17 +1182,29 @@ def ablation_plan(variants):
     return runs
 
 
-def warmed_row(cfg, compiled, batch, block):
+def allow_recompiles(rows):
+    """Every row compiles the same forward code for another config, and all stay alive for the rounds: past
+    dynamo's default limit the later rows would run eager without saying so in the table."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * rows)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 64 * rows)
+
+
+def warmed_row(cfg, compiled, batch, block, ckpt=False, spec=None):
     """(step, its own peak GiB or None off CUDA) of a fresh model's train_step, compiled and warmed up, or
     (None, None) when it runs out of GPU memory. The peak: one step after the warm-up (compilation and
-    CUDA-graph recording left out), less what was allocated before this row was built."""
+    CUDA-graph recording left out), less what was allocated before this row was built. ckpt and spec as
+    timed_train_step's."""
     cuda = device.startswith("cuda")
     step = model = None
     try:
         resident = torch.cuda.memory_allocated() if cuda else 0    # the rows built before this one
         step, model = train_step(cfg, compiled, batch, block)
+        model.core.activation_checkpointing = ckpt
         for _ in range(5 if compiled else 3):
             step()
+        if spec is not None:
+            null_share(spec, model)
         if not cuda:
             return step, None
         torch.cuda.synchronize()
@@ -1190,11 +1231,7 @@ def ablation_timing_table(runs, variants, smoke):
     batch, block = (4, 32) if smoke else (ablation_batch, ablation_block)
     vocab = 256 if smoke else train_vocab
     cuda = device.startswith("cuda")
-    # every row compiles the same forward code for another config, and all stay alive for the rounds:
-    # past the default limit dynamo would run the later rows eager without saying so in the table
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(runs))
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 64 * len(runs))
+    allow_recompiles(len(runs))
     built = []      # (label, step or None when out of memory, the row's own peak GiB or None)
     for label, name, comp, _ in runs:
         keys = variants[name]

@@ -159,18 +159,43 @@ def test_train_rows_take_key_overrides(monkeypatch):
         bench.train_config('row', c44, {'qk_nrom': True})
 
 
+def test_train_repeats_interleave_the_rows(monkeypatch, capsys):
+    """--what=train --train_repeats=N: every row's model is built first, then the rows are timed in turn, N
+    rounds (a, b, a, b, not a, a, b, b), and each row's ms is the median of its rounds; a bad N is one line."""
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    shake = os.path.join(ROOT, 'config', 'shakespeare.py')
+    for k, v in dict(device='cpu', train_models=f'{shake},{shake}+ff_k=2', train_batch=2, train_block=16,
+                     train_vocab=64, train_steps=1, train_repeats=3).items():
+        monkeypatch.setattr(bench, k, v)
+    ms = iter([5.0, 2.0, 9.0, 2.0, 7.0, 2.0])    # the rounds: row a 5, 9, 7 (median 7), row b 2
+    order = []
+    monkeypatch.setattr(bench, 'time_steps', lambda step, n_warm, n: (order.append(step) or next(ms), None))
+    bench.bench_train()
+    out = capsys.readouterr().out
+    assert len(order) == 6 and order[0::2] == [order[0]] * 3 and order[1::2] == [order[1]] * 3 != order[0::2]
+    rows = [ln.split(' | ') for ln in out.splitlines() if ln.startswith('| ') and 'shakespeare' in ln]
+    assert [r[1] for r in rows] == ['7.0', '2.0'] and rows[1][3] == '3.50' and 'medians of 3 interleaved' in out
+    monkeypatch.setattr(bench, 'train_repeats', 0)
+    with pytest.raises(SystemExit, match='train_repeats must be a positive integer, got 0'):
+        bench.bench_train()
+
+
 def test_profile_kernel_rows(monkeypatch):
     """--what=profile's table from profiler events: only CUDA kernels, summed by name, per step, sorted by
-    time, with shares that add up; '|' in a kernel name cannot break the markdown table."""
+    time, with shares that add up; '|' in a kernel name cannot break the markdown table; GPU-side user
+    annotations (a compiled graph's span, counted as CUDA events by torch 2.11) are not kernels."""
     from types import SimpleNamespace
     import torch
     monkeypatch.syspath_prepend(ROOT)
     monkeypatch.setattr(sys, 'argv', ['bench.py'])       # bench.py reads its overrides on import
     from bench import kernel_rows
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    ev = lambda name, us, dev=cuda: SimpleNamespace(name=name, device_time=us, device_type=dev)
+    ev = lambda name, us, dev=cuda, note=False: SimpleNamespace(name=name, device_time=us, device_type=dev,
+                                                               is_user_annotation=note)
     events = [ev('gemm', 300.0), ev('a|b', 50.0), ev('gemm', 300.0), ev('a|b', 50.0), ev('a|b', 50.0),
-              ev('sum', 250.0), ev('aten::mm', 9999.0, cpu)]
+              ev('sum', 250.0), ev('aten::mm', 9999.0, cpu), ev('## Call CompiledFxGraph f1 ##', 999.0, note=True)]
     rows, ms, launches = kernel_rows(events, n_steps=2)
     assert [r[5] for r in rows] == ['gemm', 'sum', 'a/b']
     assert rows[0][:5] == ['60.0%', '60.0%', '0.300', '1', '300.0']
