@@ -468,8 +468,9 @@ def train_config(spec, path, keys):
 
 
 def null_share(spec, model):
-    """Prints the share of σ-MoE picks that went to MoE++ null ids in the timed steps (the compute those
-    picks skip depends on it); nothing for a model without null ids."""
+    """Prints the share of σ-MoE picks that went to MoE++ null ids in the steps run so far (the timed ones;
+    the warm-up with train_repeats > 1): the compute those picks skip depends on it. Nothing for a model
+    without null ids."""
     from model import routing_report
     fracs = [r['null_frac'] for r in routing_report(model).values() if 'null_frac' in r]
     if fracs:
@@ -477,22 +478,31 @@ def null_share(spec, model):
 
 
 def interleaved_train_steps(specs):
-    """{spec: (median ms per step, its own peak GiB or None off CUDA) or None when out of memory}: every
-    model is built and warmed up first (warmed_row), then each is timed in turn, train_repeats rounds of
-    train_steps steps, so a machine's slow minutes fall on every row alike."""
-    built, times = {}, {spec: [] for spec in specs}
+    """[(median ms per step, its own peak GiB or None off CUDA) or None when out of memory], one per entry
+    of specs: every model is built and warmed up first (warmed_row), then each is timed in turn,
+    train_repeats rounds of train_steps steps, so a machine's slow minutes fall on every row alike. A row
+    that runs out of memory in the rounds (with every other model resident) is dropped from them."""
+    built, times = [], [[] for _ in specs]
     allow_recompiles(len(specs))
     for spec in specs:
         path, compiled, keys, ckpt = train_spec(spec)
         try:
-            built[spec] = warmed_row(train_config(spec, path, keys), compiled, train_batch, train_block, ckpt, spec)
+            built.append(list(warmed_row(train_config(spec, path, keys), compiled, train_batch, train_block,
+                                         ckpt, spec)))
         except ValueError as e:   # as bench_train
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
     for _ in range(train_repeats):
-        for spec, (step, _) in built.items():
-            if step is not None:
-                times[spec].append(time_steps(step, 0, train_steps)[0])
-    return {spec: (statistics.median(t), built[spec][1]) if t else None for spec, t in times.items()}
+        for i, row in enumerate(built):
+            if row[0] is None:
+                continue
+            try:
+                times[i].append(time_steps(row[0], 0, train_steps)[0])
+                continue
+            except torch.OutOfMemoryError:
+                pass
+            row[0], times[i] = None, []     # freed outside the except block (its traceback holds the step)
+            free_memory()
+    return [(statistics.median(t), row[1]) if t else None for t, row in zip(times, built)]
 
 
 def bench_train():
@@ -506,18 +516,19 @@ def bench_train():
     name, peak = peak_tflops()
     rows, base = [], None
     specs = train_models.split(",")
-    timed = interleaved_train_steps(specs) if train_repeats > 1 else {}
-    for spec in specs:
+    timed = interleaved_train_steps(specs) if train_repeats > 1 else None
+    for i, spec in enumerate(specs):
         path, compiled, keys, ckpt = train_spec(spec)
         cfg = train_config(spec, path, keys)
         try:
-            ms, mem = ((timed[spec] if train_repeats > 1 else
+            ms, mem = ((timed[i] if timed is not None else
                         timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec)) or (None, None))
         except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
         if ms is None:
-            rows.append([spec, "OOM", "", "", f"> {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}",
-                         "", "", ""])
+            alone = timed is None and torch.cuda.is_available()   # with repeats, the other rows were resident
+            rows.append([spec, "OOM", "", "", f"> {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}"
+                         if alone else "–", "", "", ""])
             print(rows[-1], flush=True)
             continue
         tok_s = train_batch * train_block / ms * 1e3

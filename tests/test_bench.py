@@ -161,22 +161,38 @@ def test_train_rows_take_key_overrides(monkeypatch):
 
 def test_train_repeats_interleave_the_rows(monkeypatch, capsys):
     """--what=train --train_repeats=N: every row's model is built first, then the rows are timed in turn, N
-    rounds (a, b, a, b, not a, a, b, b), and each row's ms is the median of its rounds; a bad N is one line."""
+    rounds (a, b, a, b, not a, a, b, b), and each row's ms is the median of its rounds (not the mean, first
+    or last); a row that runs out of memory in the rounds says OOM and the others keep their times; a bad
+    N is one line."""
+    import torch
     monkeypatch.syspath_prepend(ROOT)
     monkeypatch.setattr(sys, 'argv', ['bench.py'])
     import bench
+    for k in ('recompile_limit', 'accumulated_recompile_limit'):    # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, k, getattr(torch._dynamo.config, k))
     shake = os.path.join(ROOT, 'config', 'shakespeare.py')
     for k, v in dict(device='cpu', train_models=f'{shake},{shake}+ff_k=2', train_batch=2, train_block=16,
                      train_vocab=64, train_steps=1, train_repeats=3).items():
         monkeypatch.setattr(bench, k, v)
-    ms = iter([5.0, 2.0, 9.0, 2.0, 7.0, 2.0])    # the rounds: row a 5, 9, 7 (median 7), row b 2
+    ms = iter([9.0, 2.0, 6.0, 2.0, 4.0, 2.0])    # the rounds: row a 9, 6, 4 (median 6, mean 6.33), row b 2
     order = []
     monkeypatch.setattr(bench, 'time_steps', lambda step, n_warm, n: (order.append(step) or next(ms), None))
     bench.bench_train()
     out = capsys.readouterr().out
     assert len(order) == 6 and order[0::2] == [order[0]] * 3 and order[1::2] == [order[1]] * 3 != order[0::2]
     rows = [ln.split(' | ') for ln in out.splitlines() if ln.startswith('| ') and 'shakespeare' in ln]
-    assert [r[1] for r in rows] == ['7.0', '2.0'] and rows[1][3] == '3.50' and 'medians of 3 interleaved' in out
+    assert [r[1] for r in rows] == ['6.0', '2.0'] and rows[1][3] == '3.00' and 'medians of 3 interleaved' in out
+
+    def oom_in_round_2(step, n_warm, n):    # row a runs out of memory in its second round
+        order.append(step)
+        if len(order) == 3:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return 5.0, None
+    order.clear()
+    monkeypatch.setattr(bench, 'time_steps', oom_in_round_2)
+    bench.bench_train()
+    rows = [ln.split(' | ') for ln in capsys.readouterr().out.splitlines() if ln.startswith('| ') and 'shakespeare' in ln]
+    assert [r[1] for r in rows] == ['OOM', '5.0'] and len(order) == 5    # a is not timed again
     monkeypatch.setattr(bench, 'train_repeats', 0)
     with pytest.raises(SystemExit, match='train_repeats must be a positive integer, got 0'):
         bench.bench_train()
