@@ -159,7 +159,7 @@ def test_train_rows_take_key_overrides(monkeypatch):
         bench.train_config('row', c44, {'qk_nrom': True})
 
 
-def test_train_repeats_interleave_the_rows(monkeypatch, capsys):
+def test_train_repeats_interleave_the_rows(monkeypatch, capsys, request):
     """--what=train --train_repeats=N: every row's model is built first, then the rows are timed in turn, N
     rounds (a, b, a, b, not a, a, b, b), and each row's ms is the median of its rounds (not the mean, first
     or last); a row that runs out of memory in the rounds says OOM and the others keep their times; a bad
@@ -168,12 +168,14 @@ def test_train_repeats_interleave_the_rows(monkeypatch, capsys):
     monkeypatch.syspath_prepend(ROOT)
     monkeypatch.setattr(sys, 'argv', ['bench.py'])
     import bench
-    for k in ('recompile_limit', 'accumulated_recompile_limit'):    # restored after the test
-        monkeypatch.setattr(torch._dynamo.config, k, getattr(torch._dynamo.config, k))
     shake = os.path.join(ROOT, 'config', 'shakespeare.py')
     for k, v in dict(device='cpu', train_models=f'{shake},{shake}+ff_k=2', train_batch=2, train_block=16,
                      train_vocab=64, train_steps=1, train_repeats=3).items():
         monkeypatch.setattr(bench, k, v)
+    limits = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit,   # restored
+                                        accumulated_recompile_limit=torch._dynamo.config.accumulated_recompile_limit)
+    limits.__enter__()
+    request.addfinalizer(lambda: limits.__exit__(None, None, None))
     ms = iter([9.0, 2.0, 6.0, 2.0, 4.0, 2.0])    # the rounds: row a 9, 6, 4 (median 6, mean 6.33), row b 2
     order = []
     monkeypatch.setattr(bench, 'time_steps', lambda step, n_warm, n: (order.append(step) or next(ms), None))
