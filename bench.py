@@ -477,18 +477,17 @@ def null_share(spec, model):
         print(f"{spec}: {100 * sum(fracs) / len(fracs):.1f}% of the σ-MoE picks went to null ids", flush=True)
 
 
-def interleaved_train_steps(specs):
-    """[(median ms per step, its own peak GiB or None off CUDA) or None when out of memory], one per entry
-    of specs: every model is built and warmed up first (warmed_row), then each is timed in turn,
-    train_repeats rounds of train_steps steps, so a machine's slow minutes fall on every row alike. A row
-    that runs out of memory in the rounds (with every other model resident) is dropped from them."""
-    built, times = [], [[] for _ in specs]
-    allow_recompiles(len(specs))
-    for spec in specs:
-        path, compiled, keys, ckpt = train_spec(spec)
+def interleaved_train_steps(rows):
+    """[(median ms per step, its own peak GiB or None off CUDA) or None when out of memory], one per row
+    (spec, cfg, compiled, ckpt) of bench_train: every model is built and warmed up first (warmed_row), then
+    each is timed in turn, train_repeats rounds of train_steps steps, so a machine's slow minutes fall on
+    every row alike. A row that runs out of memory in the rounds (with every other model resident) is
+    dropped from them."""
+    built, times = [], [[] for _ in rows]
+    allow_recompiles(len(rows))
+    for spec, cfg, compiled, ckpt in rows:
         try:
-            built.append(list(warmed_row(train_config(spec, path, keys), compiled, train_batch, train_block,
-                                         ckpt, spec)))
+            built.append(list(warmed_row(cfg, compiled, train_batch, train_block, ckpt, spec)))
         except ValueError as e:   # as bench_train
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
     for _ in range(train_repeats):
@@ -515,11 +514,12 @@ def bench_train():
         raise SystemExit(f"bench.py: train_repeats must be a positive integer, got {train_repeats!r}")
     name, peak = peak_tflops()
     rows, base = [], None
-    specs = train_models.split(",")
-    timed = interleaved_train_steps(specs) if train_repeats > 1 else None
-    for i, spec in enumerate(specs):
+    parsed = []
+    for spec in train_models.split(","):
         path, compiled, keys, ckpt = train_spec(spec)
-        cfg = train_config(spec, path, keys)
+        parsed.append((spec, train_config(spec, path, keys), compiled, ckpt))
+    timed = interleaved_train_steps(parsed) if train_repeats > 1 else None
+    for i, (spec, cfg, compiled, ckpt) in enumerate(parsed):
         try:
             ms, mem = ((timed[i] if timed is not None else
                         timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec)) or (None, None))
