@@ -213,6 +213,7 @@ def bench_cvmm():
 
     impls = {
         "cvmm_mlp triton (fused relu)": C.cvmm_mlp,
+        "cvmm_mlp triton, exact contraction": with_contract("exact", C.cvmm_mlp),
         "cvmm triton, two calls + torch relu": cvmm_mlp(C.cvmm),
         "cvmm triton, atomic contraction": with_contract("atomic", cvmm_mlp(C.cvmm)),
         "torch reference": cvmm_mlp(C.cvmm_reference),

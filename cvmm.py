@@ -69,7 +69,7 @@ except ImportError:  # the torch path needs no triton
     triton = None
 
 IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
-CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
+CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum | exact (both deterministic) | atomic
 TMA = os.environ.get("CVMM_TMA", "1") == "1"         # plain tiles by TMA where allowed (see _w_desc)
 SMALLK_DOTS = os.environ.get("CVMM_SMALLK_DOTS", "1") == "1"   # 0: the slot-weight dot in the general kernel
 OVERLAP = os.environ.get("CVMM_OVERLAP", "1") == "1"   # 0: backward weight gradients on the main stream
@@ -302,6 +302,54 @@ if triton is not None:
                      acc.to(out_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
+    def _exact_grid(bound_ptr, orow, rmask, G: tl.constexpr):
+        """(2^-q, 2^q) per output row for the exact contraction. bound[s] >= every |product[s, n]| of slot
+        s (`_slot_bound_kernel`), so a row's G products and all their partial sums stay under
+        b = G * max_g bound: with 2^x <= b < 2^(x+1) and q = x - 22, products rounded to multiples of 2^q
+        add up exactly in fp32 (every partial sum is a multiple of 2^q under 2^(q+24)), in any order,
+        hence the same bits whichever program adds first. Rounding error per product <= 2^(q-1) <= b * 2^-23."""
+        b = tl.zeros(orow.shape, dtype=tl.float32)
+        for g in tl.static_range(G):
+            b = tl.maximum(b, tl.load(bound_ptr + orow * G + g, mask=rmask, other=0.0))
+        x = (((b * G).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        q = tl.minimum(tl.maximum(x - 22, -126), 126)   # inf / nan bounds: x = 128; zero: x = -127
+        return ((127 - q) << 23).to(tl.float32, bitcast=True), ((127 + q) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _slot_bound_kernel(a_ptr, w_ptr, bound_ptr, slot_ptr, off_ptr, scale_ptr, K, N, A_DIV, stride_a,
+                           stride_we, stride_wk, stride_wn, HAS_SCALE: tl.constexpr, A_SORTED: tl.constexpr,
+                           BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+        """bound[slot_i] = |scale[slot_i]| * ||A row of i|| * max_n ||W[e][:, n]|| for the sorted entries i
+        of expert e = program_id(0) (part program_id(1) of its rows): by Cauchy-Schwarz, >= every
+        |out[slot_i, n]| of the product (W[e] as the product kernel reads it: [K, N] by the strides)."""
+        e = tl.program_id(0)
+        offs_k = tl.arange(0, BK)
+        kmask = offs_k < K
+        c = tl.zeros((BN,), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            w = tl.load(w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=kmask[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
+            c = tl.maximum(c, tl.sum(w * w, 0))
+        c = tl.sqrt(tl.max(c, 0))
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(1)), BR) * BR
+        start = tl.minimum(start + tl.program_id(1) * chunk, end)
+        end = tl.minimum(start + chunk, end)
+        for r0 in range(start, end, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < end
+            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
+            a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            b = tl.sqrt(tl.sum(a * a, 1)) * c
+            if HAS_SCALE:
+                b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
+            tl.store(bound_ptr + slot, b, mask=rmask)
+
+    @triton.jit
     def _cvmm_smallk_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr,
                             E, K, N, A_DIV, stride_a, stride_we, stride_wk, stride_wn, stride_out,
                             HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
@@ -309,15 +357,26 @@ if triton is not None:
                             BN: tl.constexpr, BK: tl.constexpr, A_SORTED: tl.constexpr = False,
                             w_desc=None, W_TMA: tl.constexpr = False, TRANS_W: tl.constexpr = False,
                             HAS_DOTS: tl.constexpr = False, x2_ptr=None, dots_ptr=None, X2_DIV=1,
-                            stride_x2=0):
+                            stride_x2=0, EXACT: tl.constexpr = False, bound_ptr=None, G: tl.constexpr = 1,
+                            CN: tl.constexpr = 1, stride_dots=0):
         """The same product as _cvmm_gemm_kernel for K <= BK (the σ-MoE down-projection, d_expert 128;
         SwitchHead O, d_head): one program per row tile loads its A tile once and loops over all of N.
         With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
         looping over N lets the pipeline prefetch the next weight tile while this one is stored
         (measured 1.3x faster than a program per (row tile, N tile) on an H100). A_SORTED as there.
         HAS_DOTS: dots[slot_i] = <unscaled row i, X2[slot_i // X2_DIV]>, summed over N in registers
-        (SwitchHead V's x gradient with its slot-weight gradient)."""
-        e, rows, end = _row_tile(off_ptr, tl.program_id(0), E, BLOCK_E, BM)
+        (SwitchHead V's x gradient with its slot-weight gradient).
+        EXACT: the contraction over each output row's G slots happens here: out is the zeroed fp32
+        [S // G, N] result, and each product, rounded to its row's grid (`_exact_grid`), is added to it by
+        an atomic. A program then covers one chunk of CN columns, and the row tiles of a chunk run
+        together, so the chunk of out they add into stays in L2 (dots: one partial per chunk, each
+        stride_dots apart)."""
+        pid_m, n_lo, n_hi = tl.program_id(0), 0, N
+        if EXACT:
+            m_tiles = tl.num_programs(0) // tl.cdiv(N, CN)
+            pid_m, n_lo = tl.program_id(0) % m_tiles, (tl.program_id(0) // m_tiles) * CN
+            n_hi = tl.minimum(n_lo + CN, N)
+        e, rows, end = _row_tile(off_ptr, pid_m, E, BLOCK_E, BM)
         if e >= E:
             return
         rmask = rows < end
@@ -331,13 +390,15 @@ if triton is not None:
         if HAS_SCALE:
             sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
-        o_base = out_ptr + slot[:, None] * stride_out
+        o_base = out_ptr + (slot // G if EXACT else slot)[:, None] * stride_out
+        if EXACT:
+            inv, step = _exact_grid(bound_ptr, slot // G, rmask, G)
         if HAS_DOTS:
             x2_base = x2_ptr + (slot // X2_DIV)[:, None] * stride_x2
             dot = tl.zeros((BM,), dtype=tl.float32)
-        for n0 in tl.range(0, N, BN, num_stages=STAGES):
+        for n0 in tl.range(n_lo, n_hi, BN, num_stages=STAGES):
             offs_n = n0 + tl.arange(0, BN)
-            nmask = offs_n < N
+            nmask = offs_n < n_hi
             if W_TMA:
                 b = _w_tile(w_desc, e, 0, n0, K, N, TRANS_W)
             else:
@@ -351,10 +412,14 @@ if triton is not None:
                 dot += tl.sum(tl.where(nmask[None, :], acc, 0.0) * x2.to(tl.float32), 1)
             if HAS_SCALE:
                 acc = acc * sc[:, None]
-            tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & nmask[None, :])
+            if EXACT:   # onto the row's grid (|acc * inv| < 2^22, where adding 1.5 * 2^23 rounds to an integer)
+                acc = ((acc * inv[:, None] + 12582912.0) - 12582912.0) * step[:, None]
+                tl.atomic_add(o_base + offs_n[None, :], acc, mask=rmask[:, None] & nmask[None, :], sem="relaxed")
+            else:
+                tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & nmask[None, :])
         if HAS_DOTS:
-            tl.store(dots_ptr + slot, dot, mask=rmask)
+            tl.store(dots_ptr + (n_lo // CN) * stride_dots + slot, dot, mask=rmask)
 
     @triton.jit
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -623,22 +688,43 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     S, E = slot.numel(), w.shape[0]
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
-    c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
+    c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4, CN=128)
     c.update(cfg or {})
-    out, real = _product_out(S, N, a, slot, offsets, w, group)
     BK = max(16, _np2(K))
+    exact = group > 1 and CONTRACT == "exact" and not f32
+    chunks = triton.cdiv(N, c["CN"]) if exact else 1
+    if exact:   # the contraction in the kernel (see _exact_grid): per-slot bounds, then the fp32 sum
+        out, real = torch.zeros(S // group, N, device=a.device, dtype=torch.float32), None
+        bound = _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted)
+    else:
+        out, real = _product_out(S, N, a, slot, offsets, w, group)
     desc = _w_desc(w, transpose, K, BK, c["BN"])
     dots = None
     if x2 is not None:   # null slots' dots are never written
-        dots = (torch.zeros if _n_null(offsets, w) else torch.empty)(S, device=a.device, dtype=torch.float32)
-    _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
+        dots = (torch.zeros if _n_null(offsets, w) else torch.empty)(chunks, S, device=a.device, dtype=torch.float32)
+    _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E) * chunks,)](
         a, w, out, slot, offsets, scale if scale is not None else a, E, K, N, a_div, a.stride(0),
         w.stride(0), swk, swn, out.stride(0), HAS_SCALE=scale is not None, STAGES=c["stages"],
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
         BN=c["BN"], BK=BK, num_warps=c["warps"], A_SORTED=a_sorted, w_desc=desc, W_TMA=desc is not None,
         TRANS_W=transpose, HAS_DOTS=x2 is not None, x2_ptr=x2, dots_ptr=dots, X2_DIV=x2_div,
-        stride_x2=x2.stride(0) if x2 is not None else 0)
-    return _contract(out, group, real), dots
+        stride_x2=x2.stride(0) if x2 is not None else 0, EXACT=exact, bound_ptr=bound if exact else None,
+        G=group if exact else 1, CN=c["CN"] if exact else 1, stride_dots=S)
+    if dots is not None:   # the chunks' partial dots, summed in a fixed order
+        dots = dots[0] if chunks == 1 else dots.sum(0)
+    return (out.to(a.dtype) if exact else _contract(out, group, real)), dots
+
+
+def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted):
+    """[S] fp32: a bound on |product[s, n]| for every slot s (0 for null slots), _slot_bound_kernel."""
+    S, E = slot.numel(), w.shape[0]
+    bound = torch.zeros(S, device=a.device, dtype=torch.float32)
+    parts = max(1, min(16, S // max(1, E) // 2048))   # SwitchHead's few experts of many rows each
+    if S:
+        _slot_bound_kernel[(E, parts)](a, w, bound, slot, offsets, scale if scale is not None else a, K, N,
+                                       a_div, a.stride(0), w.stride(0), swk, swn, HAS_SCALE=scale is not None,
+                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64)
+    return bound
 
 
 def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,

@@ -229,6 +229,40 @@ def test_triton_atomic_contraction(impl, case, monkeypatch):
     compare(impl, usage(name, **kw), torch.float32)
 
 
+@pytest.mark.parametrize("case", ["up", "down", "V", "O", "big_tiles", "many_experts_w"])
+def test_triton_exact_contraction(impl, case, monkeypatch):
+    """CVMM_CONTRACT=exact (16-bit products contracted inside the small-K kernel by fp32 atomics of
+    products rounded to a per-row grid): the reference's results, and the same bits whichever order the
+    programs add in. Relabelling the experts reorders the sorted rows, hence the order in which a
+    token's products are added (under the interpreter the programs run in order); every output and
+    gradient stays bit-identical, the weight gradient permuted with the bank. (300 tokens: most fp32
+    order effects vanish in the 16-bit output, so it takes this many to see one where the grid is wrong.)"""
+    monkeypatch.setattr(C, "CONTRACT", "exact")
+    name, kw = CASES[case]
+    compare(impl, usage(name, **kw), torch.float16)
+    x, ids, w, sw = (t.to(DEV) if t is not None else None for t in usage(name, **{**kw, "N": 300}))
+    x, w = x.half(), w.half()
+    E = w.shape[0]
+    p = torch.randperm(E, generator=torch.Generator().manual_seed(E)).to(DEV)   # expert e becomes p[e]
+    impl("triton")
+    a = run(x, ids, w, sw)
+    b = run(x, p[ids], w[torch.argsort(p)], sw)
+    b[2] = b[2][p]                                                                # back to the old labels
+    for name_, u, v in zip(["out", "grad_x", "grad_w", "grad_sw"], a, b):
+        assert torch.equal(u, v), name_
+
+
+def test_exact_contraction_leaves_fp32_on_the_sum(impl, monkeypatch):
+    """fp32 products keep the product + sum path under CVMM_CONTRACT=exact (the grid's rounding,
+    ~2^-20 of a row's bound, is below bf16's but not fp32's precision): the same bits as the default."""
+    impl("triton")
+    args = [t.to(DEV) if t is not None else None for t in usage("down", N=30, K=4)]
+    want = run(*args)
+    monkeypatch.setattr(C, "CONTRACT", "exact")
+    for u, v in zip(run(*args), want):
+        assert torch.equal(u, v)
+
+
 def test_slot_weight_dot_in_either_kernel(impl, monkeypatch):
     """SwitchHead V's x gradient computes its slot-weight dot in the small-K kernel (K = d_head <= 128);
     CVMM_SMALLK_DOTS=0 puts it back in the general kernel's epilogue. Both match the reference, and each
