@@ -4,7 +4,9 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
       (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True;
-       ':reduce-overhead' instead of ':compile' compiles with CUDA graphs)
+       ':reduce-overhead' instead of ':compile' compiles with CUDA graphs; '+cvmm_contract=exact' and the
+       other CVMM_FLAGS set a cvmm.py switch for that row; with --train_repeats rows that differ only in
+       those share one compiled model, so e.g. ...:compile,...:compile+cvmm_contract=exact is a clean A/B)
     $ python bench.py --what=profile               # top CUDA kernels and host ops of a training step (train_models' first)
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
@@ -17,6 +19,7 @@ Benchmarks (GPU). One function per section, picked with --what:
 Add new sections (whole-model training speed, halting, decode, ...) as `bench_<what>()` functions; they
 read the globals below, which configurator.py lets you override from the command line.
 """
+import contextlib
 import statistics
 import time
 
@@ -453,6 +456,43 @@ def train_spec(spec):
     return path, compiled, keys, bool(keys.pop("activation_checkpointing", False))
 
 
+# train_models keys that set a cvmm.py switch (its env var) while that row runs, not a model key:
+# e.g. config/moeut_126m.py:compile+cvmm_contract=exact
+CVMM_FLAGS = {"cvmm_contract": ("CONTRACT", ("sum", "exact", "atomic")), "cvmm_overlap": ("OVERLAP", (0, 1)),
+              "cvmm_tma": ("TMA", (0, 1)), "cvmm_smallk_dots": ("SMALLK_DOTS", (0, 1))}
+
+
+def cvmm_flags(spec, keys):
+    """Takes the cvmm_* keys out of a train_models entry's keys: {cvmm module global: value}. One line for
+    an unknown switch or a value it does not take."""
+    flags = {}
+    for k in [k for k in keys if k.startswith("cvmm_")]:
+        if k not in CVMM_FLAGS:
+            raise SystemExit(f"bench.py: train_models entry {spec!r}: {k} is not a cvmm switch "
+                             f"({', '.join(CVMM_FLAGS)})")
+        name, allowed = CVMM_FLAGS[k]
+        v = keys.pop(k)
+        if v not in allowed or isinstance(v, bool):
+            raise SystemExit(f"bench.py: train_models entry {spec!r}: {k} takes {' or '.join(map(str, allowed))}, "
+                             f"got {v!r}")
+        flags[name] = v if isinstance(v, str) else bool(v)
+    return flags
+
+
+@contextlib.contextmanager
+def cvmm_set(flags):
+    """cvmm.py's switches as in flags while inside (the custom ops read them when they run)."""
+    import cvmm as C
+    old = {k: getattr(C, k) for k in flags}
+    for k, v in flags.items():
+        setattr(C, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(C, k, v)
+
+
 def train_config(spec, path, keys):
     """The ModelConfig of a train_models entry at train_vocab / train_block; one line for a key that is
     not a ModelConfig field (from_dict would drop it) or a value it refuses."""
@@ -480,15 +520,27 @@ def null_share(spec, model):
 
 def interleaved_train_steps(rows):
     """[(median ms per step, its own peak GiB or None off CUDA) or None when out of memory], one per row
-    (spec, cfg, compiled, ckpt) of bench_train: every model is built and warmed up first (warmed_row), then
-    each is timed in turn, train_repeats rounds of train_steps steps, so a machine's slow minutes fall on
-    every row alike. A row that runs out of memory in the rounds (with every other model resident) is
-    dropped from them."""
+    (spec, cfg, compiled, ckpt, cvmm flags) of bench_train: every model is built and warmed up first
+    (warmed_row), then each is timed in turn, train_repeats rounds of train_steps steps, so a machine's slow
+    minutes fall on every row alike. A row that runs out of memory in the rounds (with every other model
+    resident) is dropped from them. Rows that differ only in their cvmm switches share one model (and one
+    compilation: the custom ops read the switches when they run), except under CUDA graphs
+    (':reduce-overhead'), which replay what they recorded."""
     built, times = [], [[] for _ in rows]
     allow_recompiles(len(rows))
-    for spec, cfg, compiled, ckpt in rows:
+    for spec, cfg, compiled, ckpt, flags in rows:
+        twin = next((j for j, (b, r) in enumerate(zip(built, rows)) if b[0] is not None and compiled != 'reduce-overhead'
+                     and r[1:4] == (cfg, compiled, ckpt)), None)
+        if twin is not None:   # its peak: the twin's, with one step's transient memory under this row's switches
+            step, peak = built[twin]
+            with cvmm_set(rows[twin][4]):
+                before = row_peak(step)
+            with cvmm_set(flags):
+                built.append([step, peak if peak is None else peak - before + row_peak(step)])
+            continue
         try:
-            built.append(list(warmed_row(cfg, compiled, train_batch, train_block, ckpt, spec)))
+            with cvmm_set(flags):
+                built.append(list(warmed_row(cfg, compiled, train_batch, train_block, ckpt, spec)))
         except ValueError as e:   # as bench_train
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
     for _ in range(train_repeats):
@@ -496,13 +548,17 @@ def interleaved_train_steps(rows):
             if row[0] is None:
                 continue
             try:
-                times[i].append(time_steps(row[0], 0, train_steps)[0])
+                with cvmm_set(rows[i][4]):
+                    times[i].append(time_steps(row[0], 0, train_steps)[0])
                 continue
             except torch.OutOfMemoryError:
                 pass
-            row[0], times[i] = None, []     # freed outside the except block (its traceback holds the step)
+            for other in built:    # its twins go too (freed outside the except block: its traceback holds the step)
+                if other is not row and other[0] is row[0]:
+                    other[0] = None
+            row[0], times[i] = None, []
             free_memory()
-    return [(statistics.median(t), row[1]) if t else None for t, row in zip(times, built)]
+    return [(statistics.median(t), row[1]) if t and row[0] is not None else None for t, row in zip(times, built)]
 
 
 def bench_train():
@@ -518,12 +574,14 @@ def bench_train():
     parsed = []
     for spec in train_models.split(","):
         path, compiled, keys, ckpt = train_spec(spec)
-        parsed.append((spec, train_config(spec, path, keys), compiled, ckpt))
+        flags = cvmm_flags(spec, keys)
+        parsed.append((spec, train_config(spec, path, keys), compiled, ckpt, flags))
     timed = interleaved_train_steps(parsed) if train_repeats > 1 else None
-    for i, (spec, cfg, compiled, ckpt) in enumerate(parsed):
+    for i, (spec, cfg, compiled, ckpt, flags) in enumerate(parsed):
         try:
-            ms, mem = ((timed[i] if timed is not None else
-                        timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec)) or (None, None))
+            with cvmm_set(flags):
+                ms, mem = ((timed[i] if timed is not None else
+                            timed_train_step(cfg, compiled, train_batch, train_block, ckpt, spec)) or (None, None))
         except ValueError as e:   # a model the keys make invalid (halting.build_lm's checks)
             raise SystemExit(f"bench.py: train_models entry {spec!r}: {e}")
         if ms is None:
@@ -551,10 +609,16 @@ def bench_profile():
     kernel, aggregated by name (kernel_rows), and the host side, op by op (host_rows). A compiled step
     whose host side takes longer than its kernels is bound by the host: CUDA graphs (':reduce-overhead')
     remove that part."""
-    from torch.profiler import ProfilerActivity, profile
     spec = train_models.split(",")[0]
     path, compiled, keys, ckpt = train_spec(spec)
-    cfg = train_config(spec, path, keys)
+    flags = cvmm_flags(spec, keys)
+    with cvmm_set(flags):
+        profile_step(spec, train_config(spec, path, keys), compiled, ckpt)
+
+
+def profile_step(spec, cfg, compiled, ckpt):
+    """bench_profile's work for one parsed entry (under its cvmm switches)."""
+    from torch.profiler import ProfilerActivity, profile
     step, model = train_step(cfg, compiled, train_batch, train_block)
     model.core.activation_checkpointing = ckpt
     cuda = device.startswith("cuda")
@@ -1200,6 +1264,19 @@ def allow_recompiles(rows):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * rows)
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, 64 * rows)
+
+
+def row_peak(step):
+    """The GiB one more step of a warmed-up model allocates above what was allocated before it (its
+    transient memory; interleaved_train_steps compares twins by it); None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resident) / 2**30
 
 
 def warmed_row(cfg, compiled, batch, block, ckpt=False, spec=None):
