@@ -34,11 +34,16 @@ opaque node per call. On CPU the op runs the reference (whose `.tolist()` would 
 graph) and plain-torch gradients (`_torch_bwd`). Eager calls skip the op's Python dispatch: CPU goes
 straight to `cvmm_reference`, Triton through a torch.autograd.Function with the same forward/backward.
 
-Determinism: every kernel is run-to-run bit-identical (no atomics; the weight gradient gives each
-(expert, tile) to one program that loops over that expert's rows). The slot contractions (over G slots
-in the forward, over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it
-with torch (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=atomic` instead adds into an fp32 buffer from
-the GEMM epilogue: not deterministic, and measured ~2x slower on H100 (bench.py --what=cvmm).
+Determinism: every kernel is run-to-run bit-identical (the weight gradient gives each (expert, tile) to
+one program that loops over that expert's rows). The slot contractions (over G slots in the forward,
+over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it with torch
+(`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=exact` (16-bit inputs, small-K products: the σ-MoE
+down-projection and up-projection x gradient, SwitchHead O and V's x gradient) contracts inside the
+kernel instead, without the [S, D] intermediate: each product is rounded to a grid fine enough, from a
+bound on its row (`_exact_grid`), that fp32 atomics add the row exactly, so the bits do not depend on
+the order of the adds; not yet timed on a GPU (docs/results.md). `CVMM_CONTRACT=atomic` adds unrounded
+products by fp32 atomics from the GEMM epilogue: not deterministic, and measured ~2x slower on H100
+(bench.py --what=cvmm).
 
 Tiles are picked by rule from static shapes (see `_gemm`, `_gradw`; measured with
 bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count. Plain tiles (weight
