@@ -39,9 +39,10 @@ one program that loops over that expert's rows). The slot contractions (over G s
 over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it with torch
 (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=exact` (16-bit inputs, small-K products: the σ-MoE
 down-projection and up-projection x gradient, SwitchHead O and V's x gradient) contracts inside the
-kernel instead, without the [S, D] intermediate: each product is rounded to a grid fine enough, from a
-bound on its row (`_exact_grid`), that fp32 atomics add the row exactly, so the bits do not depend on
-the order of the adds; not yet timed on a GPU (docs/results.md). `CVMM_CONTRACT=atomic` adds unrounded
+kernel instead, without the [S, D] intermediate: each product is rounded to a grid, set by a bound on
+its row's products (`_exact_grid`), coarse enough that fp32 atomics add the row exactly, so the bits do
+not depend on the order of the adds, and fine enough to be more precise than rounding each product to
+bf16; not yet timed on a GPU (docs/results.md). `CVMM_CONTRACT=atomic` adds unrounded
 products by fp32 atomics from the GEMM epilogue: not deterministic, and measured ~2x slower on H100
 (bench.py --what=cvmm).
 
@@ -308,51 +309,71 @@ if triton is not None:
 
     @triton.jit
     def _exact_grid(bound_ptr, orow, rmask, G: tl.constexpr):
-        """(2^-q, 2^q) per output row for the exact contraction. bound[s] >= every |product[s, n]| of slot
-        s (`_slot_bound_kernel`), so a row's G products and all their partial sums stay under
-        b = G * max_g bound: with 2^x <= b < 2^(x+1) and q = x - 22, products rounded to multiples of 2^q
-        add up exactly in fp32 (every partial sum is a multiple of 2^q under 2^(q+24)), in any order,
-        hence the same bits whichever program adds first. Rounding error per product <= 2^(q-1) <= b * 2^-23."""
+        """(2^-q, 2^q) per output row (of this column chunk) for the exact contraction. bound[s] >= every
+        |product[s, n]| of slot s over the chunk's columns (`_slot_bound_kernel`), so a row's G products
+        and all their partial sums stay under b = G * max_g bound: with 2^x <= b < 2^(x+1) and q = x - 22,
+        products rounded to multiples of 2^q add up exactly in fp32 (every partial sum is a multiple of 2^q
+        under 2^(q+24)), in any order, hence the same bits whichever program adds first. Rounding error per
+        product <= 2^(q-1) <= b * 2^-23. A bound past fp32 (inf, or nan from an inf input): no rounding, so
+        large products keep their values (their order then shows in the last bits; the row overflows or
+        is nan anyway)."""
         b = tl.zeros(orow.shape, dtype=tl.float32)
         for g in tl.static_range(G):
             b = tl.maximum(b, tl.load(bound_ptr + orow * G + g, mask=rmask, other=0.0))
-        x = (((b * G).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        q = tl.minimum(tl.maximum(x - 22, -126), 126)   # inf / nan bounds: x = 128; zero: x = -127
-        return ((127 - q) << 23).to(tl.float32, bitcast=True), ((127 + q) << 23).to(tl.float32, bitcast=True)
+        x = (((b * G).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127   # zero: -127; inf / nan: 128
+        q = tl.minimum(tl.maximum(x - 22, -126), 126)
+        inv = tl.where(x < 128, ((127 - q) << 23).to(tl.float32, bitcast=True), 1.0)
+        step = tl.where(x < 128, ((127 + q) << 23).to(tl.float32, bitcast=True), 1.0)
+        return inv, step, x < 128
+
+    @triton.jit
+    def _scaled_norm(v, axis: tl.constexpr):
+        """The 2-norms along axis of fp32 v, as m * ||v / m|| with m the largest |entry| (0 for zeros)."""
+        m = tl.max(tl.abs(v), axis)
+        safe = tl.where(m > 0, m, 1.0)
+        u = v / tl.expand_dims(safe, axis)
+        return m * tl.sqrt_rn(tl.sum(u * u, axis))
 
     @triton.jit
     def _slot_bound_kernel(a_ptr, w_ptr, bound_ptr, slot_ptr, off_ptr, scale_ptr, K, N, A_DIV, stride_a,
-                           stride_we, stride_wk, stride_wn, HAS_SCALE: tl.constexpr, A_SORTED: tl.constexpr,
-                           BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-        """bound[slot_i] = |scale[slot_i]| * ||A row of i|| * max_n ||W[e][:, n]|| for the sorted entries i
-        of expert e = program_id(0) (part program_id(1) of its rows): by Cauchy-Schwarz, >= every
-        |out[slot_i, n]| of the product (W[e] as the product kernel reads it: [K, N] by the strides)."""
+                           stride_we, stride_wk, stride_wn, stride_bound, HAS_SCALE: tl.constexpr,
+                           A_SORTED: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                           CN: tl.constexpr):
+        """bound[j, slot_i] = |scale[slot_i]| * ||A row of i|| * max ||W[e][:, n]|| over the columns n of
+        chunk j (CN wide) for the sorted entries i of expert e = program_id(0) (part program_id(1) of its
+        rows): by Cauchy-Schwarz, >= every |out[slot_i, n]| of the product in that chunk (W[e] as the
+        product kernel reads it: [K, N] by the strides). Per chunk, so one large column coarsens only its
+        chunk's grid. Norms are taken of vectors scaled by their largest entry, so they neither overflow
+        nor underflow where the products do not."""
         e = tl.program_id(0)
         offs_k = tl.arange(0, BK)
         kmask = offs_k < K
-        c = tl.zeros((BN,), dtype=tl.float32)
-        for n0 in range(0, N, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            w = tl.load(w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=kmask[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
-            c = tl.maximum(c, tl.sum(w * w, 0))
-        c = tl.sqrt(tl.max(c, 0))
         start = tl.load(off_ptr + e)
         end = tl.load(off_ptr + e + 1)
         chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(1)), BR) * BR
         start = tl.minimum(start + tl.program_id(1) * chunk, end)
         end = tl.minimum(start + chunk, end)
-        for r0 in range(start, end, BR):
-            rows = r0 + tl.arange(0, BR)
-            rmask = rows < end
-            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
-            a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.sqrt(tl.sum(a * a, 1)) * c
-            if HAS_SCALE:
-                b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
-            tl.store(bound_ptr + slot, b, mask=rmask)
+        bptr = bound_ptr   # chunk j's slice
+        for n0 in range(0, N, CN):   # column chunks: the largest column norm of each
+            cn = tl.zeros((BN,), dtype=tl.float32)
+            for n1 in range(n0, tl.minimum(n0 + CN, N), BN):
+                offs_n = n1 + tl.arange(0, BN)
+                w = tl.load(w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=kmask[:, None] & (offs_n < tl.minimum(n0 + CN, N))[None, :], other=0.0).to(tl.float32)
+                cn = tl.maximum(cn, _scaled_norm(w, 0))
+            c = tl.max(cn, 0)
+            for r0 in range(start, end, BR):
+                rows = r0 + tl.arange(0, BR)
+                rmask = rows < end
+                slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
+                a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0).to(tl.float32)
+                b = _scaled_norm(a, 1) * c
+                if HAS_SCALE:
+                    b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
+                tl.store(bptr + slot, b, mask=rmask)
+            bptr += stride_bound
 
     @triton.jit
     def _cvmm_smallk_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -374,8 +395,8 @@ if triton is not None:
         EXACT: the contraction over each output row's G slots happens here: out is the zeroed fp32
         [S // G, N] result, and each product, rounded to its row's grid (`_exact_grid`), is added to it by
         an atomic. A program then covers one chunk of CN columns, and the row tiles of a chunk run
-        together, so the chunk of out they add into stays in L2 (dots: one partial per chunk, each
-        stride_dots apart)."""
+        together, so the chunk of out they add into stays in L2 (the bounds and the dots: one [S] slice
+        per chunk, stride_dots apart)."""
         pid_m, n_lo, n_hi = tl.program_id(0), 0, N
         if EXACT:
             m_tiles = tl.num_programs(0) // tl.cdiv(N, CN)
@@ -396,8 +417,8 @@ if triton is not None:
             sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
         o_base = out_ptr + (slot // G if EXACT else slot)[:, None] * stride_out
-        if EXACT:
-            inv, step = _exact_grid(bound_ptr, slot // G, rmask, G)
+        if EXACT:   # this chunk's bounds
+            inv, step, finite = _exact_grid(bound_ptr + (n_lo // CN).to(tl.int64) * stride_dots, slot // G, rmask, G)
         if HAS_DOTS:
             x2_base = x2_ptr + (slot // X2_DIV)[:, None] * stride_x2
             dot = tl.zeros((BM,), dtype=tl.float32)
@@ -417,14 +438,18 @@ if triton is not None:
                 dot += tl.sum(tl.where(nmask[None, :], acc, 0.0) * x2.to(tl.float32), 1)
             if HAS_SCALE:
                 acc = acc * sc[:, None]
-            if EXACT:   # onto the row's grid (|acc * inv| < 2^22, where adding 1.5 * 2^23 rounds to an integer)
-                acc = ((acc * inv[:, None] + 12582912.0) - 12582912.0) * step[:, None]
+            if EXACT:   # onto the row's grid: |acc * inv| < 2^23 / G, and below 2^22 adding 1.5 * 2^23 rounds
+                # to an integer (up to 2^23 to an even one: still on the grid, which leaves 2x to spare)
+                grid = ((acc * inv[:, None] + 12582912.0) - 12582912.0) * step[:, None]
+                acc = tl.where(finite[:, None], grid, acc)
                 tl.atomic_add(o_base + offs_n[None, :], acc, mask=rmask[:, None] & nmask[None, :], sem="relaxed")
             else:
                 tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                          mask=rmask[:, None] & nmask[None, :])
         if HAS_DOTS:
-            tl.store(dots_ptr + (n_lo // CN) * stride_dots + slot, dot, mask=rmask)
+            if EXACT:
+                dots_ptr += (n_lo // CN).to(tl.int64) * stride_dots
+            tl.store(dots_ptr + slot, dot, mask=rmask)
 
     @triton.jit
     def _cvmm_gradw_kernel(x_ptr, g_ptr, gw_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -700,7 +725,7 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     chunks = triton.cdiv(N, c["CN"]) if exact else 1
     if exact:   # the contraction in the kernel (see _exact_grid): per-slot bounds, then the fp32 sum
         out, real = torch.zeros(S // group, N, device=a.device, dtype=torch.float32), None
-        bound = _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted)
+        bound = _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted, c["CN"])
     else:
         out, real = _product_out(S, N, a, slot, offsets, w, group)
     desc = _w_desc(w, transpose, K, BK, c["BN"])
@@ -714,21 +739,22 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
         BN=c["BN"], BK=BK, num_warps=c["warps"], A_SORTED=a_sorted, w_desc=desc, W_TMA=desc is not None,
         TRANS_W=transpose, HAS_DOTS=x2 is not None, x2_ptr=x2, dots_ptr=dots, X2_DIV=x2_div,
         stride_x2=x2.stride(0) if x2 is not None else 0, EXACT=exact, bound_ptr=bound if exact else None,
-        G=group if exact else 1, CN=c["CN"] if exact else 1, stride_dots=S)
+        G=group if exact else 1, CN=c["CN"] if exact else 1, stride_dots=S if exact else 0)
     if dots is not None:   # the chunks' partial dots, summed in a fixed order
         dots = dots[0] if chunks == 1 else dots.sum(0)
     return (out.to(a.dtype) if exact else _contract(out, group, real)), dots
 
 
-def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted):
-    """[S] fp32: a bound on |product[s, n]| for every slot s (0 for null slots), _slot_bound_kernel."""
+def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted, CN):
+    """[chunks of CN columns, S] fp32: a bound on |product[s, n]| over each chunk's columns for every slot s
+    (0 for null slots), _slot_bound_kernel."""
     S, E = slot.numel(), w.shape[0]
-    bound = torch.zeros(S, device=a.device, dtype=torch.float32)
+    bound = torch.zeros(triton.cdiv(N, CN), S, device=a.device, dtype=torch.float32)
     parts = max(1, min(16, S // max(1, E) // 2048))   # SwitchHead's few experts of many rows each
     if S:
         _slot_bound_kernel[(E, parts)](a, w, bound, slot, offsets, scale if scale is not None else a, K, N,
-                                       a_div, a.stride(0), w.stride(0), swk, swn, HAS_SCALE=scale is not None,
-                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64)
+                                       a_div, a.stride(0), w.stride(0), swk, swn, S, HAS_SCALE=scale is not None,
+                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64, CN=CN)
     return bound
 
 

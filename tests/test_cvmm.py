@@ -229,7 +229,13 @@ def test_triton_atomic_contraction(impl, case, monkeypatch):
     compare(impl, usage(name, **kw), torch.float32)
 
 
-@pytest.mark.parametrize("case", ["up", "down", "V", "O", "big_tiles", "many_experts_w"])
+EXACT_CASES = {**{k: CASES[k] for k in ["up", "down", "V", "O", "big_tiles"]},
+               "sparse_experts": ("down", dict(N=20, E=64, K=2, d=32, de=16)),   # most experts 0-1 rows
+               "wide_down": ("down", dict(N=40, d=200, de=24, E=4)),    # 200 output columns: two chunks
+               "wide_V": ("V", dict(N=20, d=200, de=24))}               # grad_x + dots over two chunks
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
 def test_triton_exact_contraction(impl, case, monkeypatch):
     """CVMM_CONTRACT=exact (16-bit products contracted inside the small-K kernel by fp32 atomics of
     products rounded to a per-row grid): the reference's results, and the same bits whichever order the
@@ -238,7 +244,7 @@ def test_triton_exact_contraction(impl, case, monkeypatch):
     gradient stays bit-identical, the weight gradient permuted with the bank. (300 tokens: most fp32
     order effects vanish in the 16-bit output, so it takes this many to see one where the grid is wrong.)"""
     monkeypatch.setattr(C, "CONTRACT", "exact")
-    name, kw = CASES[case]
+    name, kw = EXACT_CASES[case]
     compare(impl, usage(name, **kw), torch.float16)
     x, ids, w, sw = (t.to(DEV) if t is not None else None for t in usage(name, **{**kw, "N": 300}))
     x, w = x.half(), w.half()
@@ -250,6 +256,35 @@ def test_triton_exact_contraction(impl, case, monkeypatch):
     b[2] = b[2][p]                                                                # back to the old labels
     for name_, u, v in zip(["out", "grad_x", "grad_w", "grad_sw"], a, b):
         assert torch.equal(u, v), name_
+
+
+def test_exact_contraction_edge_rows(impl, monkeypatch):
+    """The exact contraction's grid comes from bounds per column chunk: a column 10000x the others
+    coarsens only its own chunk (the other chunk keeps the sum path's accuracy), rows of zeros stay
+    zeros, and null ids (MoE++) add nothing, as on the sum path."""
+    impl("triton")
+    x, ids, w, sw = usage("down", N=40, d=200, de=24, E=4)
+    w = w.clone()
+    w[:, :, 150] *= 10000                                   # in chunk 1 of the 128-column chunks
+    x[:24] = 0                                              # the rows of slots 0..23: tokens 0..7
+    x, w = x.half(), w.half()
+    impl("torch")
+    want = cvmm(x.double(), cvmm_prepare(ids, 4), w.double(), sw.double())
+    impl("triton")
+    got = {}
+    for mode in ("sum", "exact"):
+        monkeypatch.setattr(C, "CONTRACT", mode)
+        got[mode] = cvmm(x.to(DEV), cvmm_prepare(ids.to(DEV), 4), w.to(DEV), sw.to(DEV)).cpu()
+    err = {m: (g.double() - want).abs()[:, :128].max().item() for m, g in got.items()}
+    assert err["exact"] <= 1.5 * err["sum"] + 1e-6, err
+    assert got["exact"][:8].eq(0).all()
+    n_null = 2                                              # ids 4, 5: null experts of a bank of 4
+    ids = torch.randint(0, 6, (40, 3), generator=torch.Generator().manual_seed(0))
+    sel = cvmm_prepare(ids.to(DEV), 4 + n_null)
+    for mode in ("sum", "exact"):
+        monkeypatch.setattr(C, "CONTRACT", mode)
+        got[mode] = cvmm(x[:120].to(DEV), sel, w.to(DEV), sw.to(DEV), n_null=n_null).cpu()
+    assert rel(got["exact"], got["sum"]) < 5e-3
 
 
 def test_exact_contraction_leaves_fp32_on_the_sum(impl, monkeypatch):
