@@ -338,7 +338,7 @@ if triton is not None:
     def _slot_bound_kernel(a_ptr, w_ptr, bound_ptr, slot_ptr, off_ptr, scale_ptr, K, N, A_DIV, stride_a,
                            stride_we, stride_wk, stride_wn, stride_bound, HAS_SCALE: tl.constexpr,
                            A_SORTED: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                           CN: tl.constexpr):
+                           CN: tl.constexpr, NCH: tl.constexpr):
         """bound[j, slot_i] = |scale[slot_i]| * ||A row of i|| * max ||W[e][:, n]|| over the columns n of
         chunk j (CN wide) for the sorted entries i of expert e = program_id(0) (part program_id(1) of its
         rows): by Cauchy-Schwarz, >= every |out[slot_i, n]| of the product in that chunk (W[e] as the
@@ -353,27 +353,32 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(1)), BR) * BR
         start = tl.minimum(start + tl.program_id(1) * chunk, end)
         end = tl.minimum(start + chunk, end)
-        bptr = bound_ptr   # chunk j's slice
-        for n0 in range(0, N, CN):   # column chunks: the largest column norm of each
+        # the largest column norm of each chunk j, gathered in cv[j] (the rows are then read once)
+        chunks = tl.cdiv(N, CN)
+        js = tl.arange(0, NCH)
+        cv = tl.zeros((NCH,), dtype=tl.float32)
+        for j in range(0, chunks):
             cn = tl.zeros((BN,), dtype=tl.float32)
-            for n1 in range(n0, tl.minimum(n0 + CN, N), BN):
+            for n1 in range(j * CN, tl.minimum(j * CN + CN, N), BN):
                 offs_n = n1 + tl.arange(0, BN)
                 w = tl.load(w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=kmask[:, None] & (offs_n < tl.minimum(n0 + CN, N))[None, :], other=0.0).to(tl.float32)
+                            mask=kmask[:, None] & (offs_n < tl.minimum(j * CN + CN, N))[None, :], other=0.0).to(tl.float32)
                 cn = tl.maximum(cn, _scaled_norm(w, 0))
-            c = tl.max(cn, 0)
-            for r0 in range(start, end, BR):
-                rows = r0 + tl.arange(0, BR)
-                rmask = rows < end
-                slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
-                arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
-                a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                b = _scaled_norm(a, 1) * c
-                if HAS_SCALE:
-                    b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
-                tl.store(bptr + slot, b, mask=rmask)
-            bptr += stride_bound
+            cv = tl.where(js == j, tl.max(cn, 0), cv)
+        for r0 in range(start, end, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < end
+            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
+            a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            b = _scaled_norm(a, 1)
+            if HAS_SCALE:
+                b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
+            bptr = bound_ptr   # chunk j's slice
+            for j in range(0, chunks):
+                tl.store(bptr + slot, b * tl.sum(tl.where(js == j, cv, 0.0), 0), mask=rmask)
+                bptr += stride_bound
 
     @triton.jit
     def _cvmm_smallk_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr,
@@ -754,7 +759,7 @@ def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted
     if S:
         _slot_bound_kernel[(E, parts)](a, w, bound, slot, offsets, scale if scale is not None else a, K, N,
                                        a_div, a.stride(0), w.stride(0), swk, swn, S, HAS_SCALE=scale is not None,
-                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64, CN=CN)
+                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64, CN=CN, NCH=_np2(triton.cdiv(N, CN)))
     return bound
 
 
