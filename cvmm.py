@@ -209,6 +209,16 @@ if triton is not None:
         return e, start + (pid_m - first_tile) * BM + tl.arange(0, BM), end
 
     @triton.jit
+    def _row_part(off_ptr, e, part, parts, BR: tl.constexpr):
+        """(start, end) of part `part` of `parts` of expert e's sorted rows: contiguous runs of whole BR
+        chunks (the last parts may be empty)."""
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        chunk = tl.cdiv(tl.cdiv(end - start, parts), BR) * BR
+        start = tl.minimum(start + part * chunk, end)
+        return start, tl.minimum(start + chunk, end)
+
+    @triton.jit
     def _w_tile(w_desc, e, k0, n0, K, N, TRANS_W: tl.constexpr):
         """The [BK, BN] weight tile at (k0, n0) of expert e, loaded by TMA from the bank [E, D_in, D_out]
         viewed as [E*D_in, D_out]: rows k of W[e] (K = D_in, a multiple of BK, see _w_desc), or rows n
@@ -348,11 +358,7 @@ if triton is not None:
         e = tl.program_id(0)
         offs_k = tl.arange(0, BK)
         kmask = offs_k < K
-        start = tl.load(off_ptr + e)
-        end = tl.load(off_ptr + e + 1)
-        chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(1)), BR) * BR
-        start = tl.minimum(start + tl.program_id(1) * chunk, end)
-        end = tl.minimum(start + chunk, end)
+        start, end = _row_part(off_ptr, e, tl.program_id(1), tl.num_programs(1), BR)
         # the largest column norm of each chunk j, gathered in cv[j] (the rows are then read once)
         chunks = tl.cdiv(N, CN)
         js = tl.arange(0, NCH)
@@ -485,12 +491,8 @@ if triton is not None:
         offs_n = (pid % n_tiles_n) * BN + tl.arange(0, BN)
         kmask = offs_k < K
         nmask = offs_n < N
-        start = tl.load(off_ptr + e)
-        end = tl.load(off_ptr + e + 1)
         # split s of the expert's rows (a third grid axis; the caller sums the splits' fp32 partials)
-        chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(2)), BR) * BR
-        start = tl.minimum(start + tl.program_id(2) * chunk, end)
-        end = tl.minimum(start + chunk, end)
+        start, end = _row_part(off_ptr, e, tl.program_id(2), tl.num_programs(2), BR)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         # the row gathers depend on the slot ids: load the next chunk's ids one iteration ahead, so
         # the gathers do not wait on a dependent load (measured 1.25x faster on an H100)
