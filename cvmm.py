@@ -428,8 +428,11 @@ if triton is not None:
             sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
         o_base = out_ptr + (slot // G if EXACT else slot)[:, None] * stride_out
-        if EXACT:   # this chunk's bounds
-            inv, step, finite = _exact_grid(bound_ptr + (n_lo // CN).to(tl.int64) * stride_dots, slot // G, rmask, G)
+        if EXACT:   # this chunk's slices of the bounds and the dots
+            bound_ptr += (n_lo // CN).to(tl.int64) * stride_dots
+            if HAS_DOTS:
+                dots_ptr += (n_lo // CN).to(tl.int64) * stride_dots
+            inv, step, finite = _exact_grid(bound_ptr, slot // G, rmask, G)
         if HAS_DOTS:
             x2_base = x2_ptr + (slot // X2_DIV)[:, None] * stride_x2
             dot = tl.zeros((BM,), dtype=tl.float32)
@@ -458,8 +461,6 @@ if triton is not None:
                 tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                          mask=rmask[:, None] & nmask[None, :])
         if HAS_DOTS:
-            if EXACT:
-                dots_ptr += (n_lo // CN).to(tl.int64) * stride_dots
             tl.store(dots_ptr + slot, dot, mask=rmask)
 
     @triton.jit
@@ -756,7 +757,9 @@ def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted
     """[chunks of CN columns, S] fp32: a bound on |product[s, n]| over each chunk's columns for every slot s
     (0 for null slots), _slot_bound_kernel."""
     S, E = slot.numel(), w.shape[0]
-    bound = torch.zeros(triton.cdiv(N, CN), S, device=a.device, dtype=torch.float32)
+    # only null slots' bounds are never written (0: they add nothing)
+    bound = (torch.zeros if _n_null(offsets, w) else torch.empty)(triton.cdiv(N, CN), S, device=a.device,
+                                                                   dtype=torch.float32)
     parts = max(1, min(16, S // max(1, E) // 2048))   # SwitchHead's few experts of many rows each
     if S:
         _slot_bound_kernel[(E, parts)](a, w, bound, slot, offsets, scale if scale is not None else a, K, N,
