@@ -1309,10 +1309,7 @@ def warmed_row(cfg, compiled, batch, block, ckpt=False, spec=None):
         if not cuda:
             return step, None
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return step, (torch.cuda.max_memory_allocated() - resident) / 2**30
+        return step, (torch.cuda.memory_allocated() - resident) / 2**30 + row_peak(step)   # model + one step
     except torch.OutOfMemoryError:
         pass
     step = model = None     # outside the except block, whose traceback would keep the activations alive
