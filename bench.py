@@ -4,9 +4,9 @@ Benchmarks (GPU). One function per section, picked with --what:
     $ python bench.py --what=cvmm_tune             # tile sweeps behind the rules in cvmm.py
     $ python bench.py --what=train                 # training step: MoEUT-126M vs compiled dense-126M
       (rows may override keys: --train_models=config/moeut_1b.py,config/moeut_1b.py+activation_checkpointing=True;
-       ':reduce-overhead' instead of ':compile' compiles with CUDA graphs; '+cvmm_contract=exact' and the
+       ':reduce-overhead' instead of ':compile' compiles with CUDA graphs; '+cvmm_overlap=0' and the
        other CVMM_FLAGS set a cvmm.py switch for that row; with --train_repeats rows that differ only in
-       those share one compiled model, so e.g. ...:compile,...:compile+cvmm_contract=exact is a clean A/B)
+       those share one compiled model, so e.g. ...:compile,...:compile+cvmm_overlap=0 is a clean A/B)
     $ python bench.py --what=profile               # top CUDA kernels and host ops of a training step (train_models' first)
     $ python bench.py --what=decode                # KV-cache decode vs re-running the prefix (same model)
       (add --train_models=config/moeut_126m.py for MoEUT-126M: the default list starts with the dense one)
@@ -29,7 +29,7 @@ what = "cvmm"           # which section to run
 dtype = "bfloat16"      # bfloat16 | float16 | float32
 tokens = 32768          # cvmm: tokens per batch (e.g. 32 x 1024)
 cvmm_repeats = 5        # cvmm: interleaved dense / cvmm_mlp fwd+bwd repeats for the % of dense
-tune_only = ""          # cvmm_tune: comma-separated kinds to sweep ('' = all): small_k, big_k, grad_pre, grad_w, contract
+tune_only = ""          # cvmm_tune: comma-separated kinds to sweep ('' = all): small_k, big_k, grad_pre, grad_w
 seed = 1337
 device = "cuda"        # "cpu" only to smoke-test this script (with TRITON_INTERPRET=1 CVMM_IMPL=triton)
 # train / profile / decode: models as config files, ':compile' = torch.compile; ratios vs the first
@@ -150,9 +150,8 @@ def mlp_inputs(d, E, K, de=128):
 
 def mlp_kernels(C, x, K, w1, w2, sel, sw):
     """The kernels of cvmm_mlp in order, on its MoEUT inputs and random gradients: (name, tuning kind,
-    fn(cfg)). Kinds: the tile sweep bench_cvmm_tune runs on that kernel ('contract': a product with its
-    slot contraction, whose tiles are swept as the product alone; bench_cvmm_tune times it as product +
-    torch sum against CVMM_CONTRACT=exact's column chunks)."""
+    fn(cfg)). Kinds: the tile sweep bench_cvmm_tune runs on that kernel (None: product + torch sum,
+    swept as the product)."""
     dev, dt = x.device, x.dtype
     slot, off = sel.slot, sel.offsets
     with torch.no_grad():   # cvmm_mlp keeps h (and its gradient, hs) in expert-sorted row order
@@ -163,7 +162,7 @@ def mlp_kernels(C, x, K, w1, w2, sel, sw):
     return [
         ("fwd up + relu (gather, fan K)", "big_k",
          lambda c=None: C._gemm(x, K, w1, False, slot, off, None, 1, cfg=c, relu=True, hid_sorted=True)),
-        ("fwd down (+ weights, contraction)", "contract",
+        ("fwd down (+ weights, contraction)", None,
          lambda c=None: C._gemm(h, 1, w2, False, slot, off, sw, K, cfg=c, a_sorted=True)),
         ("fwd down, product only (small-K kernel)", "small_k",
          lambda c=None: C._gemm(h, 1, w2, False, slot, off, sw, 1, cfg=c, a_sorted=True)),
@@ -172,7 +171,7 @@ def mlp_kernels(C, x, K, w1, w2, sel, sw):
                                 hid_sorted=True)),
         ("bwd grad_W2 (from hs, unscaled)", "grad_w",
          lambda c=None: C._gradw(hs, 1, g_out, K, None, slot, off, w2, cfg=c, x_sorted=True)),
-        ("bwd grad_x (contraction over K)", "contract",
+        ("bwd grad_x (contraction over K)", None,
          lambda c=None: C._gemm(g_h, 1, w1, True, slot, off, None, K, cfg=c, a_sorted=True)),
         ("bwd grad_x, product only (small-K kernel)", "small_k",
          lambda c=None: C._gemm(g_h, 1, w1, True, slot, off, None, 1, cfg=c, a_sorted=True)),
@@ -218,7 +217,6 @@ def bench_cvmm():
 
     impls = {
         "cvmm_mlp triton (fused relu)": C.cvmm_mlp,
-        "cvmm_mlp triton, exact contraction": with_contract("exact", C.cvmm_mlp),
         "cvmm triton, two calls + torch relu": cvmm_mlp(C.cvmm),
         "cvmm triton, atomic contraction": with_contract("atomic", cvmm_mlp(C.cvmm)),
         "torch reference": cvmm_mlp(C.cvmm_reference),
@@ -308,8 +306,7 @@ def bench_cvmm():
 
 def bench_cvmm_tune():
     """Sweep tile configs of the cvmm_mlp kernels at the MoEUT-126M and -244M MLP shapes (the measurements
-    behind the tile rules in cvmm.py); tune_only picks the kinds (e.g. 'contract': the two contracted
-    products, torch's sum against CVMM_CONTRACT=exact at several column chunks)."""
+    behind the tile rules in cvmm.py); tune_only picks the kinds (e.g. 'small_k,grad_w')."""
     import cvmm as C
     torch.manual_seed(seed)
     # configs as measured for the rules in cvmm.py; "rule" = what the rule picks
@@ -323,8 +320,6 @@ def bench_cvmm_tune():
             (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 4)]],
         "grad_w": [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]],
-        # CVMM_CONTRACT=exact: columns per chunk (its fp32 output chunk in L2 vs re-reading the rows per chunk)
-        "contract": [dict(CN=cn) for cn in (64, 128, 256, 768)],
     }
     kinds = [k for k in tune_only.split(",") if k] or list(sweeps)
     if set(kinds) - set(sweeps):
@@ -336,14 +331,10 @@ def bench_cvmm_tune():
         for pname, kind, f in mlp_kernels(C, x, K, w1, w2, C.cvmm_prepare(ids, E), sw):
             if kind not in kinds:
                 continue
-            for c in [None] + sweeps[kind]:   # 'contract': None is the default sum, the configs exact
+            for c in [None] + sweeps[kind]:
                 try:
-                    with contextlib.ExitStack() as stack:
-                        if kind == "contract":
-                            stack.enter_context(cvmm_set({"CONTRACT": "exact" if c else "sum"}))
-                        t = timeit(lambda: f(c))
-                    label = (f"exact {c}" if c else "sum") if kind == "contract" else (c or "rule")
-                    rows.append([f"{name} {pname}", label, f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
+                    t = timeit(lambda: f(c))
+                    rows.append([f"{name} {pname}", c or "rule", f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
                 except Exception as e:
                     rows.append([f"{name} {pname}", c, f"n/a ({type(e).__name__})", ""])
     table(["part", "config", "ms", "TFLOP/s"], rows)
@@ -469,8 +460,8 @@ def train_spec(spec):
 
 
 # train_models keys that set a cvmm.py switch (its env var) while that row runs, not a model key:
-# e.g. config/moeut_126m.py:compile+cvmm_contract=exact
-CVMM_FLAGS = {"cvmm_contract": ("CONTRACT", ("sum", "exact", "atomic")), "cvmm_overlap": ("OVERLAP", (0, 1)),
+# e.g. config/moeut_126m.py:compile+cvmm_overlap=0
+CVMM_FLAGS = {"cvmm_contract": ("CONTRACT", ("sum", "atomic")), "cvmm_overlap": ("OVERLAP", (0, 1)),
               "cvmm_tma": ("TMA", (0, 1)), "cvmm_smallk_dots": ("SMALLK_DOTS", (0, 1))}
 
 

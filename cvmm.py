@@ -34,17 +34,11 @@ opaque node per call. On CPU the op runs the reference (whose `.tolist()` would 
 graph) and plain-torch gradients (`_torch_bwd`). Eager calls skip the op's Python dispatch: CPU goes
 straight to `cvmm_reference`, Triton through a torch.autograd.Function with the same forward/backward.
 
-Determinism: every kernel is run-to-run bit-identical (the weight gradient gives each (expert, tile) to
-one program that loops over that expert's rows). The slot contractions (over G slots in the forward,
-over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it with torch
-(`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=exact` (16-bit inputs, small-K products: the σ-MoE
-down-projection and up-projection x gradient, SwitchHead O and V's x gradient) contracts inside the
-kernel instead, without the [S, D] intermediate: each product is rounded to a grid, set by a bound on
-its row's products (`_exact_grid`), coarse enough that fp32 atomics add the row exactly, so the bits do
-not depend on the order of the adds, and fine enough to be more precise than rounding each product to
-bf16; not yet timed on a GPU (docs/results.md). `CVMM_CONTRACT=atomic` adds unrounded
-products by fp32 atomics from the GEMM epilogue: not deterministic, and measured ~2x slower on H100
-(bench.py --what=cvmm).
+Determinism: every kernel is run-to-run bit-identical (no atomics; the weight gradient gives each
+(expert, tile) to one program that loops over that expert's rows). The slot contractions (over G slots
+in the forward, over `fan` slots in the x gradient) write a [S, D] intermediate in slot order and sum it
+with torch (`CVMM_CONTRACT=sum`, default). `CVMM_CONTRACT=atomic` instead adds into an fp32 buffer from
+the GEMM epilogue: not deterministic, and measured ~2x slower on H100 (bench.py --what=cvmm).
 
 Tiles are picked by rule from static shapes (see `_gemm`, `_gradw`; measured with
 bench.py --what=cvmm_tune), so nothing is autotuned again for a new row count. Plain tiles (weight
@@ -75,7 +69,7 @@ except ImportError:  # the torch path needs no triton
     triton = None
 
 IMPL = os.environ.get("CVMM_IMPL", "auto")          # auto | triton | torch
-CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum | exact (both deterministic) | atomic
+CONTRACT = os.environ.get("CVMM_CONTRACT", "sum")   # sum (deterministic) | atomic
 TMA = os.environ.get("CVMM_TMA", "1") == "1"         # plain tiles by TMA where allowed (see _w_desc)
 SMALLK_DOTS = os.environ.get("CVMM_SMALLK_DOTS", "1") == "1"   # 0: the slot-weight dot in the general kernel
 OVERLAP = os.environ.get("CVMM_OVERLAP", "1") == "1"   # 0: backward weight gradients on the main stream
@@ -209,16 +203,6 @@ if triton is not None:
         return e, start + (pid_m - first_tile) * BM + tl.arange(0, BM), end
 
     @triton.jit
-    def _row_part(off_ptr, e, part, parts, BR: tl.constexpr):
-        """(start, end) of part `part` of `parts` of expert e's sorted rows: contiguous runs of whole BR
-        chunks (the last parts may be empty)."""
-        start = tl.load(off_ptr + e)
-        end = tl.load(off_ptr + e + 1)
-        chunk = tl.cdiv(tl.cdiv(end - start, parts), BR) * BR
-        start = tl.minimum(start + part * chunk, end)
-        return start, tl.minimum(start + chunk, end)
-
-    @triton.jit
     def _w_tile(w_desc, e, k0, n0, K, N, TRANS_W: tl.constexpr):
         """The [BK, BN] weight tile at (k0, n0) of expert e, loaded by TMA from the bank [E, D_in, D_out]
         viewed as [E*D_in, D_out]: rows k of W[e] (K = D_in, a multiple of BK, see _w_desc), or rows n
@@ -318,75 +302,6 @@ if triton is not None:
                      acc.to(out_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _exact_grid(bound_ptr, orow, rmask, G: tl.constexpr):
-        """(2^-q, 2^q) per output row (of this column chunk) for the exact contraction. bound[s] >= every
-        |product[s, n]| of slot s over the chunk's columns (`_slot_bound_kernel`), so a row's G products
-        and all their partial sums stay under b = G * max_g bound: with 2^x <= b < 2^(x+1) and q = x - 22,
-        products rounded to multiples of 2^q add up exactly in fp32 (every partial sum is a multiple of 2^q
-        under 2^(q+24)), in any order, hence the same bits whichever program adds first. Rounding error per
-        product <= 2^(q-1) <= b * 2^-23. A bound past fp32 (inf, or nan from an inf input): no rounding, so
-        large products keep their values (their order then shows in the last bits; the row overflows or
-        is nan anyway)."""
-        b = tl.zeros(orow.shape, dtype=tl.float32)
-        for g in tl.static_range(G):
-            b = tl.maximum(b, tl.load(bound_ptr + orow * G + g, mask=rmask, other=0.0))
-        x = (((b * G).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127   # zero: -127; inf / nan: 128
-        q = tl.minimum(tl.maximum(x - 22, -126), 126)
-        inv = tl.where(x < 128, ((127 - q) << 23).to(tl.float32, bitcast=True), 1.0)
-        step = tl.where(x < 128, ((127 + q) << 23).to(tl.float32, bitcast=True), 1.0)
-        return inv, step, x < 128
-
-    @triton.jit
-    def _scaled_norm(v, axis: tl.constexpr):
-        """The 2-norms along axis of fp32 v, as m * ||v / m|| with m the largest |entry| (0 for zeros)."""
-        m = tl.max(tl.abs(v), axis)
-        safe = tl.where(m > 0, m, 1.0)
-        u = v / tl.expand_dims(safe, axis)
-        return m * tl.sqrt_rn(tl.sum(u * u, axis))
-
-    @triton.jit
-    def _slot_bound_kernel(a_ptr, w_ptr, bound_ptr, slot_ptr, off_ptr, scale_ptr, K, N, A_DIV, stride_a,
-                           stride_we, stride_wk, stride_wn, stride_bound, HAS_SCALE: tl.constexpr,
-                           A_SORTED: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                           CN: tl.constexpr, NCH: tl.constexpr):
-        """bound[j, slot_i] = |scale[slot_i]| * ||A row of i|| * max ||W[e][:, n]|| over the columns n of
-        chunk j (CN wide) for the sorted entries i of expert e = program_id(0) (part program_id(1) of its
-        rows): by Cauchy-Schwarz, >= every |out[slot_i, n]| of the product in that chunk (W[e] as the
-        product kernel reads it: [K, N] by the strides). Per chunk, so one large column coarsens only its
-        chunk's grid. Norms are taken of vectors scaled by their largest entry, so they neither overflow
-        nor underflow where the products do not."""
-        e = tl.program_id(0)
-        offs_k = tl.arange(0, BK)
-        kmask = offs_k < K
-        start, end = _row_part(off_ptr, e, tl.program_id(1), tl.num_programs(1), BR)
-        # the largest column norm of each chunk j, gathered in cv[j] (the rows are then read once)
-        chunks = tl.cdiv(N, CN)
-        js = tl.arange(0, NCH)
-        cv = tl.zeros((NCH,), dtype=tl.float32)
-        for j in range(0, chunks):
-            cn = tl.zeros((BN,), dtype=tl.float32)
-            for n1 in range(j * CN, tl.minimum(j * CN + CN, N), BN):
-                offs_n = n1 + tl.arange(0, BN)
-                w = tl.load(w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=kmask[:, None] & (offs_n < tl.minimum(j * CN + CN, N))[None, :], other=0.0).to(tl.float32)
-                cn = tl.maximum(cn, _scaled_norm(w, 0))
-            cv = tl.where(js == j, tl.max(cn, 0), cv)
-        for r0 in range(start, end, BR):
-            rows = r0 + tl.arange(0, BR)
-            rmask = rows < end
-            slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            arow = rows.to(tl.int64) if A_SORTED else slot // A_DIV
-            a = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            b = _scaled_norm(a, 1)
-            if HAS_SCALE:
-                b = b * tl.abs(tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32))
-            bptr = bound_ptr   # chunk j's slice
-            for j in range(0, chunks):
-                tl.store(bptr + slot, b * tl.sum(tl.where(js == j, cv, 0.0), 0), mask=rmask)
-                bptr += stride_bound
-
-    @triton.jit
     def _cvmm_smallk_kernel(a_ptr, w_ptr, out_ptr, slot_ptr, off_ptr, scale_ptr,
                             E, K, N, A_DIV, stride_a, stride_we, stride_wk, stride_wn, stride_out,
                             HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
@@ -394,26 +309,15 @@ if triton is not None:
                             BN: tl.constexpr, BK: tl.constexpr, A_SORTED: tl.constexpr = False,
                             w_desc=None, W_TMA: tl.constexpr = False, TRANS_W: tl.constexpr = False,
                             HAS_DOTS: tl.constexpr = False, x2_ptr=None, dots_ptr=None, X2_DIV=1,
-                            stride_x2=0, EXACT: tl.constexpr = False, bound_ptr=None, G: tl.constexpr = 1,
-                            CN: tl.constexpr = 1, stride_dots=0):
+                            stride_x2=0):
         """The same product as _cvmm_gemm_kernel for K <= BK (the σ-MoE down-projection, d_expert 128;
         SwitchHead O, d_head): one program per row tile loads its A tile once and loops over all of N.
         With K this small a tile is two MMA steps and the kernel is bound by writing its [S, N] output;
         looping over N lets the pipeline prefetch the next weight tile while this one is stored
         (measured 1.3x faster than a program per (row tile, N tile) on an H100). A_SORTED as there.
         HAS_DOTS: dots[slot_i] = <unscaled row i, X2[slot_i // X2_DIV]>, summed over N in registers
-        (SwitchHead V's x gradient with its slot-weight gradient).
-        EXACT: the contraction over each output row's G slots happens here: out is the zeroed fp32
-        [S // G, N] result, and each product, rounded to its row's grid (`_exact_grid`), is added to it by
-        an atomic. A program then covers one chunk of CN columns, and the row tiles of a chunk run
-        together, so the chunk of out they add into stays in L2 (the bounds and the dots: one [S] slice
-        per chunk, stride_dots apart)."""
-        pid_m, n_lo, n_hi = tl.program_id(0), 0, N
-        if EXACT:
-            m_tiles = tl.num_programs(0) // tl.cdiv(N, CN)
-            pid_m, n_lo = tl.program_id(0) % m_tiles, (tl.program_id(0) // m_tiles) * CN
-            n_hi = tl.minimum(n_lo + CN, N)
-        e, rows, end = _row_tile(off_ptr, pid_m, E, BLOCK_E, BM)
+        (SwitchHead V's x gradient with its slot-weight gradient)."""
+        e, rows, end = _row_tile(off_ptr, tl.program_id(0), E, BLOCK_E, BM)
         if e >= E:
             return
         rmask = rows < end
@@ -427,18 +331,13 @@ if triton is not None:
         if HAS_SCALE:
             sc = tl.load(scale_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         w_base = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
-        o_base = out_ptr + (slot // G if EXACT else slot)[:, None] * stride_out
-        if EXACT:   # this chunk's slices of the bounds and the dots
-            bound_ptr += (n_lo // CN).to(tl.int64) * stride_dots
-            if HAS_DOTS:
-                dots_ptr += (n_lo // CN).to(tl.int64) * stride_dots
-            inv, step, finite = _exact_grid(bound_ptr, slot // G, rmask, G)
+        o_base = out_ptr + slot[:, None] * stride_out
         if HAS_DOTS:
             x2_base = x2_ptr + (slot // X2_DIV)[:, None] * stride_x2
             dot = tl.zeros((BM,), dtype=tl.float32)
-        for n0 in tl.range(n_lo, n_hi, BN, num_stages=STAGES):
+        for n0 in tl.range(0, N, BN, num_stages=STAGES):
             offs_n = n0 + tl.arange(0, BN)
-            nmask = offs_n < n_hi
+            nmask = offs_n < N
             if W_TMA:
                 b = _w_tile(w_desc, e, 0, n0, K, N, TRANS_W)
             else:
@@ -452,14 +351,8 @@ if triton is not None:
                 dot += tl.sum(tl.where(nmask[None, :], acc, 0.0) * x2.to(tl.float32), 1)
             if HAS_SCALE:
                 acc = acc * sc[:, None]
-            if EXACT:   # onto the row's grid: |acc * inv| < 2^23 / G, and below 2^22 adding 1.5 * 2^23 rounds
-                # to an integer (up to 2^23 to an even one: still on the grid, which leaves 2x to spare)
-                grid = ((acc * inv[:, None] + 12582912.0) - 12582912.0) * step[:, None]
-                acc = tl.where(finite[:, None], grid, acc)
-                tl.atomic_add(o_base + offs_n[None, :], acc, mask=rmask[:, None] & nmask[None, :], sem="relaxed")
-            else:
-                tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                         mask=rmask[:, None] & nmask[None, :])
+            tl.store(o_base + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nmask[None, :])
         if HAS_DOTS:
             tl.store(dots_ptr + slot, dot, mask=rmask)
 
@@ -492,8 +385,12 @@ if triton is not None:
         offs_n = (pid % n_tiles_n) * BN + tl.arange(0, BN)
         kmask = offs_k < K
         nmask = offs_n < N
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
         # split s of the expert's rows (a third grid axis; the caller sums the splits' fp32 partials)
-        start, end = _row_part(off_ptr, e, tl.program_id(2), tl.num_programs(2), BR)
+        chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(2)), BR) * BR
+        start = tl.minimum(start + tl.program_id(2) * chunk, end)
+        end = tl.minimum(start + chunk, end)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         # the row gathers depend on the slot ids: load the next chunk's ids one iteration ahead, so
         # the gathers do not wait on a dependent load (measured 1.25x faster on an H100)
@@ -726,46 +623,22 @@ def _gemm_smallk(a, a_div, w, transpose, slot, offsets, scale, group, K, N, swk,
     S, E = slot.numel(), w.shape[0]
     f32 = a.dtype == torch.float32
     dot_f32 = _INTERPRET and a.dtype == torch.bfloat16
-    c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4, CN=128)
+    c = dict(BM=_row_block(S, E), BN=32 if f32 else 64, warps=4, stages=3 if f32 else 4)
     c.update(cfg or {})
+    out, real = _product_out(S, N, a, slot, offsets, w, group)
     BK = max(16, _np2(K))
-    exact = group > 1 and CONTRACT == "exact" and not f32
-    chunks = triton.cdiv(N, c["CN"]) if exact else 1
-    if exact:   # the contraction in the kernel (see _exact_grid): per-slot bounds, then the fp32 sum
-        out, real = torch.zeros(S // group, N, device=a.device, dtype=torch.float32), None
-        bound = _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted, c["CN"])
-    else:
-        out, real = _product_out(S, N, a, slot, offsets, w, group)
     desc = _w_desc(w, transpose, K, BK, c["BN"])
     dots = None
     if x2 is not None:   # null slots' dots are never written
-        dots = (torch.zeros if _n_null(offsets, w) else torch.empty)(chunks, S, device=a.device, dtype=torch.float32)
-    _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E) * chunks,)](
+        dots = (torch.zeros if _n_null(offsets, w) else torch.empty)(S, device=a.device, dtype=torch.float32)
+    _cvmm_smallk_kernel[(min(S, triton.cdiv(S, c["BM"]) + E),)](
         a, w, out, slot, offsets, scale if scale is not None else a, E, K, N, a_div, a.stride(0),
         w.stride(0), swk, swn, out.stride(0), HAS_SCALE=scale is not None, STAGES=c["stages"],
         DOT_F32=dot_f32, PRECISION=_precision(a.dtype, dot_f32), BLOCK_E=max(16, _np2(E)), BM=c["BM"],
         BN=c["BN"], BK=BK, num_warps=c["warps"], A_SORTED=a_sorted, w_desc=desc, W_TMA=desc is not None,
         TRANS_W=transpose, HAS_DOTS=x2 is not None, x2_ptr=x2, dots_ptr=dots, X2_DIV=x2_div,
-        stride_x2=x2.stride(0) if x2 is not None else 0, EXACT=exact, bound_ptr=bound if exact else None,
-        G=group if exact else 1, CN=c["CN"] if exact else 1, stride_dots=S if exact else 0)
-    if dots is not None:   # the chunks' partial dots, summed in a fixed order
-        dots = dots[0] if chunks == 1 else dots.sum(0)
-    return (out.to(a.dtype) if exact else _contract(out, group, real)), dots
-
-
-def _slot_bounds(a, a_div, w, slot, offsets, scale, K, N, swk, swn, BK, a_sorted, CN):
-    """[chunks of CN columns, S] fp32: a bound on |product[s, n]| over each chunk's columns for every slot s
-    (0 for null slots), _slot_bound_kernel."""
-    S, E = slot.numel(), w.shape[0]
-    # only null slots' bounds are never written (0: they add nothing)
-    bound = (torch.zeros if _n_null(offsets, w) else torch.empty)(triton.cdiv(N, CN), S, device=a.device,
-                                                                   dtype=torch.float32)
-    parts = max(1, min(16, S // max(1, E) // 2048))   # SwitchHead's few experts of many rows each
-    if S:
-        _slot_bound_kernel[(E, parts)](a, w, bound, slot, offsets, scale if scale is not None else a, K, N,
-                                       a_div, a.stride(0), w.stride(0), swk, swn, S, HAS_SCALE=scale is not None,
-                                       A_SORTED=a_sorted, BR=64, BK=BK, BN=64, CN=CN, NCH=_np2(triton.cdiv(N, CN)))
-    return bound
+        stride_x2=x2.stride(0) if x2 is not None else 0)
+    return _contract(out, group, real), dots
 
 
 def _gemm(a, a_div, w, transpose, slot, offsets, scale, group, x2=None, x2_div=1, cfg=None, relu=False,

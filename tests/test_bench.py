@@ -201,7 +201,7 @@ def test_train_repeats_interleave_the_rows(monkeypatch, capsys, request):
 
 
 def test_train_rows_set_cvmm_switches(monkeypatch, capsys, request):
-    """--what=train rows may set cvmm.py's switches (+cvmm_contract=exact, ...): each row is timed with its
+    """--what=train rows may set cvmm.py's switches (+cvmm_contract=atomic, ...): each row is timed with its
     own, the module's are restored after, and interleaved rows that differ only in them share one model
     (one build and compilation) where CUDA graphs are not involved; a wrong switch or value is one line."""
     import torch
@@ -209,15 +209,15 @@ def test_train_rows_set_cvmm_switches(monkeypatch, capsys, request):
     monkeypatch.setattr(sys, 'argv', ['bench.py'])
     import bench
     import cvmm as C
-    keys = {'cvmm_contract': 'exact', 'cvmm_overlap': 0, 'ff_k': 2}
-    assert bench.cvmm_flags('row', keys) == {'CONTRACT': 'exact', 'OVERLAP': False} and keys == {'ff_k': 2}
+    keys = {'cvmm_contract': 'atomic', 'cvmm_overlap': 0, 'ff_k': 2}
+    assert bench.cvmm_flags('row', keys) == {'CONTRACT': 'atomic', 'OVERLAP': False} and keys == {'ff_k': 2}
     for bad, words in [({'cvmm_contrct': 'sum'}, 'cvmm_contrct is not a cvmm switch'),
-                       ({'cvmm_contract': 'fast'}, "cvmm_contract takes sum or exact or atomic, got 'fast'"),
+                       ({'cvmm_contract': 'fast'}, "cvmm_contract takes sum or atomic, got 'fast'"),
                        ({'cvmm_overlap': True}, 'cvmm_overlap takes 0 or 1, got True')]:
         with pytest.raises(SystemExit, match=words):
             bench.cvmm_flags('row', bad)
     shake = os.path.join(ROOT, 'config', 'shakespeare.py')
-    for k, v in dict(device='cpu', train_models=f'{shake},{shake}+cvmm_contract=exact,{shake}+ff_k=2',
+    for k, v in dict(device='cpu', train_models=f'{shake},{shake}+cvmm_contract=atomic,{shake}+ff_k=2',
                      train_batch=2, train_block=16, train_vocab=64, train_steps=1, train_repeats=2).items():
         monkeypatch.setattr(bench, k, v)
     limits = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit,   # restored
@@ -232,14 +232,14 @@ def test_train_rows_set_cvmm_switches(monkeypatch, capsys, request):
     bench.bench_train()
     assert builds == [before, before]                      # rows a and c; b shares a's model
     a, b, c = seen[:3]
-    assert a[0] is b[0] is not c[0] and (a[1], b[1], c[1]) == (before, 'exact', before) and seen[3:] == seen[:3]
-    assert C.CONTRACT == before and 'cvmm_contract=exact' in capsys.readouterr().out
+    assert a[0] is b[0] is not c[0] and (a[1], b[1], c[1]) == (before, 'atomic', before) and seen[3:] == seen[:3]
+    assert C.CONTRACT == before and 'cvmm_contract=atomic' in capsys.readouterr().out
     monkeypatch.setattr(bench, 'train_repeats', 1)         # one row at a time: still its own switch
     seen.clear()
-    monkeypatch.setattr(bench, 'train_models', f'{shake}+cvmm_contract=exact')
+    monkeypatch.setattr(bench, 'train_models', f'{shake}+cvmm_contract=atomic')
     monkeypatch.setattr(bench, 'timed_train_step', lambda *a, **kw: (seen.append(C.CONTRACT) or (1.0, None)))
     bench.bench_train()
-    assert seen == ['exact'] and C.CONTRACT == before
+    assert seen == ['atomic'] and C.CONTRACT == before
 
 
 def test_profile_kernel_rows(monkeypatch):

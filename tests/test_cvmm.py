@@ -229,82 +229,6 @@ def test_triton_atomic_contraction(impl, case, monkeypatch):
     compare(impl, usage(name, **kw), torch.float32)
 
 
-def run_relabelled(x, ids, w, sw, seed=0):
-    """run() with the experts relabelled (expert e becomes p[e], the bank permuted alike), which reorders
-    the sorted rows and so the order of the adds into each output row; grad_w comes back in the old
-    labels."""
-    p = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed)).to(w.device)
-    out = run(x, p[ids], w[torch.argsort(p)], sw)
-    out[2] = out[2][p]
-    return out
-
-
-EXACT_CASES = {**{k: CASES[k] for k in ["up", "down", "V", "O", "big_tiles"]},
-               "sparse_experts": ("down", dict(N=20, E=64, K=2, d=32, de=16)),   # most experts 0-1 rows
-               "wide_down": ("down", dict(N=40, d=200, de=24, E=4)),    # 200 output columns: two chunks
-               "wide_V": ("V", dict(N=20, d=200, de=24))}               # grad_x + dots over two chunks
-
-
-@pytest.mark.parametrize("case", list(EXACT_CASES))
-def test_triton_exact_contraction(impl, case, monkeypatch):
-    """CVMM_CONTRACT=exact (16-bit products contracted inside the small-K kernel by fp32 atomics of
-    products rounded to a per-row grid): the reference's results, and the same bits whichever order the
-    programs add in. Relabelling the experts reorders the sorted rows, hence the order in which a
-    token's products are added (under the interpreter the programs run in order); every output and
-    gradient stays bit-identical, the weight gradient permuted with the bank. (300 tokens: most fp32
-    order effects vanish in the 16-bit output, so it takes this many to see one where the grid is wrong.)"""
-    monkeypatch.setattr(C, "CONTRACT", "exact")
-    name, kw = EXACT_CASES[case]
-    compare(impl, usage(name, **kw), torch.float16)
-    x, ids, w, sw = (t.to(DEV) if t is not None else None for t in usage(name, **{**kw, "N": 300}))
-    x, w = x.half(), w.half()
-    impl("triton")
-    a, b = run(x, ids, w, sw), run_relabelled(x, ids, w, sw, seed=w.shape[0])
-    for name_, u, v in zip(["out", "grad_x", "grad_w", "grad_sw"], a, b):
-        assert torch.equal(u, v), name_
-
-
-def test_exact_contraction_edge_rows(impl, monkeypatch):
-    """The exact contraction's grid comes from bounds per column chunk: a column 10000x the others
-    coarsens only its own chunk (the other chunk keeps the sum path's accuracy), rows of zeros stay
-    zeros, and null ids (MoE++) add nothing, as on the sum path."""
-    impl("triton")
-    x, ids, w, sw = usage("down", N=40, d=200, de=24, E=4)
-    w = w.clone()
-    w[:, :, 150] *= 10000                                   # in chunk 1 of the 128-column chunks
-    x[:24] = 0                                              # the rows of slots 0..23: tokens 0..7
-    x, w = x.half(), w.half()
-    impl("torch")
-    want = cvmm(x.double(), cvmm_prepare(ids, 4), w.double(), sw.double())
-    impl("triton")
-    got = {}
-    for mode in ("sum", "exact"):
-        monkeypatch.setattr(C, "CONTRACT", mode)
-        got[mode] = cvmm(x.to(DEV), cvmm_prepare(ids.to(DEV), 4), w.to(DEV), sw.to(DEV)).cpu()
-    err = {m: (g.double() - want).abs()[:, :128].max().item() for m, g in got.items()}
-    assert err["exact"] <= 1.5 * err["sum"] + 1e-6, err
-    assert got["exact"][:8].eq(0).all()
-    n_null = 2                                              # ids 4, 5: null experts of a bank of 4
-    ids = torch.randint(0, 6, (40, 3), generator=torch.Generator().manual_seed(0))
-    sel = cvmm_prepare(ids.to(DEV), 4 + n_null)
-    for mode in ("sum", "exact"):
-        monkeypatch.setattr(C, "CONTRACT", mode)
-        got[mode] = cvmm(x[:120].to(DEV), sel, w.to(DEV), sw.to(DEV), n_null=n_null).cpu()
-    assert rel(got["exact"], got["sum"]) < 5e-3
-
-
-def test_exact_contraction_leaves_fp32_on_the_sum(impl, monkeypatch):
-    """fp32 products keep the product + sum path under CVMM_CONTRACT=exact (the grid's rounding, up to
-    2^-23 of G times a row's largest bound, is below bf16's precision but not fp32's): the same bits as
-    the default."""
-    impl("triton")
-    args = [t.to(DEV) if t is not None else None for t in usage("down", N=30, K=4)]
-    want = run(*args)
-    monkeypatch.setattr(C, "CONTRACT", "exact")
-    for u, v in zip(run(*args), want):
-        assert torch.equal(u, v)
-
-
 def test_slot_weight_dot_in_either_kernel(impl, monkeypatch):
     """SwitchHead V's x gradient computes its slot-weight dot in the small-K kernel (K = d_head <= 128);
     CVMM_SMALLK_DOTS=0 puts it back in the general kernel's epilogue. Both match the reference, and each
@@ -866,25 +790,6 @@ def test_cuda_large_deterministic(impl):
     for t, u in zip(a, b):
         assert torch.equal(t, u)
     compare(impl, (x, ids, w, sw), torch.bfloat16)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", ["down", "V"])
-def test_cuda_large_exact_contraction(impl, monkeypatch, name):
-    """CVMM_CONTRACT=exact at MoEUT-126M-like sizes on the GPU, where the atomics really race: the same
-    bits run to run and with the experts relabelled (another add order), the reference's values, and
-    outputs within bf16 rounding of the sum path's."""
-    monkeypatch.setattr(C, "CONTRACT", "exact")
-    kw = dict(N=4096, K=12, E=254, d=768, de=128) if name == "down" else dict(N=4096, H=4, E=10, k=2, d=768, de=96)
-    x, ids, w, sw = usage(name, device="cuda", dtype=torch.bfloat16, **kw)
-    impl("triton")
-    a, b, c = run(x, ids, w, sw), run(x, ids, w, sw), run_relabelled(x, ids, w, sw)
-    for t, u, v in zip(a, b, c):
-        assert torch.equal(t, u) and torch.equal(t, v)
-    compare(impl, (x, ids, w, sw), torch.bfloat16)
-    monkeypatch.setattr(C, "CONTRACT", "sum")
-    impl("triton")
-    assert rel(a[0], run(x, ids, w, sw)[0]) < 2e-2
 
 
 @needs_cuda
