@@ -29,7 +29,7 @@ what = "cvmm"           # which section to run
 dtype = "bfloat16"      # bfloat16 | float16 | float32
 tokens = 32768          # cvmm: tokens per batch (e.g. 32 x 1024)
 cvmm_repeats = 5        # cvmm: interleaved dense / cvmm_mlp fwd+bwd repeats for the % of dense
-tune_only = ""          # cvmm_tune: comma-separated kinds to sweep ('' = all): small_k, big_k, grad_pre, grad_w
+tune_only = ""          # cvmm_tune: comma-separated kinds to sweep ('' = all): small_k, big_k, grad_pre, grad_w, sh_grad_w
 seed = 1337
 device = "cuda"        # "cpu" only to smoke-test this script (with TRITON_INTERPRET=1 CVMM_IMPL=triton)
 # train / profile / decode: models as config files, ':compile' = torch.compile; ratios vs the first
@@ -180,6 +180,36 @@ def mlp_kernels(C, x, K, w1, w2, sel, sw):
     ]
 
 
+# SwitchHead's V and O banks: (name, d_model, heads, experts per head, k, d_head); d_head 82 and 96 are
+# padded to 128-wide tiles
+SH_SHAPES = [("MoEUT-44M", 412, 4, 8, 2, 82), ("MoEUT-126M", 768, 4, 10, 2, 96), ("MoEUT-244M", 1024, 4, 10, 2, 128)]
+
+
+def sh_gradw_kernels(C, d, H, E, k, dh):
+    """SwitchHead's two weight gradients as its backward calls them, on random routing and gradients:
+    (name, fn(cfg), FLOPs, the torch reference's gradient as fn()). V: x [tokens, d] and grad_v [tokens * H, dh] into [H * E, d, dh]; O: att
+    [tokens * H, dh] and grad_out [tokens, d] into [H * E, dh, d]; one routing for both."""
+    dt, dev = getattr(torch, dtype), device
+    with torch.no_grad():
+        sw, ids = torch.sigmoid(torch.randn(tokens, H, E, device=dev)).topk(k, -1)
+        sel = C.cvmm_prepare(ids + torch.arange(H, device=dev)[:, None] * E, H * E)
+    sw = sw.reshape(tokens * H, k).to(dt).contiguous()
+    x, g_out = (torch.randn(tokens, d, device=dev, dtype=dt) for _ in range(2))
+    att, g_v = (torch.randn(tokens * H, dh, device=dev, dtype=dt) for _ in range(2))
+    wv, wo = torch.zeros(H * E, d, dh, device=dev, dtype=dt), torch.zeros(H * E, dh, d, device=dev, dtype=dt)
+    fl = 2 * sel.slot.numel() * d * dh
+
+    def reference(a, w, sw_, g):   # the weight gradient through the torch reference, in fp32
+        w = w.float().requires_grad_()
+        C.cvmm_reference(a.float(), sel, w, sw_.float()).backward(g.float())
+        return w.grad
+    return [("V grad_W", lambda c=None: C._gradw(x, H * k, g_v, k, sw, sel.slot, sel.offsets, wv, cfg=c), fl,
+             lambda: reference(x, wv, sw, g_v)),
+            ("O grad_W", lambda c=None: C._gradw(att, k, g_out, H * k, sw.view(tokens, H * k), sel.slot,
+                                                 sel.offsets, wo, cfg=c), fl,
+             lambda: reference(att, wo, sw.view(tokens, H * k), g_out))]
+
+
 def bench_cvmm():
     """σ-MoE MLP projections (up -> relu -> down with sigmoid weights), MoEUT-126M and -244M shapes, with
     random routing from a sigmoid router. Dense baseline of equal FLOPs: relu(X W1) W2 with
@@ -304,40 +334,68 @@ def bench_cvmm():
            "cvmm_prepare us", "dense, CUDA graph us", "cvmm_mlp, CUDA graph us", "GB/s of expert weights (graph)"], rows)
 
 
+# bench_cvmm_tune's configs per kind, as measured for the rules in cvmm.py ("rule" = what the rule picks)
+TUNE_SWEEPS = {
+    "small_k": [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, bn, w, st in [
+        (128, 64, 4, 4), (128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
+        (256, 64, 8, 3), (128, 256, 8, 2), (64, 64, 4, 4), (64, 64, 4, 2)]],
+    "big_k": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 3)]],
+    "grad_pre": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
+        (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 4)]],
+    "grad_w": [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]],
+    # SwitchHead's weight gradients (SH_SHAPES): tiles over d_model (D) and d_head (DH), row splits
+    "sh_grad_w": [dict(D=td, DH=th, BR=br, warps=w, stages=st, split=sp) for td, th, br, w, st, sp in [
+        (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (256, 128, 64, 8, 3, 1), (128, 32, 64, 4, 3, 1),
+        (256, 32, 64, 8, 3, 1), (128, 64, 64, 4, 3, 1), (256, 64, 64, 8, 3, 1), (128, 64, 64, 4, 4, 2),
+        (128, 128, 128, 8, 3, 1), (64, 128, 64, 4, 3, 1)]],
+}
+
+
 def bench_cvmm_tune():
-    """Sweep tile configs of the cvmm_mlp kernels at the MoEUT-126M and -244M MLP shapes (the measurements
-    behind the tile rules in cvmm.py); tune_only picks the kinds (e.g. 'small_k,grad_w')."""
+    """Sweep tile configs of the cvmm_mlp kernels at the MoEUT-126M and -244M MLP shapes, and of SwitchHead's
+    weight gradients at SH_SHAPES (the measurements behind the tile rules in cvmm.py); tune_only picks the
+    kinds (e.g. 'small_k,grad_w')."""
     import cvmm as C
     torch.manual_seed(seed)
-    # configs as measured for the rules in cvmm.py; "rule" = what the rule picks
-    sweeps = {
-        "small_k": [dict(BM=bm, BN=bn, warps=w, stages=st) for bm, bn, w, st in [
-            (128, 64, 4, 4), (128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
-            (256, 64, 8, 3), (128, 256, 8, 2), (64, 64, 4, 4), (64, 64, 4, 2)]],
-        "big_k": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 3)]],
-        "grad_pre": [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st) for bm, bn, bk, w, st in [
-            (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 4)]],
-        "grad_w": [dict(BK=bk, BN=bn, BR=br, warps=w, stages=st) for bk, bn, br, w, st in [
-            (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4)]],
-    }
-    kinds = [k for k in tune_only.split(",") if k] or list(sweeps)
-    if set(kinds) - set(sweeps):
-        raise SystemExit(f"bench.py: tune_only takes kinds among {', '.join(sweeps)}, got {tune_only!r}")
+    kinds = [k for k in tune_only.split(",") if k] or list(TUNE_SWEEPS)
+    if set(kinds) - set(TUNE_SWEEPS):
+        raise SystemExit(f"bench.py: tune_only takes kinds among {', '.join(TUNE_SWEEPS)}, got {tune_only!r}")
     rows = []
-    for name, d, E, K in MLP_SHAPES:
+    for name, d, E, K in MLP_SHAPES if set(kinds) - {"sh_grad_w"} else []:   # the σ-MoE kernels' kinds
         de, S = 128, tokens * K
         x, w1, w2, sw, ids = (t.detach() for t in mlp_inputs(d, E, K, de))
         for pname, kind, f in mlp_kernels(C, x, K, w1, w2, C.cvmm_prepare(ids, E), sw):
             if kind not in kinds:
                 continue
-            for c in [None] + sweeps[kind]:
+            for c in [None] + TUNE_SWEEPS[kind]:
                 try:
                     t = timeit(lambda: f(c))
                     rows.append([f"{name} {pname}", c or "rule", f"{t:.3f}", f"{2 * S * d * de / t / 1e9:.0f}"])
                 except Exception as e:
                     rows.append([f"{name} {pname}", c, f"n/a ({type(e).__name__})", ""])
-    table(["part", "config", "ms", "TFLOP/s"], rows)
+    if rows:
+        table(["part", "config", "ms", "TFLOP/s"], rows)
+    rows = []
+    for name, d, H, E, k, dh in SH_SHAPES if "sh_grad_w" in kinds else []:
+        for pname, f, fl, reference in sh_gradw_kernels(C, d, H, E, k, dh):
+            ref = reference()
+            for c in [None] + TUNE_SWEEPS["sh_grad_w"]:
+                # V's bank is [E, d, dh] (BK tiles d), O's [E, dh, d] (BK tiles dh)
+                cfg = c and {**{k_: v for k_, v in c.items() if k_ not in ("D", "DH")},
+                             **(dict(BK=c["D"], BN=c["DH"]) if pname[0] == "V" else dict(BK=c["DH"], BN=c["D"]))}
+                label = "rule" if c is None else (f"d {c['D']} x d_head {c['DH']}, BR {c['BR']}, {c['warps']} warps, "
+                                                  f"{c['stages']} stages, split {c['split']}")
+                try:
+                    err = ((f(cfg).float() - ref).abs().max() / ref.abs().max()).item()
+                    t = timeit(lambda: f(cfg))
+                    rows.append([f"{name} {pname}", label, f"{t:.3f}", f"{fl / t / 1e9:.0f}", f"{err:.1e}"])
+                except Exception as e:
+                    rows.append([f"{name} {pname}", label, f"n/a ({type(e).__name__})", "", ""])
+    if rows:
+        print("### SwitchHead weight gradients (V: [H*E, d, dh], O: [H*E, dh, d])\n")
+        table(["part", "config", "ms", "TFLOP/s", "max error / max |reference|"], rows)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -242,6 +242,31 @@ def test_train_rows_set_cvmm_switches(monkeypatch, capsys, request):
     assert seen == ['atomic'] and C.CONTRACT == before
 
 
+def test_cvmm_tune_sweeps_switchhead_weight_gradients(monkeypatch, capsys):
+    """--what=cvmm_tune --tune_only=sh_grad_w: SwitchHead's V and O weight gradients, called as its backward
+    calls them, for the rule and each config, each checked against the torch reference's gradient (a
+    config that computed something else would show); an unknown kind is one line."""
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    import cvmm as C
+    monkeypatch.setattr(C, 'IMPL', 'triton')
+    for k, v in dict(device='cpu', tokens=16, dtype='float32', tune_only='sh_grad_w',
+                     SH_SHAPES=[('tiny', 40, 2, 3, 2, 24)], timeit=lambda fn: 1.0,
+                     TUNE_SWEEPS={**bench.TUNE_SWEEPS, 'sh_grad_w': [
+                         dict(D=64, DH=32, BR=32, warps=4, stages=2, split=2)]}).items():
+        monkeypatch.setattr(bench, k, v)
+    bench.bench_cvmm_tune()
+    rows = [ln.split(' | ') for ln in capsys.readouterr().out.splitlines() if ln.startswith('| tiny')]
+    assert [(r[0], r[1]) for r in rows] == [
+        ('| tiny V grad_W', 'rule'), ('| tiny V grad_W', 'd 64 x d_head 32, BR 32, 4 warps, 2 stages, split 2'),
+        ('| tiny O grad_W', 'rule'), ('| tiny O grad_W', 'd 64 x d_head 32, BR 32, 4 warps, 2 stages, split 2')]
+    assert all(float(r[4].rstrip(' |')) < 1e-5 for r in rows), rows
+    monkeypatch.setattr(bench, 'tune_only', 'sh_gradw')
+    with pytest.raises(SystemExit, match="tune_only takes kinds among .*sh_grad_w, got 'sh_gradw'"):
+        bench.bench_cvmm_tune()
+
+
 def test_profile_kernel_rows(monkeypatch):
     """--what=profile's table from profiler events: only CUDA kernels, summed by name, per step, sorted by
     time, with shares that add up; '|' in a kernel name cannot break the markdown table; GPU-side user
