@@ -187,8 +187,9 @@ SH_SHAPES = [("MoEUT-44M", 412, 4, 8, 2, 82), ("MoEUT-126M", 768, 4, 10, 2, 96),
 
 def sh_gradw_kernels(C, d, H, E, k, dh):
     """SwitchHead's two weight gradients as its backward calls them, on random routing and gradients:
-    (name, fn(cfg), FLOPs, the torch reference's gradient as fn()). V: x [tokens, d] and grad_v [tokens * H, dh] into [H * E, d, dh]; O: att
-    [tokens * H, dh] and grad_out [tokens, d] into [H * E, dh, d]; one routing for both."""
+    (name, fn(cfg), FLOPs, fn() giving the torch reference's gradient). V: x [tokens, d] and grad_v
+    [tokens * H, dh] into [H * E, d, dh]; O: att [tokens * H, dh] and grad_out [tokens, d] into
+    [H * E, dh, d]; one routing for both."""
     dt, dev = getattr(torch, dtype), device
     with torch.no_grad():
         sw, ids = torch.sigmoid(torch.randn(tokens, H, E, device=dev)).topk(k, -1)
