@@ -204,11 +204,11 @@ def sh_gradw_kernels(C, d, H, E, k, dh):
         w = w.float().requires_grad_()
         C.cvmm_reference(a.float(), sel, w, sw_.float()).backward(g.float())
         return w.grad
+    sw_o = sw.view(tokens, H * k)   # O's slot weights: a token's H * k slots in one row
     return [("V grad_W", lambda c=None: C._gradw(x, H * k, g_v, k, sw, sel.slot, sel.offsets, wv, cfg=c), fl,
              lambda: reference(x, wv, sw, g_v)),
-            ("O grad_W", lambda c=None: C._gradw(att, k, g_out, H * k, sw.view(tokens, H * k), sel.slot,
-                                                 sel.offsets, wo, cfg=c), fl,
-             lambda: reference(att, wo, sw.view(tokens, H * k), g_out))]
+            ("O grad_W", lambda c=None: C._gradw(att, k, g_out, H * k, sw_o, sel.slot, sel.offsets, wo, cfg=c), fl,
+             lambda: reference(att, wo, sw_o, g_out))]
 
 
 def bench_cvmm():
@@ -239,11 +239,8 @@ def bench_cvmm():
 
     def with_contract(mode, f):
         def g(*a):
-            old, C.CONTRACT = C.CONTRACT, mode
-            try:
+            with cvmm_set({"CONTRACT": mode}):
                 return f(*a)
-            finally:
-                C.CONTRACT = old
         return g
 
     impls = {
@@ -1358,7 +1355,6 @@ def warmed_row(cfg, compiled, batch, block, ckpt=False, spec=None):
             null_share(spec, model)
         if not cuda:
             return step, None
-        torch.cuda.synchronize()
         return step, (torch.cuda.memory_allocated() - resident) / 2**30 + row_peak(step)   # model + one step
     except torch.OutOfMemoryError:
         pass
