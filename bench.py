@@ -194,6 +194,8 @@ def sh_gradw_kernels(C, d, H, E, k, dh):
     with torch.no_grad():
         sw, ids = torch.sigmoid(torch.randn(tokens, H, E, device=dev)).topk(k, -1)
         sel = C.cvmm_prepare(ids + torch.arange(H, device=dev)[:, None] * E, H * E)
+    # widths as cvmm pads them (to multiples of 16: MoEUT-44M's d 412 and d_head 82 run as 416 and 96)
+    d, dh = (n + C._pad_width(n, sel.slot.numel(), H * E) for n in (d, dh))
     sw = sw.reshape(tokens * H, k).to(dt).contiguous()
     x, g_out = (torch.randn(tokens, d, device=dev, dtype=dt) for _ in range(2))
     att, g_v = (torch.randn(tokens * H, dh, device=dev, dtype=dt) for _ in range(2))

@@ -708,6 +708,8 @@ def _gradw(x, x_div, g, g_div, scale, slot, offsets, w, cfg=None, gw=None, x_sor
     scale_x = scale is not None and K < N   # scale the narrower operand (σ-MoE down: h, not grad_out)
     if scale_x and not f32:
         BN = min(256, max(16, _np2(N)))
+    elif not f32 and _deep_k(E, K, N, BN, _sm_count(x.device), x.device):
+        BK = 256
     warps, stages = (8 if BK * BN >= 128 * 128 else 4), 3
     if cfg:
         BK, BN, BR, warps, stages, scale_x = (cfg.get(k, v) for k, v in dict(
@@ -746,6 +748,19 @@ def _sm_count(device):
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device]
+
+
+def _deep_k(E, K, N, BN, sms, device=None):
+    """Whether _gradw's tiles take 256 of K (d_model) instead of 128: where the (expert, tile) programs
+    of 128-deep tiles overflow one wave of `sms` and those of 256-deep tiles fit in one. SwitchHead V's
+    weight gradient at MoEUT-126M (40 experts, 768 x 96): 240 programs of 128 x 128 took 0.448 ms, 120 of
+    256 x 128 0.320 ms (H100, 2026-12-08, bench.py --what=cvmm_tune --tune_only=sh_grad_w); at 244M (160
+    programs of 256, more than a wave) it did not pay. Hopper only: the tiles' 3 stages take 144 KB of
+    shared memory."""
+    if K <= 128 or not sms or (device is not None and torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    n = triton.cdiv(N, BN) * E
+    return n * triton.cdiv(K, 128) > sms >= n * triton.cdiv(K, 256)
 
 
 def _row_splits(programs, rows_per_expert, sms):

@@ -367,6 +367,32 @@ def test_weight_grad_split_rule():
     assert C._row_splits(10, 10 ** 6, 0) == 1            # no GPU
 
 
+def test_weight_grad_deep_k_rule():
+    """256-deep K tiles only where 128-deep ones overflow one wave of programs and 256-deep ones fit:
+    SwitchHead V's bank at the 126M shapes (measured faster there on an H100), not at 44M or 244M, and never
+    the σ-MoE banks."""
+    sms = 132
+    assert C._deep_k(40, 768, 96, 128, sms)               # 126M V: 240 programs -> 120
+    assert not C._deep_k(40, 1024, 128, 128, sms)         # 244M V: 320 -> 160, more than a wave
+    assert not C._deep_k(32, 416, 96, 128, sms)           # 44M V: 128 programs already fit
+    assert not C._deep_k(254, 768, 128, 128, sms)         # 126M grad_W1: 1524 programs
+    assert not C._deep_k(40, 128, 768, 128, sms)          # K <= 128: nothing deeper to take
+    assert not C._deep_k(40, 768, 96, 128, 0)             # no GPU
+
+
+def test_triton_weight_grad_deep_k_tiles(impl):
+    """The weight gradient with 256-deep K tiles (as _deep_k picks on Hopper) equals the reference's."""
+    impl("triton")
+    x, ids, w, sw = usage("V", N=12, d=288, de=16)   # K = 288: one full 256-deep tile and one partial
+    sel = cvmm_prepare(ids, w.shape[0])
+    fan, G = sel.slot.numel() // x.shape[0], sw.shape[1]
+    g = torch.randn(sel.slot.numel() // G, w.shape[2])
+    got = C._gradw(x, fan, g, G, sw.reshape(-1, G).contiguous(), sel.slot, sel.offsets, w, cfg=dict(BK=256))
+    wr = w.clone().requires_grad_()
+    cvmm_reference(x, sel, wr, sw).backward(g)
+    assert rel(got, wr.grad) < 1e-5
+
+
 def test_triton_default_contraction_is_sum_of_slot_products(impl):
     """CVMM_CONTRACT=sum (the default, deterministic): the contracted output is the [S, D] product of
     the scaled slots, each rounded to the output dtype, summed by torch in slot order; bit for bit."""
