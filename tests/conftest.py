@@ -1,4 +1,6 @@
 import os
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -16,3 +18,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- background runs: a test's long single-threaded computation, started with the session --------------
+# The suite keeps about one of CI's 2 cores busy, so a run of minutes started at the session's start costs
+# little wall time by the time its test reads the result. The test is marked background(argv) and reads
+# argv's stdout through the background fixture.
+
+_BACKGROUND = {}      # node id -> (process, its stdout file, its stderr file)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'background(argv): the test reads the stdout of argv, a process started '
+                                       'when the session starts (conftest.py: the background fixture)')
+
+
+def _start(argv):
+    out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')     # a full pipe would stall it
+    return subprocess.Popen(argv, stdout=out, stderr=err, text=True), out, err
+
+
+def pytest_collection_finish(session):
+    """Start the run of every selected test marked background. Not for --collect-only, nor in an xdist
+    worker (each would start all of them): there the fixture starts it when its test starts."""
+    config = session.config
+    if config.option.collectonly or hasattr(config, 'workerinput'):
+        return
+    for item in session.items:
+        m = item.get_closest_marker('background')
+        if m:
+            _BACKGROUND[item.nodeid] = _start(m.args[0])
+
+
+@pytest.fixture
+def background(request):
+    """The stdout of the test's background(argv) run, once it has exited 0."""
+    p, out, err = _BACKGROUND.pop(request.node.nodeid, None) or _start(
+        request.node.get_closest_marker('background').args[0])
+    with out, err:
+        p.wait()
+        out.seek(0), err.seek(0)
+        assert p.returncode == 0, err.read()[-3000:]
+        return out.read()
+
+
+def pytest_sessionfinish(session):
+    for p, out, err in _BACKGROUND.values():      # their tests did not run (-x, Ctrl-C)
+        p.kill()
+        p.wait()
+        out.close(), err.close()

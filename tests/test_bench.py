@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from test_train import env, make_data
+from together import together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench.py')
@@ -64,22 +65,28 @@ def test_smoke_table_reads_the_runs_logs(data_dir):
 
 
 def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
-    p = bench(data_dir, '--ablation_variants=paper', '--ablation_lr=-1.0')
+    # the bad entries are refused before any run starts, so the seven commands can run at once
+    entries = ('paper@x', 'paper@', 'paper@²')
+    runs = together(lambda: bench(data_dir, '--ablation_variants=paper', '--ablation_lr=-1.0'),
+                    lambda: bench(data_dir, '--ablation_variants=paper,nul10'),
+                    *[lambda e=e: bench(data_dir, f'--ablation_variants={e}') for e in entries],
+                    lambda: bench(data_dir, '--ablation_variants=paper', '--ablation_compile_mode=max-autotune'),
+                    lambda: bench(data_dir, '--ablation_variants=all,null10@3,null10@3', '--ablation_compiled=paper,paper'))
+    p = runs[0]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert 'failed: exit 1: error: learning_rate must be > 0' in table(p.stdout)['paper']['val loss']
-    p = bench(data_dir, '--ablation_variants=paper,nul10')
+    p = runs[1]
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert p.stderr.strip().splitlines() == [
         "bench.py: unknown ablation variant 'nul10': choose from paper, aux_free, switch, global, shared, "
         "null10, null40, k_schedule, conv_router, gqa, qk_norm, ssmax"]
-    for entry in ('paper@x', 'paper@', 'paper@²'):
-        p = bench(data_dir, f'--ablation_variants={entry}')
+    for entry, p in zip(entries, runs[2:5]):
         assert p.returncode != 0 and p.stderr.strip().splitlines() == [
             f"bench.py: ablation entry '{entry}': the seed after '@' must be an integer"]
-    p = bench(data_dir, '--ablation_variants=paper', '--ablation_compile_mode=max-autotune')
+    p = runs[5]
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [   # train.py's modes, named from train.py
         "bench.py: ablation_compile_mode must be one of '', 'reduce-overhead', got 'max-autotune'"]
-    p = bench(data_dir, '--ablation_variants=all,null10@3,null10@3', '--ablation_compiled=paper,paper')
+    p = runs[6]
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         "bench.py: ablation runs listed twice: null10@3, paper+compile (name@seed runs another seed)"]
 
@@ -87,8 +94,9 @@ def test_a_failing_run_is_a_row_and_a_bad_name_one_line(data_dir):
 def test_parallel_runs_and_other_seeds(data_dir):
     """Runs sharing the device give the numbers they give alone; name@S trains with seed S (paper@S: its Δ
     is against the first seed's paper, i.e. the seed noise)."""
-    p = bench(data_dir, '--ablation_variants=paper,paper@7,null10@1337', '--ablation_parallel=3',
-              '--ablation_out=par', '--seed=1337')
+    p, s = together(lambda: bench(data_dir, '--ablation_variants=paper,paper@7,null10@1337', '--ablation_parallel=3',
+                                  '--ablation_out=par', '--seed=1337'),
+                    lambda: bench(data_dir, '--ablation_variants=null10', '--ablation_out=seq', '--seed=1337'))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = table(p.stdout)
     assert list(rows) == ['paper', 'paper@7', 'null10@1337']
@@ -96,7 +104,7 @@ def test_parallel_runs_and_other_seeds(data_dir):
     assert rows['paper@7']['val loss'] != rows['paper']['val loss']
     assert float(rows['paper@7']['Δ val']) == pytest.approx(
         float(rows['paper@7']['val loss']) - float(rows['paper']['val loss']), abs=2e-4)
-    seq = table(bench(data_dir, '--ablation_variants=null10', '--ablation_out=seq', '--seed=1337').stdout)
+    seq = table(s.stdout)
     assert rows['null10@1337']['val loss'] == seq['null10']['val loss']
     assert rows['null10@1337']['ff balance'] == seq['null10']['ff balance']
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from together import together
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
 sys.path.insert(0, ROOT)
@@ -114,9 +116,10 @@ def root(tmp_path_factory):
 @pytest.fixture(scope='module')
 def runs(root):
     """The same 4 steps three ways: one process (2 accumulation steps), DDP and FSDP on 2 ranks."""
-    return {name: train(root, *ARGS, f'--out_dir={name}', *extra, nproc=n)
-            for name, n, extra in [('single', 1, []), ('ddp', 2, ['--parallelism=ddp']),
-                                   ('fsdp', 2, FSDP)]}
+    plan = [('single', 1, []), ('ddp', 2, ['--parallelism=ddp']), ('fsdp', 2, FSDP)]
+    done = together(*[lambda name=name, n=n, extra=extra: train(root, *ARGS, f'--out_dir={name}', *extra, nproc=n)
+                      for name, n, extra in plan])
+    return {name: p for (name, _, _), p in zip(plan, done)}
 
 
 @pytest.mark.parametrize('par', ['ddp', 'fsdp'])
@@ -214,8 +217,8 @@ def test_eval_with_windows_split_unevenly_over_ranks(root, name, extra):
     (FSDP's all-gathers and the halting histogram's all-reduce must pair up, else a hang) and the
     all-reduced losses equal one process's."""
     model_args = [a for a in extra if not a.startswith('--parallelism') and a not in FSDP]
-    one = train(root, *ARGS, f'--out_dir={name}_1', '--eval_only=True', *model_args)
-    two = train(root, *ARGS, f'--out_dir={name}_2', '--eval_only=True', *extra, nproc=2)
+    one, two = together(lambda: train(root, *ARGS, f'--out_dir={name}_1', '--eval_only=True', *model_args),
+                        lambda: train(root, *ARGS, f'--out_dir={name}_2', '--eval_only=True', *extra, nproc=2))
     e1, e2 = evals(one.stdout), evals(two.stdout)
     assert sorted(e1) == sorted(e2) == [0]
     assert e2[0] == pytest.approx(e1[0], abs=1e-5)
@@ -229,8 +232,8 @@ def test_default_batch_runs_on_two_processes(root):
     args = [a for a in ARGS if not a.startswith(('--batch_size', '--gradient_accumulation_steps', '--max_iters',
                                                  '--eval_interval'))]
     args = [os.path.join(ROOT, 'config', 'shakespeare.py'), *args, '--max_iters=2', '--eval_interval=1000']
-    one = train(root, *args, '--out_dir=defb1')
-    two = train(root, *args, '--out_dir=defb2', nproc=2)
+    one, two = together(lambda: train(root, *args, '--out_dir=defb1'),
+                        lambda: train(root, *args, '--out_dir=defb2', nproc=2))
     assert '16 sequences/step = 16 per micro-batch x 1 accumulation x 1 process(es)' in one.stdout
     assert '16 sequences/step = 8 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
     assert_same_losses(log(os.path.join(root, 'defb2')), log(os.path.join(root, 'defb1')), [1, 2])
@@ -244,8 +247,8 @@ def test_paper_config_runs_on_two_processes(root):
                                               '--ff_', '--att_n'))]
     args = [os.path.join(ROOT, 'config', 'moeut_126m.py'), *shape, '--block_size=8', '--compile=False',
             '--max_iters=2', '--eval_interval=1000', '--eval_iters=1', '--log_interval=1', '--warmup_iters=0']
-    one = train(root, *args, '--out_dir=paper1')
-    two = train(root, *args, '--out_dir=paper2', nproc=2)
+    one, two = together(lambda: train(root, *args, '--out_dir=paper1'),
+                        lambda: train(root, *args, '--out_dir=paper2', nproc=2))
     assert '64 sequences/step = 32 per micro-batch x 2 accumulation x 1 process(es)' in one.stdout
     assert '64 sequences/step = 32 per micro-batch x 1 accumulation x 2 process(es)' in two.stdout
     assert_same_losses(log(os.path.join(root, 'paper2')), log(os.path.join(root, 'paper1')), [1, 2])

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import hf  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
 from one_line import assert_one_error_line  # noqa: E402
+from together import together  # noqa: E402
 
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
@@ -61,9 +62,12 @@ def root(tmp_path_factory):
     words = 'the king and queen of a fair land spoke to all who would hear my lord said no more'.split()
     (r / 'src.txt').write_text('\n'.join(' '.join(rng.choice(words) for _ in range(12)) for _ in range(400)))
     prepare.prepare([str(r / 'src.txt')], str(r / 'data' / 'tiny'), 'bytes', 0.1, 1337, verbose=False)
-    for name, args in RUNS.items():
-        run([os.path.join(ROOT, 'train.py'), *TINY, *args, f'--out_dir=out/{name}'], r)
-    run([os.path.join(ROOT, 'hf.py'), '--init_from=out/moeut', '--export=exp/moeut'], r)
+
+    def train(name):
+        run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS[name], f'--out_dir=out/{name}'], r)
+        if name == 'moeut':
+            run([os.path.join(ROOT, 'hf.py'), '--init_from=out/moeut', '--export=exp/moeut'], r)
+    together(*[functools.partial(train, name) for name in RUNS])     # the runs are independent
     for name in RUNS:
         if name != 'moeut':
             hf.export_checkpoint(str(r / 'out' / name), str(r / 'exp' / name))
@@ -488,10 +492,11 @@ def test_train_init_from_hf_and_export_hf(root):
     """train.py --init_from=hf:DIR starts a new run from an export's weights (its first eval is the
     exported checkpoint's last one), and --export_hf=DIR exports the run's last checkpoint when it ends."""
     import re
-    p = run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--init_from=hf:exp/moeut', '--out_dir=out/fromhf',
-             '--max_iters=1', '--eval_interval=1', '--export_hf=exp/fromhf'], root)
-    src = run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--out_dir=out/moeut', '--init_from=resume',
-               '--eval_only=True'], root)
+    p, src = together(
+        lambda: run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--init_from=hf:exp/moeut',
+                     '--out_dir=out/fromhf', '--max_iters=1', '--eval_interval=1', '--export_hf=exp/fromhf'], root),
+        lambda: run([os.path.join(ROOT, 'train.py'), *TINY, *RUNS['moeut'], '--out_dir=out/moeut', '--init_from=resume',
+                     '--eval_only=True'], root))
     val = lambda out, i: re.search(rf'^eval {i}: train [\d.]+, val ([\d.]+)', out, re.M)[1]   # noqa: E731
     assert val(p.stdout, 0) == val(src.stdout, 2)
     assert re.search(r'^exported .*ckpt_0000001\.pt -> exp/fromhf$', p.stdout, re.M), p.stdout[-2000:]

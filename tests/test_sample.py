@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 from model import ModelConfig, sample_next  # noqa: E402
 from halting import build_lm  # noqa: E402
 from one_line import assert_one_error_line  # noqa: E402
+from together import together  # noqa: E402
 
 
 def test_top_k_keeps_exactly_the_k_most_likely():
@@ -158,7 +159,7 @@ def test_greedy_sampling_is_deterministic_from_the_command_line(checkpoint):
     out_dir, _ = checkpoint
     args = [f'--out_dir={out_dir}', '--temperature=0', '--num_samples=2', '--max_new_tokens=12',
             '--start=ab', '--device=cpu']
-    a, b = run_sample(*args), run_sample(*args, '--seed=99')
+    a, b = together(lambda: run_sample(*args), lambda: run_sample(*args, '--seed=99'))
     assert a.returncode == 0, a.stderr
     def samples(r):   # the output without the echo of the config overrides
         return [line for line in r.stdout.splitlines() if not line.startswith('config:')]
@@ -175,7 +176,7 @@ def test_prompt_from_file(checkpoint, tmp_path):
     assert out[0].startswith('xyz'), r.stdout
 
 
-@pytest.mark.parametrize('args, msg', [
+ERRORS = [
     (['--out_dir=/nonexistent/dir'], 'no checkpoint'),
     (['--init_from=/nonexistent/ckpt.pt'], 'checkpoint not found'),
     (['--init_from=hf:/nonexistent/export'], '/nonexistent/export is not an export directory'),
@@ -186,10 +187,19 @@ def test_prompt_from_file(checkpoint, tmp_path):
     (['--top_k=-1'], "top_k >= 0"),
     (['--top_p=0'], "0 < top_p <= 1"),
     (['--show_depth=True'], "needs a halting model"),
-])
-def test_errors_are_one_line(checkpoint, args, msg):
+]
+
+
+@pytest.fixture(scope='module')
+def error_runs(checkpoint):
+    """sample.py with each of ERRORS' arguments, all at once (each run is mostly python and torch starting)."""
     out_dir, _ = checkpoint
-    r = run_sample(f'--out_dir={out_dir}', '--device=cpu', *args)
+    return together(*[lambda args=args: run_sample(f'--out_dir={out_dir}', '--device=cpu', *args) for args, _ in ERRORS])
+
+
+@pytest.mark.parametrize('args, msg', ERRORS)
+def test_errors_are_one_line(error_runs, args, msg):
+    r = error_runs[ERRORS.index((args, msg))]
     assert r.returncode != 0
     assert_one_error_line(r, msg)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from halting import build_lm  # noqa: E402
 from one_line import assert_one_error_line  # noqa: E402
+from together import together  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -281,10 +282,10 @@ def test_sigterm_checkpoints_exits_0_and_resumes(root):
     ck = load(os.path.join(out, ckpts(out)[0]))
     assert ck['iter_num'] == n and ck['data_pos'] == n
     assert ck['evaluated'] is False     # saved mid-interval: a resume still runs the eval of iter n
-    p = train(root, *args[:-1], '--out_dir=term', f'--max_iters={n + 2}', '--init_from=resume')
-    assert f'at iter {n}' in p.stdout
     # the resumed run continues exactly as an uninterrupted run would have
-    train(root, *args[:-1], '--out_dir=term_ref', f'--max_iters={n + 2}')
+    p, _ = together(lambda: train(root, *args[:-1], '--out_dir=term', f'--max_iters={n + 2}', '--init_from=resume'),
+                    lambda: train(root, *args[:-1], '--out_dir=term_ref', f'--max_iters={n + 2}'))
+    assert f'at iter {n}' in p.stdout
     got, ref = log(out), log(os.path.join(root, 'term_ref'))
     assert [r['iter'] for r in got][-2:] == [n + 1, n + 2]
     for rg, rr in zip(got[-2:], ref[-2:]):
@@ -352,19 +353,21 @@ def test_error_cuda_without_cuda(root):
 
 def test_error_bad_compile_mode(root):
     """compile_mode: a mode train.py does not offer, or one without compile=True, is one line and no run."""
-    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=max-autotune', check=False)
-    assert_one_error_line(p, 'compile_mode', "'reduce-overhead'", "'max-autotune'")
-    p = train(root, *TINY, '--out_dir=e6', '--compile_mode=reduce-overhead', check=False)
-    assert_one_error_line(p, "compile_mode='reduce-overhead' needs compile=True")
+    # at once, so each in an out_dir of its own (a run holds a lock in its out_dir)
+    p = together(lambda: train(root, *TINY, '--out_dir=e6a', '--compile=True', '--compile_mode=max-autotune',
+                               check=False),
+                 lambda: train(root, *TINY, '--out_dir=e6b', '--compile_mode=reduce-overhead', check=False),
+                 lambda: train(root, *TINY, '--out_dir=e6c', '--compile=True', '--compile_mode=reduce-overhead',
+                               '--total_batch_size=8', check=False),
+                 lambda: train(root, *TINY, '--out_dir=e6d', '--compile=True', '--compile_mode=reduce-overhead',
+                               '--halting=act', check=False))
+    assert_one_error_line(p[0], 'compile_mode', "'reduce-overhead'", "'max-autotune'")
+    assert_one_error_line(p[1], "compile_mode='reduce-overhead' needs compile=True")
     # CUDA graphs and gradient accumulation: the first micro-batch's gradients would be overwritten
-    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead',
-              '--total_batch_size=8', check=False)
-    assert_one_error_line(p, 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)',
+    assert_one_error_line(p[2], 'one micro-batch per step', '2 micro-batch(es) x 1 process(es)',
                           'total_batch_size=8 batch_size=8')
-    p = train(root, *TINY, '--out_dir=e6', '--compile=True', '--compile_mode=reduce-overhead', '--halting=act',
-              check=False)
-    assert_one_error_line(p, 'needs halt_buckets')
-    assert not os.path.exists(os.path.join(root, 'e6'))
+    assert_one_error_line(p[3], 'needs halt_buckets')
+    assert not [d for d in 'abcd' if os.path.exists(os.path.join(root, f'e6{d}'))]
 
 
 def test_error_typo_in_config_key(root):
@@ -441,19 +444,28 @@ def test_fp16_checkpoint_keeps_the_loss_scale(root):
 
 
 def test_too_short_val_split_and_changed_batch_are_clear_errors(root):
-    r = train(root, *TINY, '--block_size=100000', '--out_dir=short', check=False)
+    r, _ = together(lambda: train(root, *TINY, '--block_size=100000', '--out_dir=short', check=False),
+                    lambda: train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=gb'))
     assert r.returncode != 0 and 'fewer than block_size+1' in r.stderr and 'Traceback' not in r.stderr
-    train(root, *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=gb')
     r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--batch_size=8', check=False)
     assert r.returncode != 0 and 'global batch' in r.stderr and 'Traceback' not in r.stderr
     r = train(root, *TINY, '--max_iters=4', '--out_dir=gb', '--init_from=resume', '--seed=7', check=False)
     assert_one_error_line(r, 'seed=1337', '7', 'data position')
 
 
-@pytest.mark.parametrize('arg', ['--eval_interval=0', '--log_interval=0', '--batch_size=0',
-                                 '--gradient_accumulation_steps=0'])
-def test_error_non_positive_intervals_and_sizes(root, arg):
-    p = train(root, *TINY, '--out_dir=e7', arg, check=False)
+NON_POSITIVE = ['--eval_interval=0', '--log_interval=0', '--batch_size=0', '--gradient_accumulation_steps=0']
+
+
+@pytest.fixture(scope='module')
+def non_positive_runs(root):
+    """train.py with each of NON_POSITIVE's arguments, all at once (so each in an out_dir of its own)."""
+    return together(*[lambda i=i, arg=arg: train(root, *TINY, f'--out_dir=e7{i}', arg, check=False)
+                      for i, arg in enumerate(NON_POSITIVE)])
+
+
+@pytest.mark.parametrize('arg', NON_POSITIVE)
+def test_error_non_positive_intervals_and_sizes(non_positive_runs, arg):
+    p = non_positive_runs[NON_POSITIVE.index(arg)]
     assert_one_error_line(p, arg[2:].split('=')[0], 'positive integer')
 
 
@@ -988,13 +1000,14 @@ def test_start_says_how_many_val_tokens(root):
 
 def test_cpu_threads_are_chosen_and_said(root):
     """cpu_threads sets torch's threads; 0 keeps OMP_NUM_THREADS when set, else counts the idle cores."""
-    p = train(root, *TINY, '--max_iters=0', '--out_dir=thr1', '--cpu_threads=1')
-    assert 'cpu threads per process: 1 (cpu_threads)' in p.stdout
     e = {k: v for k, v in env().items() if k != 'OMP_NUM_THREADS'}
-    p = subprocess.run([sys.executable, TRAIN, *TINY, '--max_iters=0', '--out_dir=thr2'], cwd=root, env=e,
-                       capture_output=True, text=True, timeout=TIMEOUT)
-    assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', p.stdout, re.M), p.stdout
-    r = train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False)
+    p, q, r = together(
+        lambda: train(root, *TINY, '--max_iters=0', '--out_dir=thr1', '--cpu_threads=1'),
+        lambda: subprocess.run([sys.executable, TRAIN, *TINY, '--max_iters=0', '--out_dir=thr2'], cwd=root, env=e,
+                               capture_output=True, text=True, timeout=TIMEOUT),
+        lambda: train(root, *TINY, '--max_iters=0', '--out_dir=thr3', '--cpu_threads=-1', check=False))
+    assert 'cpu threads per process: 1 (cpu_threads)' in p.stdout
+    assert re.search(r'^cpu threads per process: \d+ \(auto: \d+ cores, load average [\d.]+', q.stdout, re.M), q.stdout
     assert_one_error_line(r, 'cpu_threads must be an integer >= 0')
 
 
