@@ -20,8 +20,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# ---- background runs: a test's long single-threaded computation, started with the session --------------
-# The suite keeps about one of CI's 2 cores busy, so a run of minutes started at the session's start costs
+# ---- background runs: a test's long single-threaded computation, started when collection ends --------------
+# The suite keeps about one of CI's 2 cores busy, so a run of minutes started before the first test costs
 # little wall time by the time its test reads the result. The test is marked background(argv) and reads
 # argv's stdout through the background fixture.
 
@@ -30,7 +30,7 @@ _BACKGROUND = {}      # node id -> (process, its stdout file, its stderr file)
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'background(argv): the test reads the stdout of argv, a process started '
-                                       'when the session starts (conftest.py: the background fixture)')
+                                       'before the first test runs (conftest.py: the background fixture)')
 
 
 def _start(argv):
@@ -38,13 +38,13 @@ def _start(argv):
     return subprocess.Popen(argv, stdout=out, stderr=err, text=True), out, err
 
 
-def pytest_collection_finish(session):
+@pytest.hookimpl(trylast=True)     # after -k / -m have deselected their items
+def pytest_collection_modifyitems(config, items):
     """Start the run of every selected test marked background. Not for --collect-only, nor in an xdist
     worker (each would start all of them): there the fixture starts it when its test starts."""
-    config = session.config
     if config.option.collectonly or hasattr(config, 'workerinput'):
         return
-    for item in session.items:
+    for item in items:
         m = item.get_closest_marker('background')
         if m:
             _BACKGROUND[item.nodeid] = _start(m.args[0])
@@ -62,7 +62,7 @@ def background(request):
         return out.read()
 
 
-def pytest_sessionfinish(session):
+def pytest_unconfigure(config):
     for p, out, err in _BACKGROUND.values():      # their tests did not run (-x, Ctrl-C)
         p.kill()
         p.wait()

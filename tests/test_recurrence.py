@@ -702,7 +702,7 @@ ACT_RUN = [sys.executable, '-c', f'import sys; sys.path.insert(0, {os.path.dirna
 
 
 @pytest.mark.slow
-@pytest.mark.background(ACT_RUN)    # two minutes of one core: started with the session (conftest.py)
+@pytest.mark.background(ACT_RUN)    # two minutes of one core: started before the first test (conftest.py)
 def test_act_depth_follows_difficulty_on_addition(background):
     """config/addition_act.py's model, 800 steps on the CPU (about two minutes): ACT runs the positions that
     predict a sum digit deeper than those that predict a random operand digit. Mean repeats by
